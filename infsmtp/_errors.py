@@ -1,0 +1,78 @@
+"""
+The exceptions infsmtp raises, and that server handlers raise to choose a
+reply.
+"""
+
+from __future__ import annotations
+
+
+class SMTPError(Exception):
+    """
+    Base of every error infsmtp raises.
+
+    A server handler raises it to choose the reply sent to the client::
+
+        def onRcptTo(session):
+            if session.address.endswith("@example.org"):
+                raise SMTPError(550, "5.1.1 No such user here")
+
+    @ivar code: the SMTP reply code, or L{None} when no reply was involved.
+    @ivar text: the reply text, or a description of the failure.
+    """
+
+    def __init__(self, code: int | str | None = None, text: str = "") -> None:
+        if isinstance(code, str) and not text and not code.isdigit():
+            # SMTPError("what happened") without a code.
+            code, text = None, code
+        if code is not None:
+            code = int(code)
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        self.code = code
+        self.text = text
+        super().__init__(code, text)
+
+    def __str__(self) -> str:
+        if self.code is None:
+            return self.text
+        return f"{self.code} {self.text}".rstrip()
+
+
+class SMTPConnectError(SMTPError):
+    """
+    The connection could not be made or the server refused the session.
+    """
+
+
+class SMTPTimeoutError(SMTPError):
+    """
+    The connection or a reply took longer than the timeout.
+    """
+
+
+class SMTPTLSError(SMTPError):
+    """
+    TLS could not be set up: bad certificate, no STARTTLS offered, a failed
+    handshake.
+    """
+
+
+class SMTPAuthenticationError(SMTPError):
+    """
+    Authentication failed for a reason other than refused credentials.
+    """
+
+
+class SMTPRecipientsRefused(SMTPError):
+    """
+    The server refused every recipient.
+
+    @ivar refused: address -> (code, text) for each refused recipient.
+    """
+
+    def __init__(
+        self, refused: dict[str, tuple[int, str]], text: str = "all recipients refused"
+    ) -> None:
+        codes = {code for code, _ in refused.values()}
+        super().__init__(codes.pop() if len(codes) == 1 else None, text)
+        self.refused = dict(refused)

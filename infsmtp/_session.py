@@ -1,0 +1,103 @@
+"""
+L{Session}: what a server handler receives.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+from email.message import EmailMessage
+from typing import IO, Any, Callable
+
+from twisted.internet import reactor as _reactor
+from twisted.python import threadable
+
+
+class Session:
+    """
+    One client connection, as the handlers see it.
+
+    The reference's fields are here under its names; handlers read them and
+    set the decision fields (C{accept}, C{authenticated}, C{received}).
+
+    @ivar id: a number unique among the server's sessions.
+    @ivar ip: the client's address (the proxied client's behind PROXY).
+    @ivar port: the client's port.
+    @ivar helo: the name the client gave in HELO/EHLO, or C{""}.
+    @ivar secure: whether TLS protects the connection.
+    @ivar tlsVersion: the negotiated TLS version, e.g. C{"TLSv1.3"}, or
+        C{""}.
+    @ivar username: the AUTH user name (C{onLogin} and after).
+    @ivar password: the AUTH password (C{onLogin} only; cleared after).
+    @ivar authenticated: set in C{onLogin}; afterwards, whether AUTH
+        succeeded.
+    @ivar address: the address of the MAIL or RCPT being decided; C{""} for
+        the null sender C{<>}.
+    @ivar accept: set in C{onConnect}, C{onMailFrom}, C{onRcptTo}.
+    @ivar mailFrom: the accepted sender of the current transaction.
+    @ivar rcptTo: the accepted recipients of the current transaction, in
+        order.
+    @ivar msg: in C{onReceive}, the message as bytes (dot-unstuffed, CRLF
+        line endings, after our C{Received:} header).
+    @ivar received: set in C{onReceive}: C{True} answers 250, C{False} 554.
+    @ivar mailParameters: the ESMTP parameters of the current MAIL command
+        (keyword -> value or L{None}).
+    @ivar data: a dict for the handlers' own state, kept for the session.
+    """
+
+    def __init__(self, id: int, ip: str, port: int, disconnect: Callable[[], None]) -> None:
+        self.id = id
+        self.ip = ip
+        self.port = port
+        self._disconnect = disconnect
+        self.helo = ""
+        self.secure = False
+        self.tlsVersion = ""
+        self.username = ""
+        self.password = ""
+        self.authenticated = False
+        self.address = ""
+        self.accept = True
+        self.mailFrom = ""
+        self.mailParameters: dict[str, str | None] = {}
+        self.rcptTo: list[str] = []
+        self.msg = b""
+        self.received = True
+        self.data: dict[str, Any] = {}
+        self._message: EmailMessage | None = None
+        self._msgFile: IO[bytes] | None = None
+
+    def disconnect(self) -> None:
+        """
+        Close the connection (after replies already queued are sent).  Safe
+        to call from a script running in the thread pool.
+        """
+        if threadable.isInIOThread():
+            self._disconnect()
+        else:
+            _reactor.callFromThread(self._disconnect)
+
+    @property
+    def message(self) -> EmailMessage:
+        """
+        C{msg} parsed as an L{email.message.EmailMessage} (parsed on first
+        use, then kept).
+        """
+        if self._message is None:
+            parser = email.parser.BytesParser(policy=email.policy.default)
+            self._message = parser.parsebytes(self.msg)  # type: ignore[assignment]
+        return self._message  # type: ignore[return-value]
+
+    def _setMessage(self, msg: bytes) -> None:
+        self.msg = msg
+        self._message = None
+
+    def _resetTransaction(self) -> None:
+        self.mailFrom = ""
+        self.mailParameters = {}
+        self.rcptTo = []
+        self.msg = b""
+        self._message = None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.ip}:{self.port} helo={self.helo!r}>"

@@ -1,0 +1,439 @@
+"""
+The server's sans-I/O core: bytes in, events out, no sockets.
+
+- L{CommandLineFramer} cuts the command stream into lines, never holding more
+  than the line limit.
+- L{DataFramer} reads a DATA stream to its C{CRLF.CRLF} end, undoing
+  dot-stuffing with bytes operations over whole buffers.
+- L{parseCommand}, L{parseMailArguments} and L{parsePath} read commands.
+- L{formatReply} writes replies.
+
+Every function here is pure and every class is a small state machine fed
+bytes, so hypothesis can hammer them (see C{tests/test_wire.py}).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Protocol
+
+CRLF = b"\r\n"
+
+
+class LineTooLong:
+    """
+    The event L{CommandLineFramer} yields for a line over the limit (whose
+    bytes were discarded as they came).
+    """
+
+    def __repr__(self) -> str:
+        return "LINE_TOO_LONG"
+
+
+LINE_TOO_LONG = LineTooLong()
+
+
+class CommandLineFramer:
+    """
+    Split the command stream into lines.
+
+    A line ends with LF (a CR before it is dropped): clients that end
+    commands with a bare LF are common and harmless in command mode.  The
+    buffer never grows past C{maxLength}: a longer line is discarded as it
+    arrives and reported once, as L{LINE_TOO_LONG}, when its end comes.
+
+    Searching resumes where the previous search stopped, so a line that
+    trickles in byte by byte costs O(bytes) in all.
+    """
+
+    def __init__(self, maxLength: int = 2048) -> None:
+        self.maxLength = maxLength
+        self._buffer = bytearray()
+        self._searched = 0
+        self._discarding = False
+
+    def feed(self, data: bytes) -> None:
+        """
+        Add bytes from the wire.
+        """
+        if self._discarding:
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            # Keep only the newline so that next() reports the long line.
+            data = data[end:]
+        self._buffer += data
+
+    def next(self) -> bytes | LineTooLong | None:
+        """
+        The next complete line without its line ending, L{LINE_TOO_LONG}, or
+        L{None} when no complete line is buffered.
+        """
+        buf = self._buffer
+        end = buf.find(b"\n", self._searched)
+        if end < 0:
+            if len(buf) > self.maxLength:
+                del buf[:]
+                self._discarding = True
+            self._searched = len(buf)
+            return None
+        self._searched = 0
+        if self._discarding or end > self.maxLength:
+            self._discarding = False
+            del buf[: end + 1]
+            return LINE_TOO_LONG
+        line = bytes(buf[:end])
+        del buf[: end + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        return line
+
+    def takeRemainder(self) -> bytes:
+        """
+        Remove and return everything buffered (the start of a DATA stream
+        pipelined after its command).
+        """
+        data = bytes(self._buffer)
+        del self._buffer[:]
+        self._searched = 0
+        self._discarding = False
+        return data
+
+    def clear(self) -> None:
+        """
+        Forget everything buffered (STARTTLS: nothing sent in plaintext
+        after it may be acted upon once TLS is up).
+        """
+        self.takeRemainder()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+class MessageSink(Protocol):
+    """
+    Where L{DataFramer} writes the message's bytes.
+    """
+
+    def write(self, data: bytes) -> None: ...
+
+
+class BytesSink:
+    """
+    A L{MessageSink} collecting the message in memory.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def getvalue(self) -> bytes:
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
+
+
+#: Message faults found by L{DataFramer}; the first one wins.
+BARE_NEWLINE = "bare-newline"
+LINE_TOO_LONG_IN_DATA = "line-too-long"
+TOO_BIG = "too-big"
+
+
+class DataFramer:
+    """
+    Read one DATA stream: find its end, undo dot-stuffing, check it.
+
+    Only C{<CR><LF>.<CR><LF>} ends the message (the CRLF of the DATA command
+    counts as the first CRLF, so C{.<CR><LF>} at once is an empty message).
+    A bare CR or LF anywhere in the data is never a terminator: it marks the
+    message as faulty (L{BARE_NEWLINE}), which closes the SMTP-smuggling
+    hole (CVE-2023-51764 and kin) without guessing what the client meant.
+
+    The framer works on whole buffers: it passes every complete line it has
+    to the sink at once, with one C{replace} to undo dot-stuffing and three
+    C{count}s to spot bare CR/LF; only a partial last line stays buffered,
+    and not more than C{maxLineLength} of it.  Once the message is faulty
+    (too big, a line too long, a bare newline) nothing more is kept; the
+    stream is read to its end all the same, so the session stays in step.
+
+    @ivar fault: L{None}, L{TOO_BIG}, L{LINE_TOO_LONG_IN_DATA} or
+        L{BARE_NEWLINE}.
+    @ivar size: bytes of message content (after unstuffing) seen so far.
+    @ivar done: whether the end of data was seen.
+    """
+
+    def __init__(
+        self,
+        sink: MessageSink,
+        maxSize: int | None = None,
+        maxLineLength: int | None = None,
+    ) -> None:
+        self.sink = sink
+        self.maxSize = maxSize
+        self.maxLineLength = maxLineLength
+        self.fault: str | None = None
+        self.size = 0
+        self.done = False
+        self._buffer = bytearray()
+        self._atLineStart = True
+        self._searched = 0
+        # How long the current partial line has been, in bytes already
+        # flushed: lines may be longer than what is buffered.
+        self._partialLength = 0
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        Add bytes from the wire.
+
+        @return: L{None} while the message goes on; once its end is seen,
+            the bytes that came after it (the next pipelined commands).
+        """
+        if self.done:
+            raise RuntimeError("DataFramer fed after the end of data")
+        buf = self._buffer
+        buf += data
+        if self._atLineStart and buf[:3] == b".\r\n":
+            return self._finish(0, 3)
+        end = buf.find(b"\r\n.\r\n", max(self._searched - 4, 0))
+        if end >= 0:
+            return self._finish(end + 2, end + 5)
+        last = buf.rfind(CRLF)
+        if last >= 0:
+            self._emit(bytes(buf[: last + 2]), True)
+            del buf[: last + 2]
+            self._atLineStart = True
+        limit = self.maxLineLength or 65536
+        if len(buf) > limit:
+            # A long partial line: pass it on, but keep a trailing CR, which
+            # may begin the CRLF that ends it.
+            keep = 1 if buf.endswith(b"\r") else 0
+            self._emit(bytes(buf[: len(buf) - keep]), False)
+            del buf[: len(buf) - keep]
+            self._atLineStart = False
+        self._searched = len(buf)
+        return None
+
+    def _finish(self, contentEnd: int, terminatorEnd: int) -> bytes:
+        buf = self._buffer
+        if contentEnd:
+            self._emit(bytes(buf[:contentEnd]), True)
+        rest = bytes(buf[terminatorEnd:])
+        del buf[:]
+        self.done = True
+        return rest
+
+    def _fail(self, fault: str) -> None:
+        if self.fault is None:
+            self.fault = fault
+
+    def _emit(self, chunk: bytes, endsLine: bool) -> None:
+        """
+        Check C{chunk} (complete lines when C{endsLine}, else a piece of a
+        line) and pass it, unstuffed, to the sink.
+        """
+        crlf = chunk.count(CRLF)
+        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+            self._fail(BARE_NEWLINE)
+        limit = self.maxLineLength
+        if limit is not None:
+            if endsLine:
+                first = chunk.find(CRLF)
+                if self._partialLength + first + 2 > limit or (
+                    len(chunk) > limit and max(map(len, chunk.split(CRLF))) + 2 > limit
+                ):
+                    self._fail(LINE_TOO_LONG_IN_DATA)
+                self._partialLength = 0
+            else:
+                self._partialLength += len(chunk)
+                if self._partialLength > limit:
+                    self._fail(LINE_TOO_LONG_IN_DATA)
+        if self._atLineStart and chunk[:1] == b".":
+            chunk = chunk[1:]
+        if b"\r\n." in chunk:
+            chunk = chunk.replace(b"\r\n.", CRLF)
+        self.size += len(chunk)
+        if self.maxSize is not None and self.size > self.maxSize:
+            self._fail(TOO_BIG)
+        if self.fault is None:
+            self.sink.write(chunk)
+
+
+_COMMAND = re.compile(rb"[A-Za-z]{1,20}")
+
+
+def parseCommand(line: bytes) -> tuple[bytes, bytes]:
+    """
+    Split a command line into its upper-cased verb and its argument.
+
+    >>> parseCommand(b"mail FROM:<a@b>")
+    (b'MAIL', b'FROM:<a@b>')
+
+    A verb that is not 1-20 letters comes back as C{b""} (the caller
+    answers 500).
+    """
+    line = line.strip(b" \t")
+    verb, _, rest = line.partition(b" ")
+    if not _COMMAND.fullmatch(verb):
+        return b"", line
+    return verb.upper(), rest.strip(b" \t")
+
+
+class PathSyntaxError(ValueError):
+    """
+    A reverse-path or forward-path that does not parse.
+    """
+
+
+@dataclass
+class MailArguments:
+    """
+    A parsed C{MAIL FROM:<path> params} or C{RCPT TO:<path> params}.
+    """
+
+    address: str
+    parameters: dict[str, str | None] = field(default_factory=dict)
+
+
+_ATEXT = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\xff-]"
+_DOT_ATOM = rb"%s+(?:\.%s+)*" % (_ATEXT, _ATEXT)
+_QUOTED = rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\x20-\x7e])*"'
+_LOCAL = rb"(?:%s|%s)" % (_DOT_ATOM, _QUOTED)
+_LABEL = rb"[A-Za-z0-9\x80-\xff](?:[A-Za-z0-9\x80-\xff-]*[A-Za-z0-9\x80-\xff])?"
+_DOMAIN = rb"(?:%s(?:\.%s)*|\[[^\[\]\\\s]+\])" % (_LABEL, _LABEL)
+_MAILBOX = re.compile(rb"(%s)@(%s)" % (_LOCAL, _DOMAIN))
+_SOURCE_ROUTE = re.compile(rb"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN))
+
+#: RFC 5321 4.5.3.1.3: a path is at most 256 octets including the brackets.
+MAX_PATH = 256
+
+
+def parsePath(text: bytes, allowEmpty: bool, allowPostmaster: bool = False) -> str:
+    """
+    Parse C{<mailbox>} (with an optional, ignored source route) into the
+    mailbox as text.  C{<>} gives C{""} when C{allowEmpty}; C{<postmaster>}
+    (any case) is accepted when C{allowPostmaster}.
+
+    Non-ASCII octets must be UTF-8; whether they are allowed (SMTPUTF8) is
+    the caller's decision.
+
+    @raise PathSyntaxError: the path does not parse.
+    """
+    if len(text) > MAX_PATH:
+        raise PathSyntaxError("path too long")
+    if not (text.startswith(b"<") and text.endswith(b">")):
+        raise PathSyntaxError("path must be enclosed in <>")
+    inner = text[1:-1]
+    if not inner:
+        if allowEmpty:
+            return ""
+        raise PathSyntaxError("empty path")
+    route = _SOURCE_ROUTE.match(inner)
+    if route:
+        inner = inner[route.end() :]
+    if allowPostmaster and inner.lower() == b"postmaster":
+        return inner.decode("ascii")
+    if not _MAILBOX.fullmatch(inner):
+        raise PathSyntaxError("bad mailbox syntax")
+    try:
+        return inner.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PathSyntaxError("mailbox is not UTF-8") from None
+
+
+def _splitPath(argument: bytes) -> tuple[bytes, bytes]:
+    """
+    Split C{<path> params} at the bracket closing the path, respecting a
+    quoted local part (which may hold C{>}).
+    """
+    if not argument.startswith(b"<"):
+        raise PathSyntaxError("path must be enclosed in <>")
+    quoted = escaped = False
+    for index in range(1, len(argument)):
+        byte = argument[index]
+        if escaped:
+            escaped = False
+        elif quoted and byte == 0x5C:  # backslash
+            escaped = True
+        elif byte == 0x22:  # double quote
+            quoted = not quoted
+        elif byte == 0x3E and not quoted:  # >
+            return argument[: index + 1], argument[index + 1 :]
+    raise PathSyntaxError("path not closed by >")
+
+
+_KEYWORD = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*")
+
+
+def parseMailArguments(
+    argument: bytes, prefix: bytes, allowEmpty: bool, allowPostmaster: bool = False
+) -> MailArguments:
+    """
+    Parse the argument of MAIL (C{prefix=b"FROM:"}) or RCPT (C{b"TO:"}).
+
+    Be liberal where it is harmless: the prefix in any case, spaces after
+    the colon.  Parameter keywords come back upper-cased.
+
+    >>> parseMailArguments(b"FROM:<a@b> SIZE=10 BODY=8bitmime", b"FROM:", True)
+    MailArguments(address='a@b', parameters={'SIZE': '10', 'BODY': '8bitmime'})
+
+    @raise PathSyntaxError: bad syntax.
+    """
+    if argument[: len(prefix)].upper() != prefix:
+        raise PathSyntaxError(f"expected {prefix.decode()}<address>")
+    path, rest = _splitPath(argument[len(prefix) :].lstrip(b" "))
+    address = parsePath(path, allowEmpty, allowPostmaster)
+    if rest and not rest.startswith(b" "):
+        raise PathSyntaxError("parameters must follow the path after a space")
+    parameters: dict[str, str | None] = {}
+    for item in rest.split():
+        keyword, eq, value = item.partition(b"=")
+        if not _KEYWORD.fullmatch(keyword) or (eq and not value):
+            raise PathSyntaxError("bad parameter syntax")
+        try:
+            parameters[keyword.decode("ascii").upper()] = value.decode("utf-8") if eq else None
+        except UnicodeDecodeError:
+            raise PathSyntaxError("parameter value is not UTF-8") from None
+    return MailArguments(address, parameters)
+
+
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def formatReply(code: int, text: str, enhanced: str | None = None) -> bytes:
+    """
+    Format a reply, multi-line when C{text} has several lines.
+
+    C{enhanced} (RFC 2034, e.g. C{"2.0.0"}) is put before each line's text
+    unless the text already starts with an enhanced code.
+
+    >>> formatReply(250, "OK", "2.0.0")
+    b'250 2.0.0 OK\\r\\n'
+    """
+    lines = text.splitlines() or [""]
+    if enhanced and _ENHANCED.match(lines[0]):
+        enhanced = None
+    out = []
+    last = len(lines) - 1
+    for index, line in enumerate(lines):
+        separator = " " if index == last else "-"
+        if enhanced:
+            line = f"{enhanced} {line}" if line else enhanced
+        out.append(f"{code}{separator}{line}".encode("utf-8") + CRLF)
+    return b"".join(out)
+
+
+def defaultEnhancedCode(code: int) -> str | None:
+    """
+    A generic enhanced status code for a reply code: C{250} -> C{"2.0.0"}.
+    The greeting (220), AUTH challenges (334) and 354 carry none.
+    """
+    if code in (220, 334, 354):
+        return None
+    klass = code // 100
+    if klass in (2, 4, 5):
+        return f"{klass}.0.0"
+    return None

@@ -1,0 +1,221 @@
+"""
+The sans-I/O core, driven directly: no sockets, hypothesis for the framers
+and parsers.
+"""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infsmtp._wire import (
+    BARE_NEWLINE,
+    LINE_TOO_LONG,
+    LINE_TOO_LONG_IN_DATA,
+    TOO_BIG,
+    BytesSink,
+    CommandLineFramer,
+    DataFramer,
+    PathSyntaxError,
+    formatReply,
+    parseCommand,
+    parseMailArguments,
+    parsePath,
+)
+
+
+def splitAt(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, start = [], 0
+    for p in points:
+        pieces.append(data[start:p])
+        start = p
+    pieces.append(data[start:])
+    return pieces
+
+
+def frame(stream: bytes, pieces: list[bytes] | None = None, **kw):
+    sink = BytesSink()
+    framer = DataFramer(sink, **kw)
+    rest = None
+    for piece in pieces if pieces is not None else [stream]:
+        if framer.done:
+            rest += piece
+            continue
+        rest = framer.feed(piece)
+    return framer, sink.getvalue(), rest
+
+
+def stuff(message: bytes) -> bytes:
+    """The client side: dot-stuff CRLF lines and terminate."""
+    lines = message.split(b"\r\n")
+    assert lines[-1] == b""
+    stuffed = [b"." + ln if ln.startswith(b".") else ln for ln in lines[:-1]]
+    return b"".join(ln + b"\r\n" for ln in stuffed) + b".\r\n"
+
+
+lineText = st.binary(max_size=40).map(
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b"")
+)
+messages = st.lists(st.one_of(lineText, st.sampled_from([b".", b"..", b".x", b""])), max_size=30).map(
+    lambda lines: b"".join(ln + b"\r\n" for ln in lines)
+)
+
+
+class TestDataFramer:
+    def test_empty_message(self):
+        framer, body, rest = frame(b".\r\nQUIT\r\n")
+        assert (framer.done, body, rest, framer.fault) == (True, b"", b"QUIT\r\n", None)
+
+    def test_unstuffs_leading_dots(self):
+        framer, body, rest = frame(b"..a\r\nb\r\n...\r\n.\r\n")
+        assert body == b".a\r\nb\r\n..\r\n"
+        assert rest == b""
+
+    @settings(max_examples=300)
+    @given(messages, st.lists(st.integers(min_value=0), max_size=12), st.binary(max_size=20))
+    def test_any_chunking_gives_the_same_message(self, message, cuts, after):
+        stream = stuff(message) + after
+        framer, body, rest = frame(stream, splitAt(stream, cuts))
+        assert framer.done and framer.fault is None
+        assert body == message
+        assert rest == after
+
+    @settings(max_examples=200)
+    @given(messages, st.lists(st.integers(min_value=0), max_size=12))
+    def test_max_line_length_chunking(self, message, cuts):
+        stream = stuff(message)
+        limit = 20
+        expected = any(len(ln) + 2 > limit for ln in message.split(b"\r\n")[:-1])
+        framer, body, _ = frame(stream, splitAt(stream, cuts), maxLineLength=limit)
+        assert framer.done
+        assert (framer.fault == LINE_TOO_LONG_IN_DATA) == expected
+        if not expected:
+            assert body == message
+
+    @pytest.mark.parametrize(
+        "smuggle",
+        [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\n.\r"],
+    )
+    def test_smuggling_sequences_do_not_end_data(self, smuggle):
+        stream = b"Subject: x\r\n\r\nhi" + smuggle + b"MAIL FROM:<evil@x>\r\n" + b"\r\n.\r\nNOOP\r\n"
+        framer, body, rest = frame(stream)
+        assert framer.done
+        assert framer.fault == BARE_NEWLINE
+        assert rest == b"NOOP\r\n"
+        assert body == b""  # nothing of a faulty message is kept
+
+    @given(st.lists(st.integers(min_value=0), max_size=12))
+    def test_smuggling_any_chunking(self, cuts):
+        stream = b"a\r\nb\n.\r\nMAIL FROM:<e@x>\r\n.\r\nQUIT\r\n"
+        framer, _, rest = frame(stream, splitAt(stream, cuts))
+        assert framer.fault == BARE_NEWLINE
+        assert rest == b"QUIT\r\n"
+
+    def test_too_big_reads_to_end_and_keeps_nothing(self):
+        chunk = b"x" * 70 + b"\r\n"
+        framer = DataFramer(BytesSink(), maxSize=1000)
+        sink = framer.sink
+        for _ in range(1000):
+            assert framer.feed(chunk) is None
+        assert framer.fault == TOO_BIG
+        assert len(sink.getvalue()) <= 1000
+        assert framer.feed(b".\r\nRSET\r\n") == b"RSET\r\n"
+
+    def test_long_line_without_newline_is_not_buffered(self):
+        framer = DataFramer(BytesSink(), maxLineLength=1000)
+        for _ in range(1000):
+            framer.feed(b"y" * 1024)
+            assert len(framer._buffer) <= 1000
+        assert framer.feed(b"\r\n.\r\n") == b""
+        assert framer.fault == LINE_TOO_LONG_IN_DATA
+
+    def test_long_line_allowed_without_limit(self):
+        line = b"z" * 200_000
+        framer, body, _ = frame(line + b"\r\n.\r\n", [line[:70000], line[70000:] + b"\r", b"\n.\r\n"])
+        assert framer.fault is None
+        assert body == line + b"\r\n"
+
+
+class TestCommandLineFramer:
+    def test_lines_and_remainder(self):
+        framer = CommandLineFramer()
+        framer.feed(b"EHLO x\r\nMAIL FROM:<a@b>\nDATA\r\nSubject")
+        assert framer.next() == b"EHLO x"
+        assert framer.next() == b"MAIL FROM:<a@b>"
+        assert framer.next() == b"DATA"
+        assert framer.next() is None
+        assert framer.takeRemainder() == b"Subject"
+
+    def test_long_line_reported_once_and_never_buffered(self):
+        framer = CommandLineFramer(maxLength=100)
+        for _ in range(1000):
+            framer.feed(b"A" * 1000)
+            assert framer.next() is None
+            assert framer.buffered <= 1100
+        framer.feed(b"AAA\r\nNOOP\r\n")
+        assert framer.next() is LINE_TOO_LONG
+        assert framer.next() == b"NOOP"
+        assert framer.next() is None
+
+    def test_complete_long_line(self):
+        framer = CommandLineFramer(maxLength=10)
+        framer.feed(b"x" * 50 + b"\r\nQUIT\r\n")
+        assert framer.next() is LINE_TOO_LONG
+        assert framer.next() == b"QUIT"
+
+    @given(st.lists(lineText.filter(lambda l: len(l) < 50), max_size=10), st.lists(st.integers(min_value=0), max_size=10))
+    def test_any_chunking(self, lines, cuts):
+        stream = b"".join(ln + b"\r\n" for ln in lines)
+        framer = CommandLineFramer(maxLength=100)
+        got = []
+        for piece in splitAt(stream, cuts):
+            framer.feed(piece)
+            while (line := framer.next()) is not None:
+                got.append(line)
+        assert got == lines
+
+
+class TestParsing:
+    def test_parse_command(self):
+        assert parseCommand(b"ehlo  client.example ") == (b"EHLO", b"client.example")
+        assert parseCommand(b"QUIT") == (b"QUIT", b"")
+        assert parseCommand(b"\x00\xff garbage")[0] == b""
+        assert parseCommand(b"")[0] == b""
+
+    def test_mail_arguments(self):
+        parsed = parseMailArguments(b"from: <a@b.example> size=100 BODY=8BITMIME SMTPUTF8", b"FROM:", True)
+        assert parsed.address == "a@b.example"
+        assert parsed.parameters == {"SIZE": "100", "BODY": "8BITMIME", "SMTPUTF8": None}
+
+    def test_null_sender_and_postmaster(self):
+        assert parseMailArguments(b"FROM:<>", b"FROM:", True).address == ""
+        with pytest.raises(PathSyntaxError):
+            parseMailArguments(b"TO:<>", b"TO:", False)
+        assert parseMailArguments(b"TO:<Postmaster>", b"TO:", False, True).address == "Postmaster"
+
+    def test_source_route_and_quoted(self):
+        assert parsePath(b"<@relay.example,@b.example:u@c.example>", False) == "u@c.example"
+        assert parseMailArguments(b'TO:<"odd>name"@x.example>', b"TO:", False).address == '"odd>name"@x.example'
+
+    def test_utf8_address(self):
+        assert parsePath("<jörg@exämple.de>".encode(), False) == "jörg@exämple.de"
+
+    @pytest.mark.parametrize(
+        "bad",
+        [b"FROM:a@b", b"FROM:<a@b", b"FROM:<a b@c>", b"FROM:<a@b>SIZE=1", b"FROM:<a@b> SIZE=", b"TO:<a@b>", b"FROM:<@>", b"FROM:<a@>", b"FROM:<" + b"a" * 300 + b"@b>"],
+    )
+    def test_bad_syntax(self, bad):
+        with pytest.raises(PathSyntaxError):
+            parseMailArguments(bad, b"FROM:", True)
+
+    @given(st.binary(max_size=300))
+    def test_parser_never_crashes(self, data):
+        try:
+            parseMailArguments(data, b"FROM:", True)
+        except PathSyntaxError:
+            pass
+
+    def test_format_reply(self):
+        assert formatReply(250, "OK", "2.0.0") == b"250 2.0.0 OK\r\n"
+        assert formatReply(250, "a\nb", None) == b"250-a\r\n250 b\r\n"
+        assert formatReply(550, "5.7.1 no", "5.0.0") == b"550 5.7.1 no\r\n"
