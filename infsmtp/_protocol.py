@@ -1,0 +1,720 @@
+"""
+The server protocol: Twisted's L{ESMTP}, with its input path, its state
+checks and its replies replaced.
+
+Twisted's server is kept for what it does well (the C{do_}/C{ext_} command
+dispatch, the extension listing, L{TimeoutMixin}, the C{host} property) and
+overridden where it is wrong or slow:
+
+- input goes through the sans-I/O framers of L{infsmtp._wire}, never line by
+  line through C{LineOnlyReceiver}, and DATA is framed over whole buffers;
+- while a handler's Deferred is pending, later input waits (the transport is
+  paused), so pipelined replies come in order (twisted#8126);
+- replies are queued and written in one write per batch of input;
+- a failing handler answers 4xx, never 550, so no mail is lost to a bug;
+- STARTTLS forgets everything, input pipelined behind it included.
+
+Policy never lives here: every decision is a handler's (L{_handlers}), and
+the protocol only turns decisions into replies.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import re
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITCPTransport
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._errors import SMTPError
+from ._handlers import callHandler
+from ._session import Session
+from ._wire import (
+    BARE_NEWLINE,
+    LINE_TOO_LONG,
+    LINE_TOO_LONG_IN_DATA,
+    TOO_BIG,
+    BytesSink,
+    CommandLineFramer,
+    DataFramer,
+    PathSyntaxError,
+    defaultEnhancedCode,
+    formatReply,
+    parseCommand,
+    parseMailArguments,
+)
+
+if TYPE_CHECKING:
+    from ._server import ServerFactory
+
+log = Logger(namespace="infsmtp.server")
+
+_SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]@]")
+
+_COMMANDS = frozenset(
+    b"HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH".split()
+)
+
+
+@implementer(IHandshakeListener)
+class ServerProtocol(smtp.ESMTP):
+    """
+    One SMTP session.  Built by L{ServerFactory}; see the module docstring.
+    """
+
+    factory: "ServerFactory"
+    session: Session
+
+    def __init__(self, factory: "ServerFactory") -> None:
+        super().__init__(contextFactory=factory.tlsOptions)
+        self.factory = factory
+        settings = factory.settings
+        self.host = settings.hostname
+        self.timeout = settings.idleTimeout
+        self.callLater = factory.clock.callLater  # TimeoutMixin's clock
+        self._framer = CommandLineFramer(settings.maxLineLength)
+        self._dataFramer: DataFramer | None = None
+        self._out: list[bytes] = []
+        self._busy = False
+        self._paused = False
+        self._open = False
+        self._closing = False
+        self._started = False
+        self._shuttingDown = False
+        self._errors = 0
+        self._authFailures = 0
+        self._messages = 0
+        self._ehlo = False
+        self._mailStarted = False
+        self._lineHandler: Callable[[bytes], None] | None = None
+
+    # Connection life ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._open = True
+        if ITCPTransport.providedBy(self.transport) or hasattr(self.transport, "setTcpNoDelay"):
+            try:
+                # Replies are written in one write per batch already; Nagle
+                # would only add a delayed-ACK wait to every round trip.
+                self.transport.setTcpNoDelay(True)
+            except Exception:
+                pass
+        if not self.factory.admit(self):
+            self._reply(421, f"{self.factory.settings.hostname} Too many connections, try again later", "4.7.0")
+            self._close()
+            return
+        peer = self.transport.getPeer()
+        self.session = Session(
+            self.factory.nextSessionId(),
+            str(getattr(peer, "host", peer)),
+            int(getattr(peer, "port", 0) or 0),
+            self._disconnectRequested,
+        )
+        self.session.secure = ISSLTransport.providedBy(self.transport)
+        self._started = True
+        self.setTimeout(self.timeout)
+        self._decide("onConnect", self._afterConnect, (421, "4.3.0 Temporary failure, try again later"))
+        self._flush()
+
+    def _afterConnect(self, result: Any) -> None:
+        if isinstance(result, bool):
+            self.session.accept = result
+        if self.session.accept:
+            self._reply(220, f"{self.factory.settings.hostname} ESMTP infsmtp")
+        else:
+            self._reply(554, "No SMTP service here", "5.7.1")
+            self._close()
+
+    def handshakeCompleted(self) -> None:
+        """
+        TLS is up (implicit TLS or after STARTTLS): record what protects the
+        session.
+        """
+        self.session.secure = True
+        try:
+            self.session.tlsVersion = self.transport.getHandle().get_protocol_version_name()
+        except Exception:
+            self.session.tlsVersion = "TLS"
+
+    def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:
+        self._open = False
+        self.setTimeout(None)
+        self.factory.release(self)
+        if self._started:
+            self._started = False
+            handler = self.factory.handler("onDisconnect")
+            if handler is not None:
+                d = callHandler(handler, self.session)
+                d.addErrback(
+                    lambda f: log.failure("onDisconnect handler failed for session {id}", f, id=self.session.id)
+                )
+
+    def timeoutConnection(self) -> None:
+        self._reply(421, f"{self.factory.settings.hostname} Error: timeout exceeded", "4.4.2")
+        self._close()
+
+    def _disconnectRequested(self) -> None:
+        if self._open:
+            self._close()
+
+    def shutdown(self) -> None:
+        """
+        The server is stopping: an idle session is told so at once; one in
+        the middle of a transaction may finish it first.
+        """
+        self._shuttingDown = True
+        if self._open and not self._busy and self._dataFramer is None and not self._mailStarted:
+            self._reply(421, f"{self.factory.settings.hostname} Service shutting down", "4.3.2")
+            self._close()
+
+    # Output -----------------------------------------------------------------
+
+    def _reply(self, code: int, text: str, enhanced: str | None = None) -> None:
+        """
+        Queue a reply.  C{enhanced}: the RFC 2034 code; L{None} picks a
+        generic one, C{""} sends none (EHLO's extension list).
+        """
+        if enhanced is None:
+            enhanced = defaultEnhancedCode(code)
+        self._out.append(formatReply(code, text, enhanced))
+
+    def _error(self, code: int, text: str, enhanced: str | None = None) -> None:
+        """
+        Answer a client error, and end a session that makes too many.
+        """
+        self._reply(code, text, enhanced)
+        self._errors += 1
+        if self._errors >= self.factory.settings.maxErrors:
+            self._reply(421, f"{self.factory.settings.hostname} Too many errors, closing connection", "4.7.0")
+            self._close()
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out = []
+            if self.transport is not None and self._open:
+                self.transport.write(data)
+
+    def _close(self) -> None:
+        self._closing = True
+        self._flush()
+        self.setTimeout(None)
+        self._lineHandler = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # Input ----------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        if self._dataFramer is not None and not self._busy:
+            self._feedData(data)
+        else:
+            self._framer.feed(data)
+        self._process()
+        self._flush()
+
+    def _process(self) -> None:
+        """
+        Act on buffered commands until one waits for a handler or the input
+        runs out.
+        """
+        while not self._busy and not self._closing and self._dataFramer is None:
+            line = self._framer.next()
+            if line is None:
+                break
+            if self._lineHandler is not None:
+                handler, self._lineHandler = self._lineHandler, None
+                if line is LINE_TOO_LONG:
+                    self._error(500, "Line too long", "5.5.2")
+                else:
+                    handler(line)
+            else:
+                self._command(line)
+            if self._dataFramer is not None:
+                rest = self._framer.takeRemainder()
+                if rest:
+                    self._feedData(rest)
+        if self._busy and not self._paused and self._open:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _wake(self) -> None:
+        """
+        A handler answered after a delay: go on with the waiting input.
+        """
+        if self._paused and self._open:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._process()
+        self._flush()
+
+    def _command(self, line: bytes | object) -> None:
+        if line is LINE_TOO_LONG:
+            self._error(500, "Line too long", "5.5.2")
+            return
+        assert isinstance(line, bytes)
+        verb, argument = parseCommand(line)
+        if self._shuttingDown and not self._mailStarted and verb != b"QUIT":
+            self._reply(421, f"{self.factory.settings.hostname} Service shutting down", "4.3.2")
+            self._close()
+            return
+        method = self.lookupMethod(verb) if verb else None
+        if method is None:
+            self._error(500, "Command unrecognized", "5.5.2")
+            return
+        method(argument)
+
+    def lookupMethod(self, command: bytes) -> Callable[[bytes], None] | None:
+        # An allowlist: no method inherited from Twisted (which would write
+        # to the transport out of order) is ever reachable from the wire.
+        if command not in _COMMANDS:
+            return None
+        return getattr(self, "do_" + command.decode("ascii"))
+
+    # Handlers -------------------------------------------------------------
+
+    def _decide(
+        self,
+        name: str,
+        apply: Callable[[Any], None],
+        temporary: tuple[int, str],
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """
+        Run the handler C{name} (or the default policy when none is set) and
+        pass its result to C{apply}, which replies.  Input waits meanwhile.
+
+        A handler raising L{SMTPError} chooses the reply; any other failure
+        is logged and answered with the C{temporary} 4xx reply, so the
+        client retries and nothing is lost to a bug.  C{then} runs after the
+        reply, whichever it was.
+        """
+        handler = self.factory.handler(name)
+        if handler is None:
+            apply(None)
+            if then is not None:
+                then()
+            return
+        self._busy = True
+        synchronous = True
+
+        def succeeded(result: Any) -> None:
+            self._busy = False
+            if self._open:
+                apply(result)
+                if then is not None:
+                    then()
+                if not synchronous:
+                    self._wake()
+
+        def failed(failure: Failure) -> None:
+            self._busy = False
+            if not self._open:
+                return
+            if failure.check(SMTPError) and failure.value.code is not None:
+                error = failure.value
+                self._reply(error.code, error.text or "")
+            else:
+                log.failure(
+                    "{handler} handler failed for session {id}", failure, handler=name, id=self.session.id
+                )
+                code, text = temporary
+                self._reply(code, text)
+            if then is not None:
+                then()
+            if not synchronous:
+                self._wake()
+
+        d = callHandler(handler, self.session)
+        d.addCallbacks(succeeded, failed)
+        d.addErrback(lambda f: log.failure("internal error after {handler}", f, handler=name))
+        synchronous = False
+
+    # Commands -------------------------------------------------------------
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        settings = self.factory.settings
+        ext: dict[bytes, list[bytes] | None] = {
+            b"PIPELINING": None,
+            b"SIZE": [str(settings.maxMessageSize or 0).encode()],
+            b"8BITMIME": None,
+            b"ENHANCEDSTATUSCODES": None,
+            b"SMTPUTF8": None,
+        }
+        if self.factory.tlsOptions is not None and not self.session.secure:
+            ext[b"STARTTLS"] = None
+        if self._authOffered():
+            ext[b"AUTH"] = [b"PLAIN", b"LOGIN"]
+        return ext
+
+    def _authOffered(self) -> bool:
+        return self.factory.handler("onLogin") is not None and (
+            self.session.secure or self.factory.settings.allowInsecureAuth
+        )
+
+    def _resetTransaction(self) -> None:
+        self._mailStarted = False
+        self.session._resetTransaction()
+
+    def _greet(self, argument: bytes, extended: bool) -> None:
+        verb = "EHLO" if extended else "HELO"
+        if not argument:
+            self._error(501, f"Syntax: {verb} hostname", "5.5.4")
+            return
+        self._resetTransaction()
+        self.session.helo = argument.decode("utf-8", "replace")
+        self._ehlo = extended
+        hostname = self.factory.settings.hostname
+        if not extended:
+            self._reply(250, hostname, "")
+            return
+        lines = [f"{hostname} Hello {self.session.ip}"]
+        lines += self.listExtensions().decode("ascii").split("\n")
+        self._reply(250, "\n".join(lines), "")
+
+    def do_HELO(self, argument: bytes) -> None:
+        self._greet(argument, False)
+
+    def do_EHLO(self, argument: bytes) -> None:
+        self._greet(argument, True)
+
+    def do_NOOP(self, argument: bytes) -> None:
+        self._reply(250, "OK")
+
+    def do_RSET(self, argument: bytes) -> None:
+        if argument:
+            self._error(501, "Syntax: RSET", "5.5.4")
+            return
+        self._resetTransaction()
+        self._reply(250, "OK")
+
+    def do_QUIT(self, argument: bytes) -> None:
+        self._reply(221, "Bye")
+        self._close()
+
+    def do_HELP(self, argument: bytes) -> None:
+        self._reply(
+            214,
+            "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS AUTH\n"
+            "See RFC 5321",
+            "2.0.0",
+        )
+
+    def do_VRFY(self, argument: bytes) -> None:
+        if not argument:
+            self._error(501, "Syntax: VRFY address", "5.5.4")
+            return
+        self._reply(252, "Cannot VRFY user, but will accept message and attempt delivery", "2.5.0")
+
+    def do_EXPN(self, argument: bytes) -> None:
+        self._error(502, "EXPN not available", "5.5.1")
+
+    def do_MAIL(self, argument: bytes) -> None:
+        settings = self.factory.settings
+        if not self.session.helo:
+            self._error(503, "Error: send HELO/EHLO first", "5.5.1")
+            return
+        if self._mailStarted:
+            self._error(503, "Error: nested MAIL command", "5.5.1")
+            return
+        if settings.requireAuth and not self.session.authenticated:
+            self._reply(530, "Authentication required", "5.7.0")
+            return
+        try:
+            parsed = parseMailArguments(argument, b"FROM:", allowEmpty=True)
+        except PathSyntaxError as e:
+            self._error(501, f"Syntax: MAIL FROM:<address> ({e})", "5.5.4")
+            return
+        params = parsed.parameters
+        for keyword, value in params.items():
+            if keyword == "SIZE":
+                if value is None or not value.isdigit():
+                    self._error(501, "Syntax: SIZE=number", "5.5.4")
+                    return
+                if settings.maxMessageSize and int(value) > settings.maxMessageSize:
+                    self._reply(552, "Message size exceeds fixed maximum message size", "5.3.4")
+                    return
+            elif keyword == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    self._error(501, "Syntax: BODY=7BIT or BODY=8BITMIME", "5.5.4")
+                    return
+            elif keyword == "SMTPUTF8":
+                if value is not None:
+                    self._error(501, "Syntax: SMTPUTF8 takes no value", "5.5.4")
+                    return
+            elif keyword == "AUTH":
+                pass  # RFC 4954 5: accepted, and not trusted.
+            else:
+                self._error(555, f"MAIL FROM parameter {keyword} not recognized", "5.5.4")
+                return
+        if not parsed.address.isascii() and "SMTPUTF8" not in params:
+            self._reply(553, "Non-ASCII sender address needs SMTPUTF8", "5.6.7")
+            return
+        session = self.session
+        session.address = parsed.address
+        session.accept = True
+
+        def apply(result: Any) -> None:
+            if isinstance(result, bool):
+                session.accept = result
+            if session.accept:
+                session.mailFrom = parsed.address
+                session.mailParameters = params
+                self._mailStarted = True
+                self._reply(250, "Sender OK", "2.1.0")
+            else:
+                self._reply(550, "Sender address rejected", "5.7.1")
+
+        self._decide("onMailFrom", apply, (451, "Temporary failure, try again later"))
+
+    def do_RCPT(self, argument: bytes) -> None:
+        settings = self.factory.settings
+        if not self._mailStarted:
+            self._error(503, "Error: need MAIL command", "5.5.1")
+            return
+        try:
+            parsed = parseMailArguments(argument, b"TO:", allowEmpty=False, allowPostmaster=True)
+        except PathSyntaxError as e:
+            self._error(501, f"Syntax: RCPT TO:<address> ({e})", "5.5.4")
+            return
+        if parsed.parameters:
+            keyword = next(iter(parsed.parameters))
+            self._error(555, f"RCPT TO parameter {keyword} not recognized", "5.5.4")
+            return
+        if not parsed.address.isascii() and "SMTPUTF8" not in self.session.mailParameters:
+            self._reply(553, "Non-ASCII recipient address needs SMTPUTF8", "5.6.7")
+            return
+        if len(self.session.rcptTo) >= settings.maxRecipients:
+            self._reply(452, "Too many recipients", "4.5.3")
+            return
+        session = self.session
+        session.address = parsed.address
+        session.accept = True
+
+        def apply(result: Any) -> None:
+            if isinstance(result, bool):
+                session.accept = result
+            if session.accept:
+                session.rcptTo.append(parsed.address)
+                self._reply(250, "Recipient OK", "2.1.5")
+            else:
+                self._reply(550, "Recipient address rejected", "5.7.1")
+
+        self._decide("onRcptTo", apply, (451, "Temporary failure, try again later"))
+
+    def do_DATA(self, argument: bytes) -> None:
+        settings = self.factory.settings
+        if argument:
+            self._error(501, "Syntax: DATA", "5.5.4")
+            return
+        if not self._mailStarted:
+            self._error(503, "Error: need MAIL command", "5.5.1")
+            return
+        if not self.session.rcptTo:
+            self._error(554, "Error: no valid recipients", "5.5.1")
+            return
+        self._reply(354, "End data with <CR><LF>.<CR><LF>")
+        self._dataFramer = DataFramer(
+            BytesSink(), settings.maxMessageSize or None, settings.maxDataLineLength
+        )
+
+    def _feedData(self, data: bytes) -> None:
+        framer = self._dataFramer
+        assert framer is not None
+        rest = framer.feed(data)
+        if rest is None:
+            return
+        self._dataFramer = None
+        self._framer.feed(rest)
+        self._messageComplete(framer)
+
+    def _messageComplete(self, framer: DataFramer) -> None:
+        session = self.session
+        if framer.fault is not None:
+            self._resetTransaction()
+            if framer.fault == TOO_BIG:
+                self._reply(552, "Message size exceeds fixed maximum message size", "5.3.4")
+            elif framer.fault == LINE_TOO_LONG_IN_DATA:
+                self._reply(500, "Line too long in message data", "5.5.2")
+            elif framer.fault == BARE_NEWLINE:
+                self._reply(550, "Message contains bare CR or LF; use CRLF line endings", "5.5.2")
+            self._afterMessage()
+            return
+        self._messages += 1
+        queueId = f"{self.factory.queuePrefix}{session.id:x}{self._messages:x}"
+        body = framer.sink.getvalue()  # type: ignore[attr-defined]
+        if self.factory.settings.receivedHeader:
+            body = self._receivedHeader(queueId) + body
+        session._setMessage(body)
+        session.received = True
+
+        def apply(result: Any) -> None:
+            if isinstance(result, bool):
+                session.received = result
+            if session.received:
+                self._reply(250, f"OK queued as {queueId}", "2.0.0")
+            else:
+                self._reply(554, "Message rejected", "5.7.1")
+
+        def then() -> None:
+            self._resetTransaction()
+            self._afterMessage()
+
+        self._decide("onReceive", apply, (451, "Error processing message, try again later"), then)
+
+    def _afterMessage(self) -> None:
+        if self._shuttingDown:
+            self.shutdown()
+
+    def _receivedHeader(self, queueId: str) -> bytes:
+        session = self.session
+        helo = _SAFE_HELO.sub("?", session.helo)[:64] or "unknown"
+        withProtocol = "ESMTP" if self._ehlo else "SMTP"
+        if "SMTPUTF8" in session.mailParameters:
+            withProtocol = "UTF8SMTP"
+        if session.secure:
+            withProtocol += "S"
+        if session.authenticated:
+            withProtocol += "A"
+        recipient = f"\r\n\tfor <{session.rcptTo[0]}>" if len(session.rcptTo) == 1 else ""
+        date = email.utils.format_datetime(email.utils.localtime())
+        tls = f" ({session.tlsVersion})" if session.tlsVersion else ""
+        header = (
+            f"Received: from {helo} ([{session.ip}])\r\n"
+            f"\tby {self.factory.settings.hostname} (infsmtp) with {withProtocol}{tls}\r\n"
+            f"\tid {queueId}{recipient}; {date}\r\n"
+        )
+        return header.encode("utf-8", "replace")
+
+    def do_STARTTLS(self, argument: bytes) -> None:
+        if argument:
+            self._error(501, "Syntax: STARTTLS", "5.5.4")
+            return
+        if self.session.secure:
+            self._error(503, "Error: TLS already active", "5.5.1")
+            return
+        if self.factory.tlsOptions is None:
+            self._reply(454, "TLS not available", "4.7.0")
+            return
+        self._reply(220, "Ready to start TLS", "2.0.0")
+        self._flush()
+        # RFC 3207 4.2 and CVE-2011-0411: nothing the client sent before the
+        # handshake may be acted upon, and everything learned so far is
+        # forgotten.
+        self._framer.clear()
+        self._resetTransaction()
+        self.session.helo = ""
+        self._ehlo = False
+        self.session.authenticated = False
+        self.transport.startTLS(self.factory.tlsOptions)
+
+    # AUTH (RFC 4954) ---------------------------------------------------------
+
+    def do_AUTH(self, argument: bytes) -> None:
+        if self.factory.handler("onLogin") is None:
+            self._error(502, "AUTH not available", "5.5.1")
+            return
+        if not self.session.secure and not self.factory.settings.allowInsecureAuth:
+            self._reply(538, "Encryption required for requested authentication mechanism", "5.7.11")
+            return
+        if not self._ehlo:
+            self._error(503, "Error: send EHLO first", "5.5.1")
+            return
+        if self.session.authenticated:
+            self._error(503, "Error: already authenticated", "5.5.1")
+            return
+        if self._mailStarted:
+            self._error(503, "Error: AUTH not permitted during a mail transaction", "5.5.1")
+            return
+        parts = argument.split()
+        if not parts or len(parts) > 2:
+            self._error(501, "Syntax: AUTH mechanism [initial-response]", "5.5.4")
+            return
+        mechanism = parts[0].upper()
+        initial = parts[1] if len(parts) == 2 else None
+        if mechanism == b"PLAIN":
+            if initial is None:
+                self._reply(334, "")
+                self._lineHandler = self._authPlain
+            else:
+                self._authPlain(initial)
+        elif mechanism == b"LOGIN":
+            if initial is None:
+                self._reply(334, "VXNlcm5hbWU6")  # "Username:"
+                self._lineHandler = self._authLoginUsername
+            else:
+                self._authLoginUsername(initial)
+        else:
+            self._error(504, "Unrecognized authentication type", "5.5.4")
+
+    def _decodeResponse(self, line: bytes) -> bytes | None:
+        """
+        Decode a base64 SASL response, answering the client when it is a
+        cancel (C{*}) or not base64.
+        """
+        if line == b"*":
+            self._error(501, "Authentication cancelled", "5.7.0")
+            return None
+        if line == b"=":
+            return b""
+        try:
+            return base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self._error(501, "Cannot decode response", "5.5.2")
+            return None
+
+    def _authPlain(self, line: bytes) -> None:
+        decoded = self._decodeResponse(line)
+        if decoded is None:
+            return
+        parts = decoded.split(b"\0")
+        if len(parts) != 3 or not parts[1]:
+            self._error(501, "Malformed PLAIN response", "5.5.2")
+            return
+        self._authDecoded(parts[1], parts[2])
+
+    def _authLoginUsername(self, line: bytes) -> None:
+        decoded = self._decodeResponse(line)
+        if decoded is None:
+            return
+        self._reply(334, "UGFzc3dvcmQ6")  # "Password:"
+        self._lineHandler = lambda l: self._authLoginPassword(decoded, l)
+
+    def _authLoginPassword(self, username: bytes, line: bytes) -> None:
+        decoded = self._decodeResponse(line)
+        if decoded is None:
+            return
+        self._authDecoded(username, decoded)
+
+    def _authDecoded(self, username: bytes, password: bytes) -> None:
+        try:
+            user, secret = username.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(501, "Credentials are not UTF-8", "5.5.2")
+            return
+        session = self.session
+        session.username, session.password = user, secret
+        session.authenticated = False
+
+        def apply(result: Any) -> None:
+            if isinstance(result, bool):
+                session.authenticated = result
+            if session.authenticated:
+                self._reply(235, "Authentication successful", "2.7.0")
+                return
+            self._authFailures += 1
+            self._reply(535, "Authentication credentials invalid", "5.7.8")
+            if self._authFailures >= self.factory.settings.maxAuthFailures:
+                self._reply(421, f"{self.factory.settings.hostname} Too many authentication failures", "4.7.0")
+                self._close()
+
+        self._decide("onLogin", apply, (454, "Temporary authentication failure"))

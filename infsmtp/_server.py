@@ -1,0 +1,471 @@
+"""
+L{Server}: the public face of the SMTP server, an L{IService} that listens
+on an endpoint and builds L{ServerProtocol}s through L{ServerFactory}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import (
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    serverFromString,
+)
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from ._blocking import blockingCall
+from ._enums import TLSVersion
+from ._errors import SMTPError, SMTPTLSError
+from ._handlers import HandlerSpec, adaptHandler
+from ._protocol import ServerProtocol
+from ._tls import serverTLSOptions
+
+log = Logger(namespace="infsmtp.server")
+
+HANDLER_NAMES = ("onConnect", "onLogin", "onMailFrom", "onRcptTo", "onReceive", "onDisconnect")
+
+
+@dataclass
+class ServerSettings:
+    """
+    The limits and switches a session reads; fixed when listening starts.
+    """
+
+    hostname: str
+    maxMessageSize: int
+    maxRecipients: int
+    maxLineLength: int
+    maxDataLineLength: int | None
+    maxErrors: int
+    maxAuthFailures: int
+    idleTimeout: float | None
+    allowInsecureAuth: bool
+    requireAuth: bool
+    receivedHeader: bool
+
+
+class ServerFactory(smtp.SMTPFactory):
+    """
+    Builds L{ServerProtocol}s for a L{Server} and keeps the books: live
+    sessions, the connection limit, session ids.
+    """
+
+    protocol = ServerProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, server: "Server", settings: ServerSettings, tlsOptions: Any, clock: IReactorTime) -> None:
+        super().__init__()
+        self.server = server
+        self.settings = settings
+        self.tlsOptions = tlsOptions
+        self.clock = clock
+        self.domain = settings.hostname
+        self.sessions: set[ServerProtocol] = set()
+        self.queuePrefix = os.urandom(3).hex().upper()
+        self._allGone: list[defer.Deferred] = []
+
+    def buildProtocol(self, addr: Any) -> ServerProtocol:
+        return ServerProtocol(self)
+
+    def handler(self, name: str) -> Callable[[Any], Any] | None:
+        return self.server._handlers[name]
+
+    def nextSessionId(self) -> int:
+        return next(self.server._sessionIds)
+
+    def admit(self, protocol: ServerProtocol) -> bool:
+        """
+        Count a new connection in; C{False} when it is over the limit.
+        """
+        if len(self.sessions) >= self.server.maxConnections:
+            return False
+        self.sessions.add(protocol)
+        return True
+
+    def release(self, protocol: ServerProtocol) -> None:
+        self.sessions.discard(protocol)
+        if not self.sessions:
+            waiting, self._allGone = self._allGone, []
+            for d in waiting:
+                d.callback(None)
+
+    def whenAllGone(self) -> defer.Deferred:
+        if not self.sessions:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._allGone.append(d)
+        return d
+
+
+class _ProtocolSpelling:
+    """
+    C{Server.protocol.tls1_2} (the reference's spelling) gives the
+    L{TLSVersion} enumeration on the class; an instance gives its
+    C{minProtocol}.
+    """
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return TLSVersion
+        return instance.minProtocol
+
+
+class _HandlerSlot:
+    """
+    A handler attribute: set it to L{None}, a callable, a script path or
+    C{'package.module:function'}; strings are resolved (and checked) at
+    once, so a typo fails where it is made.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return instance._handlerSpecs[self.name]
+
+    def __set__(self, instance: Any, value: HandlerSpec) -> None:
+        instance._handlers[self.name] = adaptHandler(value, instance._threadPool)
+        instance._handlerSpecs[self.name] = value
+
+
+class Server(service.Service):
+    """
+    An ESMTP server whose policy lives in handlers.
+
+        >>> server = Server(port=2525)
+        >>> def onRcptTo(session):
+        ...     return session.address.endswith("@example.org")
+        >>> server.onRcptTo = onRcptTo
+        >>> server.onReceive = lambda session: print(session.message["Subject"])
+        >>> server.start()
+
+    The positional parameters are the reference's, in its order; the rest
+    are keyword-only.
+
+    @param ssl: accept TLS (needs L{setCertificate}): implicit TLS when
+        C{implicitTls} is true or, when it is L{None}, when C{port == 465};
+        otherwise STARTTLS is offered.
+    @param verifyCertificate: the default of L{setCertificate}'s C{verify}.
+    @param port: the TCP port; C{0} picks a free one (see C{server.port}
+        once listening).
+    @param maxConnections: simultaneous sessions; more are answered 421.
+    @param poolSize: threads running script handlers.
+    @param minProtocol: the lowest TLS version accepted.
+    @param maxProtocol: the highest TLS version accepted.
+    @param interface: the address to listen on (C{''}: all IPv4; C{'::'}:
+        IPv6).
+    @param hostname: the name in the greeting, EHLO and C{Received:}
+        (default: this machine's FQDN).
+    @param endpoint: a Twisted server endpoint string (C{'tcp:2525'},
+        C{'unix:/run/smtp.sock'}, ...) or an L{IStreamServerEndpoint}, used
+        instead of C{port}/C{interface}.
+    @param maxMessageSize: bytes (advertised in SIZE; 0: no limit).
+    @param maxRecipients: per message; more are answered 452.
+    @param maxLineLength: bytes per command line (CRLF included).
+    @param maxDataLineLength: bytes per message line (CRLF included), or
+        L{None} for no limit.
+    @param maxErrors: client errors per session before 421 and close.
+    @param maxAuthFailures: failed logins per session before 421 and close.
+    @param timeout: idle seconds before 421 and close (RFC 5321 4.5.3.2).
+    @param allowInsecureAuth: offer AUTH without TLS (tests, or a trusted
+        local socket only).
+    @param requireAuth: refuse MAIL (530) until AUTH succeeded.
+    @param receivedHeader: put a C{Received:} trace header before
+        C{session.msg}.
+    @param backlog: the listen queue length.
+    @param shutdownGrace: seconds a stopping service lets transactions in
+        flight finish (see L{stopListening}).
+    @param reactor: the reactor (tests may pass another clock-bearing one).
+    """
+
+    protocol = _ProtocolSpelling()
+
+    onConnect = _HandlerSlot()
+    onLogin = _HandlerSlot()
+    onMailFrom = _HandlerSlot()
+    onRcptTo = _HandlerSlot()
+    onReceive = _HandlerSlot()
+    onDisconnect = _HandlerSlot()
+
+    def __init__(
+        self,
+        ssl: bool = False,
+        verifyCertificate: bool = False,
+        port: int = 25,
+        maxConnections: int = 1000,
+        poolSize: int = 10,
+        minProtocol: TLSVersion = TLSVersion.tls1_2,
+        maxProtocol: TLSVersion = TLSVersion.tls1_3,
+        *,
+        interface: str = "",
+        implicitTls: bool | None = None,
+        hostname: str | None = None,
+        endpoint: str | IStreamServerEndpoint | None = None,
+        maxMessageSize: int = 32 * 1024 * 1024,
+        maxRecipients: int = 1000,
+        maxLineLength: int = 2048,
+        maxDataLineLength: int | None = 2048,
+        maxErrors: int = 20,
+        maxAuthFailures: int = 3,
+        timeout: float = 300,
+        allowInsecureAuth: bool = False,
+        requireAuth: bool = False,
+        receivedHeader: bool = True,
+        backlog: int = 1024,
+        shutdownGrace: float = 10,
+        reactor: Any = None,
+    ) -> None:
+        self.ssl = ssl
+        self.verifyCertificate = verifyCertificate
+        self.port = port
+        self.maxConnections = maxConnections
+        self.poolSize = poolSize
+        self.minProtocol = TLSVersion(minProtocol)
+        self.maxProtocol = TLSVersion(maxProtocol)
+        self.interface = interface
+        self.implicitTls = implicitTls
+        self.hostname = hostname or socket.getfqdn()
+        self.endpoint = endpoint
+        self.maxMessageSize = maxMessageSize
+        self.maxRecipients = maxRecipients
+        self.maxLineLength = maxLineLength
+        self.maxDataLineLength = maxDataLineLength
+        self.maxErrors = maxErrors
+        self.maxAuthFailures = maxAuthFailures
+        self.timeout = timeout
+        self.allowInsecureAuth = allowInsecureAuth
+        self.requireAuth = requireAuth
+        self.receivedHeader = receivedHeader
+        self.backlog = backlog
+        self.shutdownGrace = shutdownGrace
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._certificate: tuple[str, str, str | None, bool] | None = None
+        self._tlsOptions: Any = None
+        self._pool: ThreadPool | None = None
+        self._handlers: dict[str, Callable[[Any], Any] | None] = dict.fromkeys(HANDLER_NAMES)
+        self._handlerSpecs: dict[str, HandlerSpec] = dict.fromkeys(HANDLER_NAMES)
+        self._sessionIds = itertools.count(1)
+        self._listening: IListeningPort | None = None
+        self._factory: ServerFactory | None = None
+
+    # Configuration ----------------------------------------------------------
+
+    def setCertificate(
+        self,
+        certFile: str,
+        keyFile: str,
+        rootCertFile: str | None = None,
+        verify: bool | None = None,
+    ) -> None:
+        """
+        Load the TLS certificate (PEM, the chain may follow the leaf) and key.
+
+        @param rootCertFile: extra chain certificates, and the trust root
+            when verifying.
+        @param verify: check at once that the chain is valid (default: the
+            constructor's C{verifyCertificate}).  The key is always checked
+            against the certificate.
+        @raise SMTPTLSError: with a sentence saying what is wrong.
+        """
+        if verify is None:
+            verify = self.verifyCertificate
+        self._tlsOptions = serverTLSOptions(
+            certFile, keyFile, rootCertFile, verify, self.minProtocol, self.maxProtocol
+        )
+        self._certificate = (certFile, keyFile, rootCertFile, verify)
+
+    @property
+    def implicit(self) -> bool:
+        """
+        Whether TLS starts with the first byte (rather than STARTTLS).
+        """
+        if not self.ssl:
+            return False
+        if self.implicitTls is None:
+            return self.port == 465
+        return bool(self.implicitTls)
+
+    def _threadPool(self) -> ThreadPool:
+        if self._pool is None:
+            pool = ThreadPool(minthreads=0, maxthreads=self.poolSize, name="infsmtp-handlers")
+            pool.start()
+            self._reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+            self._pool = pool
+        return self._pool
+
+    def _settings(self) -> ServerSettings:
+        return ServerSettings(
+            hostname=self.hostname,
+            maxMessageSize=self.maxMessageSize,
+            maxRecipients=self.maxRecipients,
+            maxLineLength=self.maxLineLength,
+            maxDataLineLength=self.maxDataLineLength,
+            maxErrors=self.maxErrors,
+            maxAuthFailures=self.maxAuthFailures,
+            idleTimeout=self.timeout,
+            allowInsecureAuth=self.allowInsecureAuth,
+            requireAuth=self.requireAuth,
+            receivedHeader=self.receivedHeader,
+        )
+
+    def _tlsForSessions(self) -> Any:
+        if not self.ssl:
+            return None
+        if self._tlsOptions is None:
+            raise SMTPTLSError("ssl=True needs setCertificate() before the server starts")
+        if self._certificate is not None:
+            # min/maxProtocol may have changed since setCertificate().
+            certFile, keyFile, root, verify = self._certificate
+            self._tlsOptions = serverTLSOptions(
+                certFile, keyFile, root, verify, self.minProtocol, self.maxProtocol
+            )
+        return self._tlsOptions
+
+    def _endpoint(self) -> IStreamServerEndpoint:
+        if self.endpoint is not None:
+            if isinstance(self.endpoint, str):
+                return serverFromString(self._reactor, self.endpoint)
+            return self.endpoint
+        if ":" in self.interface:
+            return TCP6ServerEndpoint(self._reactor, self.port, self.backlog, self.interface)
+        return TCP4ServerEndpoint(self._reactor, self.port, self.backlog, self.interface)
+
+    def buildFactory(self) -> Any:
+        """
+        The protocol factory for one listening endpoint (wrapped for
+        implicit TLS when so configured).  Used by L{startListening}; the
+        twistd plugin uses it to listen on several endpoints.
+        """
+        tls = self._tlsForSessions()
+        if self._factory is None:
+            self._factory = ServerFactory(self, self._settings(), None if self.implicit else tls, self._reactor)
+        factory: Any = self._factory
+        if self.implicit:
+            factory = TLSMemoryBIOFactory(tls, False, factory)
+        return factory
+
+    # Lifecycle --------------------------------------------------------------
+
+    def startListening(self) -> defer.Deferred:
+        """
+        Start listening.
+
+        @return: a Deferred firing with the bound port number (also in
+            C{self.port}), or failing with L{SMTPError} (e.g. the port is in
+            use).
+        """
+        if self._listening is not None:
+            return defer.succeed(self.port)
+        try:
+            factory = self.buildFactory()
+            endpoint = self._endpoint()
+        except Exception:
+            return defer.fail()
+
+        def listening(port: IListeningPort) -> int:
+            self._listening = port
+            address = port.getHost()
+            self.port = getattr(address, "port", self.port)
+            log.info(
+                "infsmtp listening on {address} ({tls})",
+                address=address,
+                tls="implicit TLS" if self.implicit else ("STARTTLS" if self.ssl else "plaintext"),
+            )
+            return self.port
+
+        def failed(failure: Any) -> Any:
+            self._factory = None
+            if failure.check(SMTPError):
+                return failure
+            raise SMTPError(f"cannot listen: {failure.getErrorMessage()}")
+
+        return endpoint.listen(factory).addCallbacks(listening, failed)
+
+    def stopListening(self, grace: float = 0) -> defer.Deferred:
+        """
+        Stop listening and end the sessions.
+
+        @param grace: seconds to let transactions in flight finish: idle
+            sessions are answered 421 4.3.2 at once, busy ones after their
+            message; whatever is left when the grace runs out is cut off
+            (nothing it sent got a 250).
+        @return: a Deferred firing once every session has ended.
+        """
+        port, self._listening = self._listening, None
+        stopped = defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+        factory = self._factory
+        self._factory = None
+        if factory is None:
+            return stopped
+        for protocol in list(factory.sessions):
+            protocol.shutdown()
+            if grace <= 0 and protocol.transport is not None:
+                protocol.transport.abortConnection()
+        allGone = factory.whenAllGone()
+        if grace > 0 and factory.sessions:
+            timer = self._reactor.callLater(grace, self._abortAll, factory)
+            allGone.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+        return defer.gatherResults([stopped, allGone]).addCallback(lambda _: None)
+
+    def _abortAll(self, factory: ServerFactory) -> None:
+        for protocol in list(factory.sessions):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+    @property
+    def sessionCount(self) -> int:
+        """
+        The number of live sessions.
+        """
+        return len(self._factory.sessions) if self._factory is not None else 0
+
+    def start(self, timeout: float = 30) -> None:
+        """
+        Start listening and wait until the server listens.  Runs the reactor
+        in a background thread (through crochet) when none runs; from the
+        reactor thread itself use L{startListening}.
+        """
+        blockingCall("Server.start()", "Server.startListening()", self.startListening, timeout=timeout)
+
+    def stop(self, timeout: float = 30, grace: float = 0) -> None:
+        """
+        Stop listening, end the sessions (see L{stopListening} for
+        C{grace}), and wait until that is done.
+        """
+        blockingCall(
+            "Server.stop()", "Server.stopListening()", self.stopListening, grace, timeout=timeout
+        )
+
+    # IService -------------------------------------------------------------
+
+    def startService(self) -> None:
+        """
+        Start listening; a failure to listen is raised at once when the
+        endpoint reports it synchronously (TCP does), so that twistd
+        reports a port in use instead of running without it.
+        """
+        super().startService()
+        outcome: list[Any] = []
+        self.startListening().addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return self.stopListening(self.shutdownGrace)
