@@ -119,7 +119,7 @@ class ServerProtocol(smtp.ESMTP):
         self.session.secure = ISSLTransport.providedBy(self.transport)
         self._started = True
         self.setTimeout(self.timeout)
-        self._decide("onConnect", self._afterConnect, (421, "4.3.0 Temporary failure, try again later"))
+        self._decide("onConnect", self._afterConnect, (421, "4.3.0", "Temporary failure, try again later"))
         self._flush()
 
     def _afterConnect(self, result: Any) -> None:
@@ -286,7 +286,7 @@ class ServerProtocol(smtp.ESMTP):
         self,
         name: str,
         apply: Callable[[Any], None],
-        temporary: tuple[int, str],
+        temporary: tuple[int, str, str],
         then: Callable[[], None] | None = None,
     ) -> None:
         """
@@ -327,8 +327,8 @@ class ServerProtocol(smtp.ESMTP):
                 log.failure(
                     "{handler} handler failed for session {id}", failure, handler=name, id=self.session.id
                 )
-                code, text = temporary
-                self._reply(code, text)
+                code, enhanced, text = temporary
+                self._reply(code, text, enhanced)
             if then is not None:
                 then()
             if not synchronous:
@@ -474,7 +474,7 @@ class ServerProtocol(smtp.ESMTP):
             else:
                 self._reply(550, "Sender address rejected", "5.7.1")
 
-        self._decide("onMailFrom", apply, (451, "Temporary failure, try again later"))
+        self._decide("onMailFrom", apply, (451, "4.3.0", "Temporary failure, try again later"))
 
     def do_RCPT(self, argument: bytes) -> None:
         settings = self.factory.settings
@@ -509,7 +509,7 @@ class ServerProtocol(smtp.ESMTP):
             else:
                 self._reply(550, "Recipient address rejected", "5.7.1")
 
-        self._decide("onRcptTo", apply, (451, "Temporary failure, try again later"))
+        self._decide("onRcptTo", apply, (451, "4.3.0", "Temporary failure, try again later"))
 
     def do_DATA(self, argument: bytes) -> None:
         settings = self.factory.settings
@@ -569,7 +569,7 @@ class ServerProtocol(smtp.ESMTP):
             self._resetTransaction()
             self._afterMessage()
 
-        self._decide("onReceive", apply, (451, "Error processing message, try again later"), then)
+        self._decide("onReceive", apply, (451, "4.3.0", "Error processing message, try again later"), then)
 
     def _afterMessage(self) -> None:
         if self._shuttingDown:
@@ -717,4 +717,4 @@ class ServerProtocol(smtp.ESMTP):
                 self._reply(421, f"{self.factory.settings.hostname} Too many authentication failures", "4.7.0")
                 self._close()
 
-        self._decide("onLogin", apply, (454, "Temporary authentication failure"))
+        self._decide("onLogin", apply, (454, "4.7.0", "Temporary authentication failure"))
