@@ -117,10 +117,11 @@ def serverTLSOptions(
     if verify:
         verifyChain(chain, roots or None, certFile)
     extra = chain[1:] + [r for r in roots if r != chain[0] and r not in chain]
+    # pyOpenSSL takes cryptography's objects directly (its own are deprecated).
     return CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(chain[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in extra],
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=extra,
         insecurelyLowerMinimumTo=minProtocol.twisted,
         lowerMaximumSecurityTo=maxProtocol.twisted,
     )

@@ -1,0 +1,149 @@
+"""
+Server TLS: certificates checked at load with clear errors, and the
+protocol range enforced on real connections (Python's ssl module as the
+peer).
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from infsmtp import Server, SMTPTLSError, TLSVersion
+from infsmtp.testing import CertificateAuthority
+
+
+def test_missing_files(tmp_path, certificateAuthority):
+    server = Server(ssl=True)
+    with pytest.raises(SMTPTLSError, match="cannot read certificate file .*nope.pem"):
+        server.setCertificate(str(tmp_path / "nope.pem"), certificateAuthority.localhost.keyFile)
+    with pytest.raises(SMTPTLSError, match="cannot read key file"):
+        server.setCertificate(certificateAuthority.localhost.certFile, str(tmp_path / "nope.key"))
+
+
+def test_not_pem(tmp_path, certificateAuthority):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("hello")
+    with pytest.raises(SMTPTLSError, match="holds no PEM certificate"):
+        Server(ssl=True).setCertificate(str(junk), certificateAuthority.localhost.keyFile)
+    with pytest.raises(SMTPTLSError, match="holds no usable PEM private key"):
+        Server(ssl=True).setCertificate(certificateAuthority.localhost.certFile, str(junk))
+
+
+def test_key_mismatch(tmp_path, certificateAuthority):
+    other = certificateAuthority.issue("other.test")
+    with pytest.raises(SMTPTLSError, match="does not match certificate"):
+        Server(ssl=True).setCertificate(certificateAuthority.localhost.certFile, other.keyFile)
+
+
+def test_verify_chain(tmp_path, certificateAuthority):
+    leaf = certificateAuthority.localhost
+    server = Server(ssl=True, verifyCertificate=True)
+    # Without the root the chain leads nowhere the system trusts.
+    with pytest.raises(SMTPTLSError, match="does not verify"):
+        server.setCertificate(leaf.certFile, leaf.keyFile)
+    server.setCertificate(leaf.certFile, leaf.keyFile, certificateAuthority.certFile)
+    # A different CA's root does not verify it either.
+    stranger = CertificateAuthority.create(str(tmp_path / "stranger"))
+    with pytest.raises(SMTPTLSError, match="does not verify"):
+        server.setCertificate(leaf.certFile, leaf.keyFile, stranger.certFile)
+    # verify=False overrides the constructor's default.
+    server.setCertificate(leaf.certFile, leaf.keyFile, stranger.certFile, verify=False)
+
+
+def test_ssl_needs_certificate():
+    server = Server(ssl=True, port=0, interface="127.0.0.1")
+    with pytest.raises(SMTPTLSError, match="needs setCertificate"):
+        server.buildFactory()
+
+
+def test_implicit_rules():
+    assert Server(ssl=True, port=465).implicit
+    assert not Server(ssl=True, port=587).implicit
+    assert Server(ssl=True, port=587, implicitTls=True).implicit
+    assert not Server(ssl=True, port=465, implicitTls=False).implicit
+    assert not Server(ssl=False, port=465).implicit
+
+
+def test_reference_spelling():
+    assert Server.protocol.tls1_2 is TLSVersion.tls1_2
+    assert Server(minProtocol=TLSVersion.tls1_3).protocol is TLSVersion.tls1_3
+
+
+async def startTLSServer(authority, **kw):
+    server = Server(ssl=True, port=0, interface="127.0.0.1", hostname="localhost", implicitTls=True, **kw)
+    server.setCertificate(authority.localhost.certFile, authority.localhost.keyFile)
+    versions = []
+    server.onReceive = lambda s: versions.append((s.secure, s.tlsVersion))
+    await server.startListening()
+    return server, versions
+
+
+def clientContext(authority, maximum=None, minimum=None):
+    context = ssl.create_default_context(cafile=authority.certFile)
+    if maximum:
+        context.maximum_version = maximum
+    if minimum:
+        context.minimum_version = minimum
+    return context
+
+
+def sendOver(port, context):
+    with smtplib.SMTP_SSL("localhost", port, context=context, timeout=10) as client:
+        client.sendmail("a@b.test", ["c@d.test"], b"Subject: t\r\n\r\nx\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_implicit_tls_reports_version(certificateAuthority):
+    server, versions = await startTLSServer(certificateAuthority, maxProtocol=TLSVersion.tls1_2)
+    try:
+        await deferToThread(sendOver, server.port, clientContext(certificateAuthority))
+        assert versions == [(True, "TLSv1.2")]
+    finally:
+        await server.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_min_protocol_enforced(certificateAuthority):
+    server, versions = await startTLSServer(certificateAuthority, minProtocol=TLSVersion.tls1_3)
+    try:
+        context = clientContext(certificateAuthority, maximum=ssl.TLSVersion.TLSv1_2)
+        with pytest.raises((ssl.SSLError, ConnectionError, smtplib.SMTPServerDisconnected)):
+            await deferToThread(sendOver, server.port, context)
+        await deferToThread(sendOver, server.port, clientContext(certificateAuthority))
+        assert versions == [(True, "TLSv1.3")]
+    finally:
+        await server.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_then_auth(certificateAuthority):
+    server = Server(ssl=True, port=0, interface="127.0.0.1", hostname="localhost")
+    server.setCertificate(certificateAuthority.localhost.certFile, certificateAuthority.localhost.keyFile)
+    seen = []
+    server.onLogin = lambda s: s.password == "pw"
+    server.onReceive = lambda s: seen.append((s.secure, s.authenticated, s.username, s.msg.split(b"\r\n")[1]))
+    await server.startListening()
+
+    def run():
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.ehlo()
+            assert client.has_extn("starttls") and not client.has_extn("auth")
+            client.starttls(context=clientContext(certificateAuthority))
+            client.ehlo()
+            assert not client.has_extn("starttls") and client.has_extn("auth")
+            client.login("bob", "pw")
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: t\r\n\r\nx\r\n")
+
+    try:
+        await deferToThread(run)
+        secure, authenticated, username, withLine = seen[0]
+        assert (secure, authenticated, username) == (True, True, "bob")
+        assert withLine.startswith(b"\tby localhost (infsmtp) with ESMTPSA (TLSv1.3)")
+    finally:
+        await server.stopListening()
