@@ -1,0 +1,423 @@
+"""
+The SMTP client: :class:`AsyncClient`, whose methods return Deferreds, and
+:class:`Client`, the same client for ordinary blocking code.
+
+Both follow the reference's steps::
+
+    client = Client()
+    client.host, client.port = "smtp.example.org", 465
+    client.encryptMode = Client.encryptMode.sslTls
+    client.authMode = Client.authMode.default
+    client.username, client.password = "me@example.org", "secret"
+    with client:
+        client.connect()
+        client.authenticate()
+        client.send("mail.eml")
+        client.disconnect()
+
+The protocol lives in :mod:`infsmtp._clientprotocol`, the TLS settings in
+:mod:`infsmtp._clienttls` and the envelope rules in :mod:`infsmtp._envelope`.
+"""
+
+from __future__ import annotations
+
+from email.message import Message
+from typing import IO, Any, Awaitable, Callable, Sequence, TypeVar
+
+from twisted.internet import error as netError
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, TimeoutError, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory
+from twisted.mail.smtp import DNSNAME
+
+from ._blocking import blockingCall
+from ._clientprotocol import ESMTPSessionClient
+from ._clienttls import clientTLSOptions
+from ._enums import AuthMode, EncryptMode, EnumAttribute
+from ._envelope import outgoingFromMessage, outgoingFromStream
+from ._errors import SMTPConnectError, SMTPError, SMTPTimeoutError
+
+T = TypeVar("T")
+
+Recipients = Sequence[str] | str | None
+Refused = dict[str, tuple[int, str]]
+
+#: AuthMode.default: username and password, PLAIN preferred.
+DEFAULT_MECHANISMS = ("PLAIN", "LOGIN")
+
+
+class AsyncClient:
+    """
+    An SMTP client whose every method returns a Deferred (``await`` it in a
+    coroutine, or add callbacks).  Set the attributes, then :meth:`connect`.
+
+    Calls on one client run one after the other, in the order made, so
+    several ``send`` calls may be started at once.
+
+    :ivar host: server name or address; also the name TLS verifies.
+    :ivar port: server port.
+    :ivar encryptMode: an :class:`EncryptMode`.
+    :ivar authMode: an :class:`AuthMode`.
+    :ivar username: for authentication.
+    :ivar password: for authentication (the bearer token for ``XOAUTH2``).
+    :ivar timeout: milliseconds, for the connect and for each reply.
+    :ivar verifyServerCertificate: check the chain and the host name.
+    :ivar useLegacyServerConnect: set OpenSSL's
+        ``SSL_OP_LEGACY_SERVER_CONNECT``.
+    :ivar allowUnsafeLegacyRenegotiation: set OpenSSL's
+        ``SSL_OP_ALLOW_UNSAFE_LEGACY_RENEGOTIATION``.
+    :ivar caCertFile: PEM trust roots instead of the system's.
+    :ivar heloName: the name sent in EHLO.
+    :ivar saslMechanisms: order of preference for ``AuthMode.sasl``.
+    """
+
+    encryptMode = EnumAttribute(EncryptMode, EncryptMode.none)
+    authMode = EnumAttribute(AuthMode, AuthMode.none)
+    host: str = "localhost"
+    port: int = 25
+    username: str = ""
+    password: str = ""
+    timeout: int = 30000
+    verifyServerCertificate: bool = True
+    useLegacyServerConnect: bool = False
+    allowUnsafeLegacyRenegotiation: bool = False
+    caCertFile: str | None = None
+    heloName: str = DNSNAME.decode("ascii", "replace")
+    saslMechanisms: Sequence[str] = ("CRAM-MD5", "PLAIN", "LOGIN")
+
+    def __init__(self, reactor: Any = None) -> None:
+        """
+        :param reactor: the reactor to use; the global one by default.
+        """
+        self._reactor = reactor
+        self._protocol: ESMTPSessionClient | None = None
+        self._freed = False
+        # One operation at a time: replies are matched to commands in order.
+        self._lock = DeferredLock()
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether a session is open.
+        """
+        return self._protocol is not None and self._protocol.connected
+
+    def _run(self, operation: Callable[..., Awaitable[T]], *args: Any) -> Deferred[T]:
+        def start() -> Deferred[T]:
+            if self._freed:
+                raise SMTPError("the client was freed; create a new one")
+            return Deferred.fromCoroutine(operation(*args))  # type: ignore[arg-type]
+
+        return self._lock.run(start)
+
+    def _session(self) -> ESMTPSessionClient:
+        if not self.connected:
+            raise SMTPError("not connected: call connect() first")
+        assert self._protocol is not None
+        return self._protocol
+
+    def connect(self) -> Deferred[None]:
+        """
+        Connect, read the greeting, send EHLO (HELO if EHLO is refused), and
+        for ``startTls`` STARTTLS and EHLO again.
+
+        :raises SMTPConnectError: when the connection fails or the server
+            refuses the session.
+        :raises SMTPTimeoutError: when the connection or a reply takes longer
+            than :attr:`timeout`.
+        :raises SMTPTLSError: on a bad certificate, a failed handshake, or no
+            STARTTLS offered for ``startTls`` (never falls back to plaintext).
+        """
+        return self._run(self._connect)
+
+    async def _connect(self) -> None:
+        if self.connected:
+            raise SMTPError("already connected: call disconnect() first")
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        seconds = self.timeout / 1000
+        mode = self.encryptMode
+        tls = None
+        if mode != EncryptMode.none:
+            tls = clientTLSOptions(
+                self.host,
+                verify=self.verifyServerCertificate,
+                caCertFile=self.caCertFile,
+                legacyServerConnect=self.useLegacyServerConnect,
+                unsafeLegacyRenegotiation=self.allowUnsafeLegacyRenegotiation,
+            )
+        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=seconds)
+        if mode == EncryptMode.sslTls:
+            endpoint = wrapClientTLS(tls, endpoint)
+        heloName = self.heloName
+        factory = Factory.forProtocol(lambda: ESMTPSessionClient(heloName, seconds))
+        attempt = endpoint.connect(factory)
+        # The endpoint's own timeout does not cover name resolution.
+        attempt.addTimeout(seconds, reactor)
+        where = f"{self.host}:{self.port}"
+        try:
+            protocol = await attempt
+        except (TimeoutError, CancelledError, netError.TimeoutError):
+            raise SMTPTimeoutError(f"connecting to {where} took over {seconds:g} seconds") from None
+        except (netError.ConnectError, netError.DNSLookupError, OSError) as e:
+            raise SMTPConnectError(f"cannot connect to {where}: {e}") from None
+        self._protocol = protocol
+        try:
+            await protocol.whenGreeted()
+            await protocol.ehlo()
+            if mode == EncryptMode.startTls:
+                await protocol.startTLS(tls)
+        except BaseException:
+            # Say goodbye when the session is still sound (a refused greeting,
+            # no STARTTLS), then make sure the connection is gone.
+            await protocol.quit()
+            self._protocol = None
+            raise
+
+    def authenticate(self) -> Deferred[bool]:
+        """
+        Authenticate as :attr:`authMode` says: nothing for ``none``; PLAIN,
+        else LOGIN for ``default``; the first of :attr:`saslMechanisms` the
+        server offers for ``sasl``, falling back to the next when the server
+        refuses a mechanism for a reason other than bad credentials.
+
+        :returns: ``True`` when the server accepted the credentials (at once
+            for ``AuthMode.none``), ``False`` when it refused them (535).
+        :raises SMTPAuthenticationError: when no usable mechanism is offered.
+        """
+        return self._run(self._authenticate)
+
+    async def _authenticate(self) -> bool:
+        mode = self.authMode
+        if mode == AuthMode.none:
+            return True
+        mechanisms = DEFAULT_MECHANISMS if mode == AuthMode.default else self.saslMechanisms
+        return await self._session().authenticate(mechanisms, self.username, self.password)
+
+    def sendFile(
+        self, fileName: str, sender: str | None = None, recipients: Recipients = None
+    ) -> Deferred[Refused]:
+        """
+        Send the message in file ``fileName``, streaming it.
+
+        The envelope comes from the headers unless given: the sender from
+        ``Sender`` or ``From``, the recipients from ``To``, ``Cc`` and ``Bcc``
+        (the ``Resent-`` fields when the message was resent).  ``Bcc`` and
+        ``Resent-Bcc`` are never transmitted.  PIPELINING, SIZE, 8BITMIME and
+        SMTPUTF8 are used when the server offers them.
+
+        :returns: the refused recipients, address -> (code, text); empty
+            when all were accepted.
+        :raises SMTPRecipientsRefused: when every recipient was refused.
+        :raises SMTPError: when the message was refused.
+        """
+        return self._run(self._sendFile, fileName, sender, recipients)
+
+    async def _sendFile(self, fileName: str, sender: str | None, recipients: Recipients) -> Refused:
+        self._session()
+        try:
+            stream = open(fileName, "rb")
+        except OSError as e:
+            raise SMTPError(f"cannot read {fileName!r}: {e.strerror}") from None
+        with stream:
+            return await self._sendStream(stream, sender, recipients)
+
+    #: The reference's name for :meth:`sendFile`.
+    send = sendFile
+
+    def sendStream(
+        self, stream: IO[bytes] | IO[str], sender: str | None = None, recipients: Recipients = None
+    ) -> Deferred[Refused]:
+        """
+        Send the message read from ``stream`` (binary, or text sent as
+        UTF-8), streaming it, as :meth:`sendFile` does.  The stream is read
+        in the reactor thread and not closed.
+        """
+        return self._run(self._sendStream, stream, sender, recipients)
+
+    async def _sendStream(self, stream: IO[Any], sender: str | None, recipients: Recipients) -> Refused:
+        session = self._session()
+        message, sender, recipients = outgoingFromStream(stream, sender, recipients)
+        return await session.sendMessage(sender, recipients, message)
+
+    def sendMail(
+        self, message: Message, sender: str | None = None, recipients: Recipients = None
+    ) -> Deferred[Refused]:
+        """
+        Send an :class:`email.message.Message`, as :meth:`sendFile` does.
+        """
+        return self._run(self._sendMail, message, sender, recipients)
+
+    async def _sendMail(self, message: Message, sender: str | None, recipients: Recipients) -> Refused:
+        session = self._session()
+        outgoing, sender, recipients = outgoingFromMessage(message, sender, recipients)
+        return await session.sendMessage(sender, recipients, outgoing)
+
+    def verify(self, username: str) -> Deferred[str]:
+        """
+        Ask the server about a user name or address (VRFY).
+
+        :returns: the reply text for 250, 251 and 252.
+        :raises SMTPError: for any other reply.
+        """
+        return self._run(self._verify, username)
+
+    async def _verify(self, username: str) -> str:
+        return await self._session().verify(username)
+
+    def disconnect(self) -> Deferred[None]:
+        """
+        Send QUIT and close the connection.  Does nothing when not
+        connected; never fails, since the connection is closed either way.
+        """
+        return self._run(self._disconnect)
+
+    async def _disconnect(self) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            await protocol.quit()
+
+    def free(self) -> Deferred[None]:
+        """
+        Close any connection at once and release everything; the client is
+        unusable afterwards.
+        """
+        protocol, self._protocol = self._protocol, None
+        self._freed = True
+        if protocol is None:
+            return succeed(None)
+        return protocol.abort()
+
+
+class _Forwarded:
+    """
+    A setting of :class:`Client` kept on its :class:`AsyncClient`; on the
+    class it yields what ``AsyncClient`` yields (``Client.encryptMode`` is
+    the :class:`EncryptMode` enumeration).
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Client | None, owner: type | None = None) -> Any:
+        if instance is None:
+            return getattr(AsyncClient, self.name)
+        return getattr(instance._client, self.name)
+
+    def __set__(self, instance: Client, value: Any) -> None:
+        setattr(instance._client, self.name, value)
+
+
+class Client:
+    """
+    The blocking SMTP client: each method waits for its :class:`AsyncClient`
+    counterpart, which runs in the reactor thread (started by crochet on
+    first use, or the application's own after ``crochet.no_setup()``).
+
+    A call made in the reactor thread itself raises :class:`SMTPError`:
+    waiting there would deadlock, so use :class:`AsyncClient` instead.
+
+    Usable as a context manager: leaving the block disconnects and frees.
+    """
+
+    host = _Forwarded()
+    port = _Forwarded()
+    encryptMode = _Forwarded()
+    authMode = _Forwarded()
+    username = _Forwarded()
+    password = _Forwarded()
+    timeout = _Forwarded()
+    verifyServerCertificate = _Forwarded()
+    useLegacyServerConnect = _Forwarded()
+    allowUnsafeLegacyRenegotiation = _Forwarded()
+    caCertFile = _Forwarded()
+    heloName = _Forwarded()
+    saslMechanisms = _Forwarded()
+
+    def __init__(self) -> None:
+        self._client = AsyncClient()
+
+    def _call(self, name: str, *args: Any) -> Any:
+        return blockingCall(
+            f"Client.{name}()", f"AsyncClient.{name}()", getattr(self._client, name), *args
+        )
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether a session is open.
+        """
+        return self._client.connected
+
+    def connect(self) -> None:
+        """
+        See :meth:`AsyncClient.connect`.
+        """
+        self._call("connect")
+
+    def authenticate(self) -> bool:
+        """
+        See :meth:`AsyncClient.authenticate`.
+        """
+        return self._call("authenticate")
+
+    def sendFile(
+        self, fileName: str, sender: str | None = None, recipients: Recipients = None
+    ) -> Refused:
+        """
+        See :meth:`AsyncClient.sendFile`.
+        """
+        return self._call("sendFile", fileName, sender, recipients)
+
+    #: The reference's name for :meth:`sendFile`.
+    send = sendFile
+
+    def sendStream(
+        self, stream: IO[bytes] | IO[str], sender: str | None = None, recipients: Recipients = None
+    ) -> Refused:
+        """
+        See :meth:`AsyncClient.sendStream`.
+        """
+        return self._call("sendStream", stream, sender, recipients)
+
+    def sendMail(
+        self, message: Message, sender: str | None = None, recipients: Recipients = None
+    ) -> Refused:
+        """
+        See :meth:`AsyncClient.sendMail`.
+        """
+        return self._call("sendMail", message, sender, recipients)
+
+    def verify(self, username: str) -> str:
+        """
+        See :meth:`AsyncClient.verify`.
+        """
+        return self._call("verify", username)
+
+    def disconnect(self) -> None:
+        """
+        See :meth:`AsyncClient.disconnect`.
+        """
+        self._call("disconnect")
+
+    def free(self) -> None:
+        """
+        See :meth:`AsyncClient.free`.
+        """
+        if self._client._protocol is None:
+            # Nothing to close, so nothing for the reactor thread to do (and
+            # no reason to start one).
+            self._client.free()
+        else:
+            self._call("free")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            if self._client._protocol is not None:
+                self.disconnect()
+        finally:
+            self.free()

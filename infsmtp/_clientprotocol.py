@@ -1,0 +1,770 @@
+"""
+The client's protocol: one SMTP session, driven command by command.
+
+- :class:`ReplyParser` turns reply lines into :class:`Reply` values.
+- :func:`parseExtensions` reads the EHLO reply.
+- :class:`DotStuffer` turns message bytes into DATA bytes: CRLF line endings,
+  leading dots doubled, the final ``.``, whatever the chunk boundaries.
+- :class:`ESMTPSessionClient` is the protocol: a Twisted ``ESMTPClient`` whose
+  one-message state machine is replaced by methods returning Deferreds, so a
+  session parks after EHLO and goes on as long as its user wants.
+
+Replies are matched to commands in order, which is what makes pipelining
+(RFC 2920) simple: a group of commands goes out in one write, and the group's
+replies fill the Deferreds queued for them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import deque
+from dataclasses import dataclass
+from typing import IO, Callable, Iterable, Sequence
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IPullProducer
+from twisted.mail._cred import CramMD5ClientAuthenticator, LOGINAuthenticator
+from twisted.mail.interfaces import IClientAuthentication
+from twisted.mail.smtp import ESMTPClient, PLAINAuthenticator
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._envelope import OutgoingMessage
+from ._errors import (
+    SMTPAuthenticationError,
+    SMTPConnectError,
+    SMTPError,
+    SMTPRecipientsRefused,
+    SMTPTimeoutError,
+    SMTPTLSError,
+)
+
+CRLF = b"\r\n"
+
+#: Bytes read from a message file per write while streaming DATA.
+CHUNK_SIZE = 65536
+
+#: Give up a SASL exchange that asks for more rounds than any mechanism we
+#: speak needs.
+MAX_SASL_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    A server reply: its code and the text of each of its lines.
+    """
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        """
+        The reply's lines joined with newlines.
+        """
+        return "\n".join(self.lines)
+
+    @property
+    def positive(self) -> bool:
+        """
+        Whether the code is 2yz (done) or 3yz (go on).
+        """
+        return 200 <= self.code < 400
+
+
+class ReplyParser:
+    """
+    Gather reply lines (without their line ending) into :class:`Reply` values.
+
+    >>> parser = ReplyParser()
+    >>> parser.feed(b"250-mx.example.org"), parser.feed(b"250 SIZE 1000")
+    (None, Reply(code=250, lines=('mx.example.org', 'SIZE 1000')))
+
+    :meth:`feed` raises :class:`SMTPError` for a line that is not a reply
+    line, or whose code differs from the previous lines of its reply.
+    """
+
+    def __init__(self) -> None:
+        self._code: int | None = None
+        self._lines: list[str] = []
+
+    def feed(self, line: bytes) -> Reply | None:
+        """
+        Add one line; return the reply it completes, if any.
+        """
+        separator = line[3:4]
+        if not (
+            len(line) >= 3
+            and line[:1] in b"2345"
+            and line[1:2] in b"012345"
+            and line[2:3].isdigit()
+            and separator in (b"", b" ", b"-")
+        ):
+            raise SMTPError(f"malformed reply line from the server: {line[:80]!r}")
+        code = int(line[:3])
+        if self._code is not None and code != self._code:
+            raise SMTPError(
+                f"reply line with code {code} inside a reply with code {self._code}"
+            )
+        self._lines.append(line[4:].decode("utf-8", "replace"))
+        if separator == b"-":
+            self._code = code
+            return None
+        reply = Reply(code, tuple(self._lines))
+        self._code = None
+        self._lines = []
+        return reply
+
+
+def parseExtensions(reply: Reply) -> dict[str, str]:
+    """
+    The service extensions an EHLO reply announces: keyword (upper case) ->
+    parameters.  The obsolete ``AUTH=PLAIN LOGIN`` form counts as ``AUTH``.
+
+    >>> parseExtensions(Reply(250, ("mx", "SIZE 1000", "AUTH=LOGIN", "AUTH PLAIN")))
+    {'SIZE': '1000', 'AUTH': 'LOGIN PLAIN'}
+    """
+    extensions: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        keyword, _, parameters = line.strip().partition(" ")
+        keyword = keyword.upper()
+        if keyword.startswith("AUTH="):
+            keyword, parameters = "AUTH", keyword[5:] + " " + parameters
+        if not keyword:
+            continue
+        if keyword == "AUTH" and keyword in extensions:
+            parameters = extensions[keyword] + " " + parameters
+        extensions[keyword] = " ".join(parameters.split())
+    return extensions
+
+
+class DotStuffer:
+    """
+    Turn a message, fed in chunks of any size, into the bytes sent after
+    DATA (RFC 5321 section 4.5.2).
+
+    Every line ending (CRLF, a lone LF or a lone CR) becomes CRLF, a dot
+    that starts a line is doubled, and :meth:`finish` ends the last line if
+    needed and adds the terminating ``.``.  The state carried from one chunk
+    to the next is two flags, so chunk boundaries anywhere (inside a CRLF,
+    right before a dot) change nothing, and each chunk costs a few passes of
+    C-speed ``bytes`` operations.
+
+    >>> stuffer = DotStuffer()
+    >>> stuffer.feed(b".hi\\r") + stuffer.feed(b"\\n.") + stuffer.finish()
+    b'..hi\\r\\n..\\r\\n.\\r\\n'
+    """
+
+    def __init__(self) -> None:
+        # Whether the next byte starts a line (true before the first one).
+        self._atLineStart = True
+        # Whether the previous chunk ended with CR, already sent as CRLF, so
+        # that an LF starting this chunk completes that line ending.
+        self._afterCR = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """
+        Return the DATA bytes for the next chunk of the message.
+        """
+        if self._afterCR and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        if not chunk:
+            return b""
+        self._afterCR = chunk[-1:] == b"\r"
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        chunk = chunk.replace(b"\n", CRLF).replace(b"\n.", b"\n..")
+        if self._atLineStart and chunk[:1] == b".":
+            chunk = b"." + chunk
+        self._atLineStart = chunk[-1:] == b"\n"
+        return chunk
+
+    def finish(self) -> bytes:
+        """
+        Return the bytes that end DATA.
+        """
+        return b".\r\n" if self._atLineStart else b"\r\n.\r\n"
+
+
+@implementer(IClientAuthentication)
+class XOAUTH2Authenticator:
+    """
+    The ``XOAUTH2`` SASL mechanism of Google and Microsoft: the secret is an
+    OAuth 2.0 bearer token.  A server that refuses the token sends a 334
+    challenge with details in JSON, which is answered with an empty line.
+    """
+
+    def __init__(self, user: bytes) -> None:
+        self.user = user
+        self._sent = False
+
+    def getName(self) -> bytes:
+        return b"XOAUTH2"
+
+    def challengeResponse(self, secret: bytes, chal: bytes) -> bytes:
+        if self._sent:
+            return b""
+        self._sent = True
+        return b"user=" + self.user + b"\x01auth=Bearer " + secret + b"\x01\x01"
+
+
+class _EmptyAuthzPLAIN(PLAINAuthenticator):
+    """
+    PLAIN with an empty authorization identity.  Twisted's authenticator
+    sends ``user\\0user\\0secret`` on its first try, which some servers
+    refuse; the empty form means "act as the user who authenticates".
+    """
+
+    def challengeResponse(self, secret: bytes, chal: object = None) -> bytes:
+        return super().challengeResponse(secret, 2)
+
+
+#: Mechanism name -> (authenticator factory, sends an initial response).
+MECHANISMS: dict[str, tuple[Callable[[bytes], IClientAuthentication], bool]] = {
+    "CRAM-MD5": (CramMD5ClientAuthenticator, False),
+    "PLAIN": (_EmptyAuthzPLAIN, True),
+    "LOGIN": (LOGINAuthenticator, False),
+    "XOAUTH2": (XOAUTH2Authenticator, True),
+}
+
+
+def redact(text: str, secrets: Iterable[bytes | str]) -> str:
+    """
+    ``text`` with every non-empty secret replaced by ``***``, for errors that
+    quote a server which echoes what it was sent.
+    """
+    for secret in secrets:
+        if isinstance(secret, bytes):
+            secret = secret.decode("utf-8", "replace")
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _checkArgument(value: str, what: str) -> bytes:
+    # A CR or LF inside an argument would smuggle in a command of its own.
+    if "\r" in value or "\n" in value:
+        raise SMTPError(f"{what} contains a line break: {value!r}")
+    return value.encode("utf-8")
+
+
+def _path(address: str) -> bytes:
+    """
+    ``<address>`` for MAIL FROM and RCPT TO; ``address`` may already have
+    its angle brackets.
+    """
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    return b"<" + _checkArgument(address, "address") + b">"
+
+
+class ESMTPSessionClient(ESMTPClient):
+    """
+    One SMTP session, driven by its user through methods that return
+    Deferreds: :meth:`whenGreeted`, :meth:`ehlo`, :meth:`startTLS`,
+    :meth:`authenticate`, :meth:`sendMessage`, :meth:`verify` and
+    :meth:`quit`.  Between them the session is idle, and no timer runs.
+
+    Twisted's ``ESMTPClient`` provides the line framing and the timeout
+    machinery; its state machine (the ``smtpState_*`` methods, which send
+    one message and quit) is not used.  Nothing sent is recorded (Twisted's
+    debug log would keep ``AUTH`` lines), and every failure surfaces as an
+    :class:`SMTPError` on the Deferreds waiting for replies, through
+    ``connectionLost``, which every transport calls, endpoints included.
+
+    :ivar extensions: what the last EHLO reply announced (empty after HELO).
+    """
+
+    # Lines end with LF; a CR before it is dropped in lineReceived.
+    delimiter = b"\n"
+    # Twisted's SMTPClient logs every line when debug is on: never do that.
+    debug = False
+
+    def __init__(self, heloName: str, timeout: float) -> None:
+        super().__init__(secret=None, identity=_checkArgument(heloName, "heloName"))
+        self.timeout = timeout
+        self.extensions: dict[str, str] = {}
+        self.authenticated = False
+        self._parser = ReplyParser()
+        self._waiting: deque[Deferred[Reply]] = deque()
+        self._greeting: Deferred[Reply] = Deferred()
+        self._waiting.append(self._greeting)
+        # Deferreds waiting for the connection to close; None once closed.
+        self._lostWatchers: list[Deferred[None]] | None = []
+        self._failure: SMTPError | None = None
+        self._unsolicited: Reply | None = None
+        # Whether a mail transaction is open (MAIL accepted, no final reply).
+        self._inTransaction = False
+
+    # Transport events
+
+    def connectionMade(self) -> None:
+        # Sets _tlsMode and starts the timer for the greeting.
+        super().connectionMade()
+        noDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if noDelay is not None:
+            try:
+                # Each write is a complete group of commands or the end of a
+                # message: Nagle's algorithm would only hold it back until
+                # the server's delayed ACK.
+                noDelay(True)
+            except OSError:
+                pass
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            reply = self._parser.feed(line)
+        except SMTPError as e:
+            self._abort(e)
+            return
+        if reply is None:
+            return
+        if not self._waiting:
+            # Typically 421 before the server closes an idle session.
+            self._unsolicited = reply
+            return
+        waiter = self._waiting.popleft()
+        if self._waiting:
+            self.resetTimeout()
+        else:
+            self.setTimeout(None)
+        waiter.callback(reply)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._abort(SMTPError("the server sent a line longer than %d bytes" % self.MAX_LENGTH))
+
+    def timeoutConnection(self) -> None:
+        self._abort(
+            SMTPTimeoutError(f"no reply from the server within {self.timeout:g} seconds")
+        )
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        super().connectionLost(reason)
+        error = self._failure = self._failure or self._lostError(reason)
+        waiting, self._waiting = self._waiting, deque()
+        for waiter in waiting:
+            waiter.errback(error)
+        watchers, self._lostWatchers = self._lostWatchers or [], None
+        for watcher in watchers:
+            watcher.callback(None)
+
+    def _lostError(self, reason: Failure | None) -> SMTPError:
+        if reason is not None and reason.check(SSL.Error, VerificationError):
+            return SMTPTLSError(f"TLS failed: {_describeTLSFailure(reason.value)}")
+        if self._unsolicited is not None:
+            return SMTPConnectError(
+                self._unsolicited.code,
+                "the server closed the connection: " + self._unsolicited.text,
+            )
+        detail = reason.getErrorMessage() if reason is not None else "closed"
+        return SMTPConnectError(f"the connection to the server was lost ({detail})")
+
+    def _abort(self, error: SMTPError) -> None:
+        if self._failure is None:
+            self._failure = error
+        self.setTimeout(None)
+        self.transport.abortConnection()
+
+    # Sending commands
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether the connection is still open.
+        """
+        return self._lostWatchers is not None
+
+    def whenLost(self) -> Deferred[None]:
+        """
+        A Deferred that fires once the connection is closed.
+        """
+        if self._lostWatchers is None:
+            return succeed(None)
+        watcher: Deferred[None] = Deferred()
+        self._lostWatchers.append(watcher)
+        return watcher
+
+    def _expect(self) -> Deferred[Reply]:
+        """
+        Queue a Deferred for the next reply not yet claimed.
+        """
+        if self._failure is not None:
+            return _failed(self._failure)
+        waiter: Deferred[Reply] = Deferred()
+        if not self._waiting:
+            self.setTimeout(self.timeout)
+        self._waiting.append(waiter)
+        return waiter
+
+    def _send(self, *commands: bytes) -> list[Deferred[Reply]]:
+        """
+        Send a group of commands in one write; one Deferred per reply.
+        """
+        if self._failure is not None:
+            error = self._failure
+            return [_failed(error) for _ in commands]
+        self.transport.write(b"".join(c + CRLF for c in commands))
+        return [self._expect() for _ in commands]
+
+    def command(self, line: bytes) -> Deferred[Reply]:
+        """
+        Send one command; the Deferred fires with its reply, whatever the code.
+        """
+        return self._send(line)[0]
+
+    # The session
+
+    async def whenGreeted(self) -> Reply:
+        """
+        Wait for the greeting.
+
+        :raises SMTPConnectError: when the server refuses the session.
+        """
+        greeting = await self._greeting
+        if greeting.code != 220:
+            raise SMTPConnectError(greeting.code, greeting.text)
+        return greeting
+
+    async def ehlo(self) -> dict[str, str]:
+        """
+        Send EHLO, or HELO when the server does not know EHLO, and remember
+        the extensions announced.
+        """
+        reply = await self.command(b"EHLO " + self.identity)
+        if reply.code == 250:
+            self.extensions = parseExtensions(reply)
+            return self.extensions
+        if reply.code >= 500:
+            reply = await self.command(b"HELO " + self.identity)
+            if reply.code == 250:
+                self.extensions = {}
+                return self.extensions
+        raise SMTPConnectError(reply.code, reply.text)
+
+    async def startTLS(self, creator: object) -> dict[str, str]:
+        """
+        Send STARTTLS, start TLS with ``creator`` and send EHLO again.
+
+        :raises SMTPTLSError: when the server does not offer or refuses
+            STARTTLS; a failed handshake fails the EHLO that follows.
+        """
+        if "STARTTLS" not in self.extensions:
+            raise SMTPTLSError("the server does not offer STARTTLS")
+        waiter = self.command(b"STARTTLS")
+        # Runs inside lineReceived, before any byte after the 220 is parsed.
+        waiter.addCallback(self._switchToTLS, creator)
+        await waiter
+        return await self.ehlo()
+
+    def _switchToTLS(self, reply: Reply, creator: object) -> Reply:
+        if reply.code != 220:
+            raise SMTPTLSError(reply.code, reply.text)
+        # Whatever came with the 220 was sent before TLS and may have been
+        # injected by someone on the path (the STARTTLS injection attack).
+        self.clearLineBuffer()
+        self._parser = ReplyParser()
+        self.extensions = {}
+        self.transport.startTLS(creator)
+        self._tlsMode = True
+        return reply
+
+    async def authenticate(
+        self, mechanisms: Sequence[str], username: str, password: str
+    ) -> bool:
+        """
+        Authenticate with the first of ``mechanisms`` the server offers that
+        works, falling back to the next on any refusal other than 535.
+
+        :returns: ``True`` when the server accepted the credentials, ``False``
+            when it answered 535 (bad credentials).
+        :raises SMTPAuthenticationError: when the server offers none of
+            ``mechanisms``, or every one failed for another reason.
+        """
+        if self.authenticated:
+            return True
+        offered = set(self.extensions.get("AUTH", "").upper().split())
+        usable = [m.upper() for m in mechanisms if m.upper() in offered and m.upper() in MECHANISMS]
+        if not usable:
+            raise SMTPAuthenticationError(
+                f"the server offers no usable authentication mechanism "
+                f"(it offers {' '.join(sorted(offered)) or 'none'}; "
+                f"tried {', '.join(mechanisms) or 'none'})"
+            )
+        user = username.encode("utf-8")
+        secret = password.encode("utf-8")
+        sent: list[bytes] = [secret]
+        last: Reply | None = None
+        for name in usable:
+            factory, initial = MECHANISMS[name]
+            last = await self._saslExchange(factory(user), secret, initial, sent)
+            if last.code == 235:
+                self.authenticated = True
+                return True
+            if last.code == 535:
+                return False
+        assert last is not None
+        raise SMTPAuthenticationError(last.code, redact(last.text, sent))
+
+    async def _saslExchange(
+        self,
+        mechanism: IClientAuthentication,
+        secret: bytes,
+        initial: bool,
+        sent: list[bytes],
+    ) -> Reply:
+        command = b"AUTH " + mechanism.getName()
+        if initial:
+            response = base64.b64encode(mechanism.challengeResponse(secret, b""))
+            sent.append(response)
+            # RFC 4954: "=" stands for an empty initial response.
+            command += b" " + (response or b"=")
+        reply = await self.command(command)
+        rounds = 0
+        while reply.code == 334:
+            rounds += 1
+            try:
+                challenge = base64.b64decode(reply.text.strip(), validate=True)
+            except binascii.Error:
+                challenge = None
+            if challenge is None or rounds > MAX_SASL_ROUNDS:
+                # "*" cancels the exchange (RFC 4954); the server answers 501.
+                await self.command(b"*")
+                return Reply(501, ("the server sent a malformed or endless SASL challenge",))
+            response = base64.b64encode(mechanism.challengeResponse(secret, challenge))
+            sent.append(response)
+            reply = await self.command(response)
+        return reply
+
+    async def sendMessage(
+        self, sender: str, recipients: Sequence[str], message: OutgoingMessage
+    ) -> dict[str, tuple[int, str]]:
+        """
+        Run one mail transaction: MAIL, RCPT for each recipient, DATA, the
+        message.  With PIPELINING the commands go out as one group.
+
+        :returns: the refused recipients, address -> (code, text).
+        :raises SMTPRecipientsRefused: when every recipient was refused.
+        :raises SMTPError: when the sender, DATA or the message was refused,
+            or the message is over the server's SIZE limit (checked before
+            sending anything).
+        """
+        if not recipients:
+            raise SMTPError("no recipients")
+        mail = b"MAIL FROM:" + (_path(sender) if sender else b"<>") + self._mailParameters(
+            sender, recipients, message
+        )
+        rcpts = [b"RCPT TO:" + _path(r) for r in recipients]
+        reset = [b"RSET"] if self._inTransaction else []
+
+        if "PIPELINING" in self.extensions:
+            replies = await gatherResults(
+                self._send(*reset, mail, *rcpts, b"DATA"), consumeErrors=True
+            ).addErrback(_firstError)
+            replies = replies[len(reset) :]
+            mailReply, rcptReplies, dataReply = replies[0], replies[1:-1], replies[-1]
+        else:
+            for line in reset:
+                await self.command(line)
+            mailReply, rcptReplies, dataReply = await self.command(mail), [], None
+            if mailReply.code == 250:
+                for line in rcpts:
+                    rcptReplies.append(await self.command(line))
+        self._inTransaction = mailReply.code == 250
+
+        if mailReply.code != 250:
+            if dataReply is not None and dataReply.code == 354:
+                await self._endData(b".\r\n")
+            raise SMTPError(mailReply.code, f"sender {sender!r} refused: {mailReply.text}")
+        refused = {
+            r: (reply.code, reply.text)
+            for r, reply in zip(recipients, rcptReplies)
+            if reply.code not in (250, 251)
+        }
+        if len(refused) == len(recipients):
+            if dataReply is not None and dataReply.code == 354:
+                # A server that let DATA through anyway gets an empty message
+                # for nobody, which ends the transaction.
+                await self._endData(b".\r\n")
+            raise SMTPRecipientsRefused(refused)
+
+        if dataReply is None:
+            dataReply = await self.command(b"DATA")
+        if dataReply.code != 354:
+            raise SMTPError(dataReply.code, f"DATA refused: {dataReply.text}")
+        final = await self._transmit(message)
+        if final.code != 250:
+            raise SMTPError(final.code, f"message refused: {final.text}")
+        return refused
+
+    def _mailParameters(
+        self, sender: str, recipients: Sequence[str], message: OutgoingMessage
+    ) -> bytes:
+        extensions = self.extensions
+        parameters = []
+        if "SIZE" in extensions and message.size is not None:
+            limit = extensions["SIZE"]
+            if limit.isdigit() and 0 < int(limit) < message.size:
+                raise SMTPError(
+                    552,
+                    f"the message ({message.size} bytes) is over the server's "
+                    f"size limit of {limit} bytes",
+                )
+            parameters.append(b" SIZE=%d" % message.size)
+        international = not all(a.isascii() for a in [sender, *recipients])
+        if international:
+            if "SMTPUTF8" not in extensions:
+                raise SMTPError(
+                    "the server does not offer SMTPUTF8, which non-ASCII addresses need"
+                )
+            parameters.append(b" SMTPUTF8")
+        if "8BITMIME" in extensions and (message.eightBit is not False or international):
+            # Declared whenever the body may hold 8-bit bytes: when only the
+            # head was read, it may, and saying so to a server that offers
+            # 8BITMIME costs nothing.
+            parameters.append(b" BODY=8BITMIME")
+        return b"".join(parameters)
+
+    async def _endData(self, data: bytes) -> Reply:
+        final = self._expect()
+        self.transport.write(data)
+        reply = await final
+        self._inTransaction = False
+        return reply
+
+    async def _transmit(self, message: OutgoingMessage) -> Reply:
+        stuffer = DotStuffer()
+        if message.rest is None:
+            # One write for the whole message and its end: one round trip.
+            return await self._endData(stuffer.feed(message.head) + stuffer.finish())
+        # The reply to the message is awaited while it streams, so that the
+        # timer runs (reset at each chunk) and a lost connection fails it.
+        final = self._expect()
+        self.transport.write(stuffer.feed(message.head))
+        try:
+            await _BodyProducer(message.rest, stuffer, self).start()
+        except _ReadError as e:
+            # Nothing can be sent to cancel DATA: the connection has to go.
+            self._abort(SMTPError(f"reading the message failed: {e.reason}"))
+        except _Stopped:
+            pass  # The connection was lost: `final` says why.
+        reply = await final
+        self._inTransaction = False
+        return reply
+
+    async def verify(self, address: str) -> str:
+        """
+        Send VRFY.
+
+        :returns: the reply text for 250, 251 and 252.
+        :raises SMTPError: for any other reply.
+        """
+        argument = _checkArgument(address, "address")
+        if not address.isascii() and "SMTPUTF8" in self.extensions:
+            argument += b" SMTPUTF8"
+        reply = await self.command(b"VRFY " + argument)
+        if reply.code in (250, 251, 252):
+            return reply.text
+        raise SMTPError(reply.code, reply.text)
+
+    def quit(self) -> Deferred[None]:
+        """
+        Send QUIT and close the connection, whatever the reply (or its
+        absence, within the timeout).  Fires once the connection is closed.
+        """
+        if self.connected:
+            self.command(b"QUIT").addBoth(lambda _: self.transport.loseConnection())
+        return self.whenLost()
+
+    def abort(self) -> Deferred[None]:
+        """
+        Close the connection at once; fires once it is closed.
+        """
+        if self.connected:
+            self._abort(SMTPConnectError("the connection was closed by the client"))
+        return self.whenLost()
+
+
+class _ReadError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Stopped(Exception):
+    pass
+
+
+@implementer(IPullProducer)
+class _BodyProducer:
+    """
+    Stream the rest of a message into the transport, one chunk each time the
+    transport asks for more, so memory stays flat however large the file.
+    """
+
+    def __init__(self, source: IO[bytes], stuffer: DotStuffer, protocol: ESMTPSessionClient) -> None:
+        self._source = source
+        self._stuffer = stuffer
+        self._protocol = protocol
+        self._done: Deferred[None] = Deferred()
+
+    def start(self) -> Deferred[None]:
+        self._protocol.transport.registerProducer(self, False)
+        return self._done
+
+    def resumeProducing(self) -> None:
+        transport = self._protocol.transport
+        try:
+            chunk = self._source.read(CHUNK_SIZE)
+        except Exception as e:  # Any failure of the user's stream.
+            transport.unregisterProducer()
+            self._finish(Failure(_ReadError(str(e) or type(e).__name__)))
+            return
+        if chunk:
+            self._protocol.resetTimeout()
+            transport.write(self._stuffer.feed(chunk))
+        else:
+            transport.unregisterProducer()
+            transport.write(self._stuffer.finish())
+            self._finish(None)
+
+    def stopProducing(self) -> None:
+        self._finish(Failure(_Stopped()))
+
+    def _finish(self, result: Failure | None) -> None:
+        if self._done.called:
+            return
+        if result is None:
+            self._done.callback(None)
+        else:
+            self._done.errback(result)
+
+
+def _failed(error: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(error)
+    return d
+
+
+def _firstError(failure: Failure) -> Failure:
+    # gatherResults wraps the first failure in a FirstError.
+    return failure.value.subFailure
+
+
+def _describeTLSFailure(error: BaseException) -> str:
+    if isinstance(error, VerificationError):
+        mismatches = getattr(error, "errors", None) or []
+        names = ", ".join(str(getattr(m, "mismatched_id", m)) for m in mismatches)
+        return "the server's certificate does not match the host name" + (
+            f" ({names})" if names else ""
+        )
+    reasons = error.args[0] if error.args else []
+    if isinstance(reasons, list) and reasons:
+        return "; ".join(str(r[-1]) for r in reasons if isinstance(r, tuple)) or str(error)
+    return str(error) or type(error).__name__
