@@ -35,6 +35,7 @@ from zope.interface import implementer
 from ._errors import SMTPError
 from ._handlers import callHandler
 from ._session import Session
+from ._writenow import writeNow
 from ._wire import (
     BARE_NEWLINE,
     LINE_TOO_LONG,
@@ -196,10 +197,10 @@ class ServerProtocol(smtp.ESMTP):
 
     def _flush(self) -> None:
         if self._out:
-            data = b"".join(self._out)
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
             self._out = []
             if self.transport is not None and self._open:
-                self.transport.write(data)
+                writeNow(self.transport, data)
 
     def _close(self) -> None:
         self._closing = True

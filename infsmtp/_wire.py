@@ -14,6 +14,7 @@ bytes, so hypothesis can hammer them (see C{tests/test_wire.py}).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -403,6 +404,7 @@ def parseMailArguments(
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
 
+@functools.lru_cache(maxsize=1024)
 def formatReply(code: int, text: str, enhanced: str | None = None) -> bytes:
     """
     Format a reply, multi-line when C{text} has several lines.
@@ -412,6 +414,8 @@ def formatReply(code: int, text: str, enhanced: str | None = None) -> bytes:
 
     >>> formatReply(250, "OK", "2.0.0")
     b'250 2.0.0 OK\\r\\n'
+
+    Cached: most replies are the same few constant lines.
     """
     lines = text.splitlines() or [""]
     if enhanced and _ENHANCED.match(lines[0]):

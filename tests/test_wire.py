@@ -85,7 +85,9 @@ class TestDataFramer:
     def test_max_line_length_chunking(self, message, cuts):
         stream = stuff(message)
         limit = 20
-        expected = any(len(ln) + 2 > limit for ln in message.split(b"\r\n")[:-1])
+        # The limit is on the line as transmitted, that is after stuffing.
+        wire = [b"." + ln if ln.startswith(b".") else ln for ln in message.split(b"\r\n")[:-1]]
+        expected = any(len(ln) + 2 > limit for ln in wire)
         framer, body, _ = frame(stream, splitAt(stream, cuts), maxLineLength=limit)
         assert framer.done
         assert (framer.fault == LINE_TOO_LONG_IN_DATA) == expected
