@@ -1,0 +1,37 @@
+"""
+infsmtp: an ESMTP server whose policy lives in handler callbacks, a twistd
+plugin that runs it, and an SMTP client with a Deferred API and a blocking
+facade.  A port of the ``infinity.smtp`` module, the Twisted way.
+
+This module only re-exports the public names; the machinery lives in the
+private modules beside it.
+"""
+
+from ._enums import AuthMode, EncryptMode, TLSVersion
+from ._errors import (
+    SMTPAuthenticationError,
+    SMTPConnectError,
+    SMTPError,
+    SMTPRecipientsRefused,
+    SMTPTimeoutError,
+    SMTPTLSError,
+)
+from ._client import AsyncClient, Client
+from ._server import Server
+from ._session import Session
+
+__all__ = [
+    "AuthMode",
+    "EncryptMode",
+    "TLSVersion",
+    "AsyncClient",
+    "Client",
+    "Server",
+    "Session",
+    "SMTPError",
+    "SMTPConnectError",
+    "SMTPTimeoutError",
+    "SMTPTLSError",
+    "SMTPAuthenticationError",
+    "SMTPRecipientsRefused",
+]
