@@ -41,7 +41,7 @@ from ._wire import (
     LINE_TOO_LONG,
     LINE_TOO_LONG_IN_DATA,
     TOO_BIG,
-    BytesSink,
+    SpoolSink,
     CommandLineFramer,
     DataFramer,
     PathSyntaxError,
@@ -93,6 +93,7 @@ class ServerProtocol(smtp.ESMTP):
         self._messages = 0
         self._ehlo = False
         self._mailStarted = False
+        self._queueId = ""
         self._lineHandler: Callable[[bytes], None] | None = None
 
     # Connection life ------------------------------------------------------
@@ -524,9 +525,12 @@ class ServerProtocol(smtp.ESMTP):
             self._error(554, "Error: no valid recipients", "5.5.1")
             return
         self._reply(354, "End data with <CR><LF>.<CR><LF>")
-        self._dataFramer = DataFramer(
-            BytesSink(), settings.maxMessageSize or None, settings.maxDataLineLength
-        )
+        self._messages += 1
+        self._queueId = f"{self.factory.queuePrefix}{self.session.id:x}{self._messages:x}"
+        sink = SpoolSink(settings.spoolThreshold)
+        if settings.receivedHeader:
+            sink.write(self._receivedHeader(self._queueId))
+        self._dataFramer = DataFramer(sink, settings.maxMessageSize or None, settings.maxDataLineLength)
 
     def _feedData(self, data: bytes) -> None:
         framer = self._dataFramer
@@ -550,12 +554,13 @@ class ServerProtocol(smtp.ESMTP):
                 self._reply(550, "Message contains bare CR or LF; use CRLF line endings", "5.5.2")
             self._afterMessage()
             return
-        self._messages += 1
-        queueId = f"{self.factory.queuePrefix}{session.id:x}{self._messages:x}"
-        body = framer.sink.getvalue()  # type: ignore[attr-defined]
-        if self.factory.settings.receivedHeader:
-            body = self._receivedHeader(queueId) + body
-        session._setMessage(body)
+        queueId = self._queueId
+        sink = framer.sink
+        assert isinstance(sink, SpoolSink)
+        if sink.spooled:
+            session._setMessage(None, sink.file())
+        else:
+            session._setMessage(sink.getvalue())
         session.received = True
 
         def apply(result: Any) -> None:

@@ -54,6 +54,7 @@ class ServerSettings:
     allowInsecureAuth: bool
     requireAuth: bool
     receivedHeader: bool
+    spoolThreshold: int | None
 
 
 class ServerFactory(smtp.SMTPFactory):
@@ -186,6 +187,9 @@ class Server(service.Service):
     @param requireAuth: refuse MAIL (530) until AUTH succeeded.
     @param receivedHeader: put a C{Received:} trace header before
         C{session.msg}.
+    @param spoolThreshold: messages over this many bytes wait for
+        C{onReceive} in a temporary file instead of memory (read
+        C{session.msgFile} to keep it that way); L{None}: always in memory.
     @param backlog: the listen queue length.
     @param shutdownGrace: seconds a stopping service lets transactions in
         flight finish (see L{stopListening}).
@@ -225,6 +229,7 @@ class Server(service.Service):
         allowInsecureAuth: bool = False,
         requireAuth: bool = False,
         receivedHeader: bool = True,
+        spoolThreshold: int | None = 8 * 1024 * 1024,
         backlog: int = 1024,
         shutdownGrace: float = 10,
         reactor: Any = None,
@@ -250,6 +255,7 @@ class Server(service.Service):
         self.allowInsecureAuth = allowInsecureAuth
         self.requireAuth = requireAuth
         self.receivedHeader = receivedHeader
+        self.spoolThreshold = spoolThreshold
         self.backlog = backlog
         self.shutdownGrace = shutdownGrace
         if reactor is None:
@@ -322,6 +328,7 @@ class Server(service.Service):
             allowInsecureAuth=self.allowInsecureAuth,
             requireAuth=self.requireAuth,
             receivedHeader=self.receivedHeader,
+            spoolThreshold=self.spoolThreshold,
         )
 
     def _tlsForSessions(self) -> Any:

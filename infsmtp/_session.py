@@ -5,6 +5,7 @@ L{Session}: what a server handler receives.
 from __future__ import annotations
 
 import email.parser
+import io
 import email.policy
 from email.message import EmailMessage
 from typing import IO, Any, Callable
@@ -61,7 +62,7 @@ class Session:
         self.mailFrom = ""
         self.mailParameters: dict[str, str | None] = {}
         self.rcptTo: list[str] = []
-        self.msg = b""
+        self._msg: bytes | None = b""
         self.received = True
         self.data: dict[str, Any] = {}
         self._message: EmailMessage | None = None
@@ -78,6 +79,39 @@ class Session:
             _reactor.callFromThread(self._disconnect)
 
     @property
+    def msg(self) -> bytes:
+        """
+        In C{onReceive}, the message as bytes (dot-unstuffed, CRLF line
+        endings, after our C{Received:} header).  A large message is kept in
+        a temporary file until this is first read; read C{msgFile} instead
+        to keep memory flat.
+        """
+        if self._msg is None:
+            source = self._msgFile
+            if source is None:
+                return b""
+            source.seek(0)
+            self._msg = source.read()
+        return self._msg
+
+    @msg.setter
+    def msg(self, value: bytes) -> None:
+        self._msg = value
+        self._message = None
+
+    @property
+    def msgFile(self) -> IO[bytes]:
+        """
+        In C{onReceive}, the message as a binary file positioned at its
+        start: the spool file for a large message, else a view of C{msg}.
+        Valid until C{onReceive} completes.
+        """
+        if self._msgFile is not None:
+            self._msgFile.seek(0)
+            return self._msgFile
+        return io.BytesIO(self.msg)
+
+    @property
     def message(self) -> EmailMessage:
         """
         C{msg} parsed as an L{email.message.EmailMessage} (parsed on first
@@ -85,19 +119,27 @@ class Session:
         """
         if self._message is None:
             parser = email.parser.BytesParser(policy=email.policy.default)
-            self._message = parser.parsebytes(self.msg)  # type: ignore[assignment]
+            if self._msg is None and self._msgFile is not None:
+                self._message = parser.parse(self.msgFile)  # type: ignore[assignment]
+            else:
+                self._message = parser.parsebytes(self.msg)  # type: ignore[assignment]
         return self._message  # type: ignore[return-value]
 
-    def _setMessage(self, msg: bytes) -> None:
-        self.msg = msg
+    def _setMessage(self, msg: bytes | None, msgFile: IO[bytes] | None = None) -> None:
+        """
+        Hold the received message: as bytes, or (C{msg=None}) in a file.
+        """
+        self._msg = msg
+        self._msgFile = msgFile
         self._message = None
 
     def _resetTransaction(self) -> None:
         self.mailFrom = ""
         self.mailParameters = {}
         self.rcptTo = []
-        self.msg = b""
-        self._message = None
+        if self._msgFile is not None:
+            self._msgFile.close()
+        self._setMessage(b"")
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.ip}:{self.port} helo={self.helo!r}>"

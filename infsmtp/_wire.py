@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import re
+import tempfile
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import IO, Protocol
 
 CRLF = b"\r\n"
 
@@ -136,6 +137,55 @@ class BytesSink:
         if len(self._chunks) != 1:
             self._chunks = [b"".join(self._chunks)]
         return self._chunks[0]
+
+
+class SpoolSink:
+    """
+    A L{MessageSink} that keeps a message in memory up to C{threshold}
+    bytes and moves it to an anonymous temporary file beyond, so that a
+    100 MB message costs disk, not memory.
+    """
+
+    def __init__(self, threshold: int | None) -> None:
+        self.threshold = threshold
+        self.size = 0
+        self._chunks: list[bytes] = []
+        self._file: IO[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._chunks.append(data)
+        if self.threshold is not None and self.size > self.threshold:
+            self._file = tempfile.TemporaryFile(prefix="infsmtp-")
+            self._file.writelines(self._chunks)
+            self._chunks = []
+
+    @property
+    def spooled(self) -> bool:
+        return self._file is not None
+
+    def getvalue(self) -> bytes:
+        """
+        The message as bytes (read back from the file when spooled).
+        """
+        if self._file is not None:
+            self._file.seek(0)
+            return self._file.read()
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
+
+    def file(self) -> IO[bytes] | None:
+        """
+        The spool file, rewound, or L{None} when the message is in memory.
+        """
+        if self._file is not None:
+            self._file.flush()
+            self._file.seek(0)
+        return self._file
 
 
 #: Message faults found by L{DataFramer}; the first one wins.

@@ -469,3 +469,37 @@ def test_garbage_never_crashes_and_replies_are_well_formed(chunks):
         assert REPLY.match(line), line
     if not h.transport.disconnecting:
         assert h.codes(b"NOOP\r\n")[-1:] == [250]
+
+
+def test_large_message_spooled_to_a_file():
+    server = makeServer(spoolThreshold=10_000)
+    seen = {}
+
+    def onReceive(s):
+        f = s.msgFile
+        seen["isMemory"] = type(f).__name__ == "BytesIO"
+        seen["head"] = f.read(9)
+        seen["loadedBefore"] = s._msg is not None
+        seen["msg"] = s.msg
+        seen["file"] = f
+
+    server.onReceive = onReceive
+    h = session(server)
+    h.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    body = b"".join(b"line %06d\r\n" % i for i in range(5000))
+    for i in range(0, len(body), 4096):
+        assert h.send(body[i : i + 4096]) == []
+    assert h.codes(b".\r\n") == [250]
+    assert seen["isMemory"] is False and seen["loadedBefore"] is False
+    assert seen["head"] == b"Received:"
+    assert seen["msg"].endswith(body) and len(seen["msg"]) < len(body) + 300
+    assert seen["file"].closed  # released once the transaction ends
+
+
+def test_small_message_msgFile_is_a_view():
+    server = makeServer()
+    seen = []
+    server.onReceive = lambda s: seen.append(s.msgFile.read() == s.msg)
+    h = session(server)
+    assert h.codes(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nhi\r\n.\r\n") == [250, 250, 354, 250]
+    assert seen == [True]
