@@ -170,10 +170,13 @@ class DotStuffer:
         """
         Return the DATA bytes for the next chunk of the message.
         """
-        if self._afterCR and chunk[:1] == b"\n":
-            chunk = chunk[1:]
         if not chunk:
             return b""
+        if self._afterCR and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+            self._afterCR = False
+            if not chunk:
+                return b""
         self._afterCR = chunk[-1:] == b"\r"
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")

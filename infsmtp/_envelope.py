@@ -146,7 +146,9 @@ def outgoingFromStream(
     buffered = bytearray()
     headerEnd = None
     eof = False
-    while headerEnd is None and len(buffered) < MAX_HEADER_BLOCK:
+    # Read until the header block has ended and a full chunk is in hand, so
+    # that a small message is read whole (and sent in one write).
+    while len(buffered) < (MAX_HEADER_BLOCK if headerEnd is None else READ_SIZE):
         chunk = source.read(READ_SIZE)
         if not chunk:
             eof = True
@@ -154,7 +156,8 @@ def outgoingFromStream(
         # Resume the search a few bytes back: the blank line may straddle reads.
         start = max(0, len(buffered) - 3)
         buffered += chunk
-        headerEnd = _headerEnd(buffered, start)
+        if headerEnd is None:
+            headerEnd = _headerEnd(buffered, start)
     if headerEnd is None:
         # A header block that the whole message is, or no header block at all.
         headerEnd = len(buffered) if eof else 0

@@ -1,0 +1,601 @@
+"""
+Unit tests of the client's pure parts (dot-stuffing, reply parsing, envelope
+derivation, header stripping) and of its protocol driven over an in-memory
+transport, byte by byte, with no sockets.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import hashlib
+import hmac
+import email.policy
+import io
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from infsmtp import AsyncClient, AuthMode, Client, EncryptMode, SMTPError, SMTPTimeoutError
+from infsmtp._clientprotocol import (
+    DotStuffer,
+    ESMTPSessionClient,
+    Reply,
+    ReplyParser,
+    XOAUTH2Authenticator,
+    parseExtensions,
+    redact,
+)
+from infsmtp._envelope import (
+    envelopeFromHeaders,
+    outgoingFromMessage,
+    outgoingFromStream,
+    stripHeaderFields,
+)
+from infsmtp._errors import SMTPRecipientsRefused
+
+# ---------------------------------------------------------------- DotStuffer
+
+
+def expectedData(message: bytes) -> bytes:
+    """
+    What DATA must carry for ``message``, computed the obvious way on the
+    whole message at once.
+    """
+    text = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+    if text and not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    lines = text.split(b"\r\n")[:-1] if text else []
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines) + b".\r\n"
+
+
+def stuffInChunks(message: bytes, cuts: list[int]) -> bytes:
+    stuffer = DotStuffer()
+    out = []
+    start = 0
+    for cut in sorted(set(c % (len(message) + 1) for c in cuts)) + [len(message)]:
+        out.append(stuffer.feed(message[start:cut]))
+        start = cut
+    return b"".join(out) + stuffer.finish()
+
+
+def unstuff(data: bytes) -> bytes:
+    """
+    What a receiver reconstructs from DATA bytes (RFC 5321 section 4.5.2).
+    """
+    assert data.endswith(b".\r\n")
+    lines = data[:-3].split(b"\r\n")
+    assert lines[-1] == b""
+    return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines[:-1])
+
+
+messages = st.binary(max_size=300) | st.lists(
+    st.sampled_from([b".", b"..", b"\r", b"\n", b"\r\n", b"a", b"hello", b"\xff", b" "]),
+    max_size=80,
+).map(b"".join)
+
+
+@settings(max_examples=400)
+@given(messages, st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_dotStufferMatchesWholeMessageRulesForAnyChunking(message, cuts):
+    """
+    However the message is cut into chunks, the DATA bytes are those the
+    rules give for the whole message: CRLF line endings, leading dots
+    doubled, the final dot on its own line.
+    """
+    data = stuffInChunks(message, cuts)
+    assert data == expectedData(message)
+    # No bare CR or LF and no lone dot line can reach the server.
+    assert b"\r\n.\r\n" not in data[:-3] and not data[:-3].startswith(b".\r\n")
+    assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
+
+
+@settings(max_examples=400)
+@given(messages, st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_dotStufferRoundTrips(message, cuts):
+    """
+    A receiver undoing the dot-stuffing gets the message back with its line
+    endings normalised.
+    """
+    normalised = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+    if normalised and not normalised.endswith(b"\r\n"):
+        normalised += b"\r\n"
+    assert unstuff(stuffInChunks(message, cuts)) == normalised
+
+
+def test_dotStufferFixesTwistedTransformChunkFaults():
+    """
+    The cases Twisted's transformChunk gets wrong: CRLF input, a dot at the
+    very start, a dot right after a 16 KiB chunk boundary.
+    """
+    assert stuffInChunks(b"a\r\nb\r\n", []) == b"a\r\nb\r\n.\r\n"
+    assert stuffInChunks(b".start\n", []) == b"..start\r\n.\r\n"
+    big = b"x" * 16383 + b"\n" + b".dot\n"
+    assert stuffInChunks(big, [16384]) == b"x" * 16383 + b"\r\n..dot\r\n.\r\n"
+    # A CRLF split across chunks is one line ending, not two.
+    assert stuffInChunks(b"a\r\nb", [2]) == b"a\r\nb\r\n.\r\n"
+    assert stuffInChunks(b"", []) == b".\r\n"
+
+
+# --------------------------------------------------------------- ReplyParser
+
+replies = st.builds(
+    Reply,
+    st.integers(200, 559).filter(lambda c: c % 100 < 60 and c % 10 <= 9),
+    st.lists(st.text(st.characters(blacklist_characters="\r\n", min_codepoint=32), max_size=30), min_size=1, max_size=5).map(tuple),
+)
+
+
+@given(st.lists(replies, max_size=6))
+def test_replyParserRoundTrips(sent):
+    """
+    Replies written on the wire come back out of the parser as they were.
+    """
+    parser = ReplyParser()
+    got = []
+    for reply in sent:
+        for i, text in enumerate(reply.lines):
+            separator = b" " if i == len(reply.lines) - 1 else b"-"
+            result = parser.feed(b"%d%s%s" % (reply.code, separator, text.encode("utf-8")))
+            if result is not None:
+                got.append(result)
+    assert got == sent
+
+
+@given(st.binary(max_size=20))
+def test_replyParserRejectsJunkWithSMTPError(line):
+    """
+    Anything is either a reply line or an SMTPError; nothing else escapes.
+    """
+    try:
+        ReplyParser().feed(line)
+    except SMTPError:
+        pass
+
+
+@pytest.mark.parametrize("line", [b"", b"25", b"abc hello", b"250x", b"650 no", b"2500 x"])
+def test_replyParserRejectsMalformedLines(line):
+    with pytest.raises(SMTPError):
+        ReplyParser().feed(line)
+
+
+def test_replyParserRejectsCodeChangeInsideReply():
+    parser = ReplyParser()
+    assert parser.feed(b"250-one") is None
+    with pytest.raises(SMTPError):
+        parser.feed(b"251 two")
+
+
+def test_replyWithoutText():
+    assert ReplyParser().feed(b"250") == Reply(250, ("",))
+
+
+def test_parseExtensions():
+    reply = Reply(
+        250,
+        ("mx.example.org", "PIPELINING", "size 1000", "AUTH=LOGIN", "AUTH PLAIN  CRAM-MD5", ""),
+    )
+    assert parseExtensions(reply) == {
+        "PIPELINING": "",
+        "SIZE": "1000",
+        "AUTH": "LOGIN PLAIN CRAM-MD5",
+    }
+
+
+# ------------------------------------------------------------------ envelope
+
+
+def test_envelopeFromFromToCcBcc():
+    message = email.message_from_string(
+        "From: Ann <ann@example.org>\nTo: bob@example.org, Cy <cy@example.org>\n"
+        "Cc: dee@example.org\nBcc: eve@example.org, bob@example.org\n\nbody\n"
+    )
+    assert envelopeFromHeaders(message) == (
+        "ann@example.org",
+        ["bob@example.org", "cy@example.org", "dee@example.org", "eve@example.org"],
+    )
+
+
+def test_envelopeSenderFieldWinsOverFrom():
+    message = email.message_from_string(
+        "From: a@example.org\nSender: s@example.org\nTo: b@example.org\n\n"
+    )
+    assert envelopeFromHeaders(message)[0] == "s@example.org"
+
+
+def test_envelopeUsesResentBlock():
+    message = email.message_from_string(
+        "From: a@example.org\nTo: b@example.org\nResent-Date: Mon, 1 Jan 2024 00:00:00 +0000\n"
+        "Resent-From: r@example.org\nResent-To: t@example.org\nResent-Bcc: h@example.org\n\n"
+    )
+    assert envelopeFromHeaders(message) == ("r@example.org", ["t@example.org", "h@example.org"])
+
+
+def test_envelopeRefusesSeveralResentBlocks():
+    message = email.message_from_string(
+        "From: a@example.org\nResent-Date: x\nResent-Date: y\nResent-To: b@example.org\n\n"
+    )
+    with pytest.raises(SMTPError):
+        envelopeFromHeaders(message)
+
+
+def test_envelopeSkipsEmptyGroups():
+    message = email.message_from_string(
+        "From: a@example.org\nTo: undisclosed-recipients:;\nBcc: b@example.org\n\n"
+    )
+    assert envelopeFromHeaders(message) == ("a@example.org", ["b@example.org"])
+
+
+def test_stripHeaderFieldsKeepsEverythingElseByteForByte():
+    block = (
+        b"To: a@x\r\nBCC: b@x,\r\n\tc@x\r\nSubject: s\r\n continued\r\n"
+        b"Resent-Bcc: d@x\nX-Bcc-Note: kept\r\n"
+    )
+    assert stripHeaderFields(block) == (
+        b"To: a@x\r\nSubject: s\r\n continued\r\nX-Bcc-Note: kept\r\n"
+    )
+
+
+class Trickle(io.RawIOBase):
+    """
+    A stream that returns at most ``step`` bytes per read, to put the end of
+    the header block across reads.
+    """
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data = io.BytesIO(data)
+        self._step = step
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        return self._data.read(min(self._step, size if size >= 0 else self._step))
+
+
+@given(st.integers(1, 40))
+def test_outgoingFromStreamFindsHeaderEndAcrossReads(step):
+    """
+    Bcc is stripped and the envelope derived wherever the reads cut the
+    header block.
+    """
+    data = (
+        b"From: a@example.org\nTo: b@example.org\nBcc: c@example.org\n\n"
+        b"Bcc: this line is body\n"
+    )
+    stream = Trickle(data, step)
+    import infsmtp._envelope as envelope
+
+    old = envelope.READ_SIZE
+    envelope.READ_SIZE = step
+    try:
+        message, sender, recipients = outgoingFromStream(stream, None, None)
+    finally:
+        envelope.READ_SIZE = old
+    rest = b"".join(iter(lambda: message.rest.read(100), b"")) if message.rest else b""
+    assert message.head + rest == (
+        b"From: a@example.org\nTo: b@example.org\n\nBcc: this line is body\n"
+    )
+    assert (sender, recipients) == ("a@example.org", ["b@example.org", "c@example.org"])
+
+
+def test_outgoingFromStreamSmallMessageIsReadOnce():
+    message, _, _ = outgoingFromStream(io.BytesIO(b"From: a@x\r\nTo: b@x\r\n\r\nhi\r\n"), None, None)
+    assert message.rest is None
+    assert message.size == len(message.head) and message.eightBit is False
+
+
+def test_outgoingFromStreamLargeMessageStreamsTheRest():
+    body = b"line\n" * 50000
+    stream = io.BytesIO(b"From: a@x\nTo: b@x\n\n" + body)
+    message, _, _ = outgoingFromStream(stream, None, None)
+    assert message.rest is stream
+    assert message.size == 19 + len(body)
+    # Only the head was looked at: whether the rest is 8-bit is unknown.
+    assert message.eightBit is None
+
+
+def test_outgoingFromTextStream():
+    message, sender, _ = outgoingFromStream(io.StringIO("From: ä@x\nTo: b@x\n\nä\n"), None, None)
+    assert message.head == "From: ä@x\nTo: b@x\n\nä\n".encode()
+    assert sender == "ä@x" and message.eightBit is True
+
+
+def test_outgoingFromStreamNeedsAnEnvelope():
+    with pytest.raises(SMTPError, match="no sender"):
+        outgoingFromStream(io.BytesIO(b"To: b@x\n\nhi\n"), None, None)
+    with pytest.raises(SMTPError, match="no recipients"):
+        outgoingFromStream(io.BytesIO(b"From: a@x\n\nhi\n"), None, None)
+    message, sender, recipients = outgoingFromStream(io.BytesIO(b"hi\n"), "", "b@x")
+    assert (sender, recipients) == ("", ["b@x"])
+
+
+def test_outgoingFromMessageStripsBccAndLeavesTheOriginal():
+    original = email.message_from_string(
+        "From: a@example.org\nTo: b@example.org\nBcc: c@example.org\nSubject: s\n\nbody\n",
+        policy=email.policy.default,
+    )
+    message, sender, recipients = outgoingFromMessage(original, None, None)
+    assert b"Bcc" not in message.head and b"c@example.org" not in message.head
+    assert message.head.endswith(b"\r\n\r\nbody\r\n")
+    assert recipients == ["b@example.org", "c@example.org"]
+    assert original["Bcc"] == "c@example.org"
+
+
+# ------------------------------------------------------------------- credentials
+
+
+def test_redact():
+    assert redact("535 bad cGFzcw== for pass", [b"cGFzcw==", "pass", ""]) == "535 bad *** for ***"
+
+
+def test_xoauth2InitialResponse():
+    mechanism = XOAUTH2Authenticator(b"me@example.org")
+    assert mechanism.challengeResponse(b"tok", b"") == (
+        b"user=me@example.org\x01auth=Bearer tok\x01\x01"
+    )
+    # After an error challenge, the client answers with an empty line.
+    assert mechanism.challengeResponse(b"tok", b'{"status":"401"}') == b""
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_defaultsAreTheSpecs():
+    for client in (Client(), AsyncClient()):
+        assert client.host == "localhost"
+        assert client.port == 25
+        assert client.encryptMode is EncryptMode.none
+        assert client.authMode is AuthMode.none
+        assert client.username == client.password == ""
+        assert client.timeout == 30000
+        assert client.verifyServerCertificate is True
+        assert client.useLegacyServerConnect is False
+        assert client.allowUnsafeLegacyRenegotiation is False
+        assert client.caCertFile is None
+        assert isinstance(client.heloName, str) and client.heloName
+        assert tuple(client.saslMechanisms) == ("CRAM-MD5", "PLAIN", "LOGIN")
+
+
+def test_referenceSpellingsOnTheClass():
+    assert Client.encryptMode.sslTls is EncryptMode.sslTls
+    assert Client.authMode.default is AuthMode.default
+    client = Client()
+    client.encryptMode = Client.encryptMode.startTls
+    client.authMode = 2
+    assert client.encryptMode is EncryptMode.startTls
+    assert client.authMode is AuthMode.sasl
+    assert client._client.encryptMode is EncryptMode.startTls
+    with pytest.raises(ValueError):
+        client.encryptMode = 7
+
+
+def test_unconnectedClientFreesWithoutAReactor():
+    """
+    Freeing a client that never connected needs no reactor thread, and the
+    client refuses work afterwards.
+    """
+    with Client() as client:
+        pass
+    assert client._client._freed
+    failures = []
+    client._client.verify("x").addErrback(failures.append)
+    assert failures and failures[0].check(SMTPError)
+
+
+# ------------------------------------------------------- protocol, in memory
+
+
+class RecordingTransport(StringTransport):
+    """
+    An in-memory transport that remembers each write separately and reports
+    an abort to the protocol, as a real transport would.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.tlsStarted = None
+        self.noDelay = False
+
+    def write(self, data):
+        self.writes.append(data)
+        super().write(data)
+
+    def setTcpNoDelay(self, enabled):
+        self.noDelay = enabled
+
+    def startTLS(self, creator):
+        self.tlsStarted = creator
+
+    def abortConnection(self):
+        if not self.disconnected:
+            super().abortConnection()
+            self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def fromCoroutine(coroutine):
+    return Deferred.fromCoroutine(coroutine)
+
+
+def session(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n", timeout=5.0):
+    clock = task.Clock()
+    protocol = ESMTPSessionClient("client.example.org", timeout)
+    protocol.callLater = clock.callLater
+    transport = RecordingTransport()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"220 mx ready\r\n")
+    greeted = fromCoroutine(protocol.whenGreeted())
+    assert greeted.result.code == 220  # type: ignore[attr-defined]
+    extensions = fromCoroutine(protocol.ehlo())
+    protocol.dataReceived(ehlo)
+    assert transport.writes[-1] == b"EHLO client.example.org\r\n"
+    assert extensions.result is protocol.extensions
+    transport.writes.clear()
+    return protocol, transport, clock
+
+
+def small(data=b"From: a@x\r\n\r\nhi\r\n"):
+    return outgoingFromStream(io.BytesIO(data), "a@x", ["b@x"])[0]
+
+
+def test_noDelayIsSet():
+    _, transport, _ = session()
+    assert transport.noDelay is True
+
+
+def test_pipelinedTransactionCostsTwoWrites():
+    """
+    MAIL, RCPT and DATA go out in one write; the message and its final dot
+    in another: two round trips per message.
+    """
+    protocol, transport, _ = session()
+    result = fromCoroutine(
+        protocol.sendMessage("a@x", ["b@x", "c@x"], small())
+    )
+    assert transport.writes == [
+        b"MAIL FROM:<a@x> SIZE=17\r\nRCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\nDATA\r\n"
+    ]
+    protocol.dataReceived(b"250 ok\r\n250 ok\r\n550 no such user\r\n354 go\r\n")
+    assert transport.writes[1:] == [b"From: a@x\r\n\r\nhi\r\n.\r\n"]
+    protocol.dataReceived(b"250 queued\r\n")
+    assert result.result == {"c@x": (550, "no such user")}
+
+
+def test_sizeLimitRefusedLocally():
+    protocol, transport, _ = session()
+    result = fromCoroutine(protocol.sendMessage("a@x", ["b@x"], small(b"x" * 101)))
+    failure = result.result
+    result.addErrback(lambda _: None)
+    assert failure.check(SMTPError) and failure.value.code == 552
+    assert transport.writes == []
+
+
+def test_allRecipientsRefusedThenRSETBeforeNextMessage():
+    protocol, transport, _ = session()
+    result = fromCoroutine(protocol.sendMessage("a@x", ["b@x"], small()))
+    protocol.dataReceived(b"250 ok\r\n550 unknown\r\n554 no valid recipients\r\n")
+    failure = result.result
+    result.addErrback(lambda _: None)
+    assert failure.check(SMTPRecipientsRefused)
+    assert failure.value.refused == {"b@x": (550, "unknown")}
+    transport.writes.clear()
+    fromCoroutine(protocol.sendMessage("a@x", ["b@x"], small()))
+    assert transport.writes[0].startswith(b"RSET\r\nMAIL FROM:<a@x>")
+
+
+def test_noPipeliningWithoutTheExtension():
+    protocol, transport, _ = session(ehlo=b"250 mx\r\n")
+    result = fromCoroutine(protocol.sendMessage("a@x", ["b@x"], small()))
+    assert transport.writes == [b"MAIL FROM:<a@x>\r\n"]
+    protocol.dataReceived(b"250 ok\r\n")
+    assert transport.writes[-1] == b"RCPT TO:<b@x>\r\n"
+    protocol.dataReceived(b"250 ok\r\n")
+    assert transport.writes[-1] == b"DATA\r\n"
+    protocol.dataReceived(b"354 go\r\n250 ok\r\n")
+    assert result.result == {}
+
+
+def test_replyTimeoutAbortsWithSMTPTimeoutError():
+    protocol, transport, clock = session(timeout=2.0)
+    result = fromCoroutine(protocol.verify("someone"))
+    clock.advance(1.9)
+    assert not result.called
+    clock.advance(0.2)
+    failure = result.result
+    result.addErrback(lambda _: None)
+    assert failure.check(SMTPTimeoutError)
+    assert transport.disconnected
+
+
+def test_idleSessionHasNoTimer():
+    """
+    Parked after EHLO, the session waits for its user as long as it takes.
+    """
+    protocol, transport, clock = session(timeout=2.0)
+    clock.advance(3600)
+    assert not transport.disconnected and clock.getDelayedCalls() == []
+
+
+def test_startTLSDiscardsBytesSentBeforeTheHandshake():
+    """
+    Lines that arrive with the 220 to STARTTLS were sent in plaintext and
+    are dropped (the STARTTLS injection attack), as are the extensions.
+    """
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250 STARTTLS\r\n")
+    creator = object()
+    result = fromCoroutine(protocol.startTLS(creator))
+    protocol.dataReceived(b"220 go ahead\r\n250-injected\r\n250 AUTH PLAIN\r\n")
+    assert transport.tlsStarted is creator
+    assert protocol.extensions == {}
+    assert transport.writes[-1] == b"EHLO client.example.org\r\n"
+    protocol.dataReceived(b"250-mx\r\n250 AUTH LOGIN\r\n")
+    assert result.result == {"AUTH": "LOGIN"}
+
+
+def test_commandInjectionRefused():
+    protocol, transport, _ = session()
+    result = fromCoroutine(protocol.sendMessage("a@x>\r\nRCPT TO:<evil@x", ["b@x"], small()))
+    failure = result.result
+    result.addErrback(lambda _: None)
+    assert failure.check(SMTPError) and transport.writes == []
+
+
+def test_authFallsBackToNextMechanismAndStopsOn535():
+    """
+    A mechanism the server refuses (504) gives way to the next; bad
+    credentials (535) end it, without retrying them under another mechanism.
+    """
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250 AUTH PLAIN LOGIN CRAM-MD5\r\n")
+    result = fromCoroutine(protocol.authenticate(["CRAM-MD5", "PLAIN", "LOGIN"], "me", "pw"))
+    assert transport.writes[-1] == b"AUTH CRAM-MD5\r\n"
+    protocol.dataReceived(b"504 not today\r\n")
+    blob = base64.b64encode(b"\0me\0pw")
+    assert transport.writes[-1] == b"AUTH PLAIN " + blob + b"\r\n"
+    protocol.dataReceived(b"535 5.7.8 bad credentials\r\n")
+    assert result.result is False
+    assert len(transport.writes) == 2
+
+
+def test_authErrorNeverQuotesCredentials():
+    """
+    A server that echoes what it was sent cannot put a credential into an
+    exception.
+    """
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250 AUTH PLAIN\r\n")
+    result = fromCoroutine(protocol.authenticate(["PLAIN"], "me", "s3cret"))
+    blob = base64.b64encode(b"\0me\0s3cret")
+    protocol.dataReceived(b"454 cannot check " + blob + b" (s3cret)\r\n")
+    failure = result.result
+    result.addErrback(lambda _: None)
+    assert failure.check(SMTPError) and failure.value.code == 454
+    assert b"s3cret" not in str(failure.value).encode() and blob.decode() not in str(failure.value)
+
+
+def test_loginAndCramMD5Exchanges():
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250 AUTH LOGIN\r\n")
+    result = fromCoroutine(protocol.authenticate(["LOGIN"], "me", "pw"))
+    assert transport.writes[-1] == b"AUTH LOGIN\r\n"
+    protocol.dataReceived(b"334 VXNlcm5hbWU6\r\n")
+    assert transport.writes[-1] == base64.b64encode(b"me") + b"\r\n"
+    protocol.dataReceived(b"334 UGFzc3dvcmQ6\r\n")
+    assert transport.writes[-1] == base64.b64encode(b"pw") + b"\r\n"
+    protocol.dataReceived(b"235 ok\r\n")
+    assert result.result is True
+
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250 AUTH CRAM-MD5\r\n")
+    result = fromCoroutine(protocol.authenticate(["CRAM-MD5"], "me", "pw"))
+    challenge = b"<1.2@mx>"
+    protocol.dataReceived(b"334 " + base64.b64encode(challenge) + b"\r\n")
+    digest = hmac.new(b"pw", challenge, hashlib.md5).hexdigest().encode()
+    assert transport.writes[-1] == base64.b64encode(b"me " + digest) + b"\r\n"
+    protocol.dataReceived(b"235 ok\r\n")
+    assert result.result is True
