@@ -158,6 +158,13 @@ class ServerProtocol(smtp.ESMTP):
                 )
 
     def timeoutConnection(self) -> None:
+        if self._closing:
+            # Closing did not finish within an idle timeout: the client
+            # neither read our last replies nor, over TLS, answered our
+            # close_notify.  Cut it off.
+            if self.transport is not None:
+                self.transport.abortConnection()
+            return
         self._reply(421, f"{self.factory.settings.hostname} Error: timeout exceeded", "4.4.2")
         self._close()
 
@@ -206,7 +213,11 @@ class ServerProtocol(smtp.ESMTP):
     def _close(self) -> None:
         self._closing = True
         self._flush()
-        self.setTimeout(None)
+        # Not setTimeout(None): loseConnection waits until the replies are
+        # sent and, over TLS, for the client's close_notify; a client that
+        # never lets it finish must not hold its session (and a
+        # maxConnections slot) past one more idle timeout.
+        self.setTimeout(self.timeout)
         self._lineHandler = None
         if self.transport is not None:
             self.transport.loseConnection()
