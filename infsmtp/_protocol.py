@@ -147,7 +147,6 @@ class ServerProtocol(smtp.ESMTP):
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:
         self._open = False
         self.setTimeout(None)
-        self.factory.release(self)
         if self._started:
             self._started = False
             handler = self.factory.handler("onDisconnect")
@@ -156,6 +155,9 @@ class ServerProtocol(smtp.ESMTP):
                 d.addErrback(
                     lambda f: log.failure("onDisconnect handler failed for session {id}", f, id=self.session.id)
                 )
+        # Last: releasing the last session fires stopListening()'s Deferred,
+        # which must come after onDisconnect was called.
+        self.factory.release(self)
 
     def timeoutConnection(self) -> None:
         if self._closing:
