@@ -67,7 +67,9 @@ class Recorder:
         still = []
         for condition, d in self._waiters:
             if condition():
-                d.callback(None)
+                # On the next reactor turn: the waiting test resumes once
+                # the server has finished the event it is handling.
+                reactor.callLater(0, lambda d=d: d.called or d.callback(None))
             else:
                 still.append((condition, d))
         self._waiters = still

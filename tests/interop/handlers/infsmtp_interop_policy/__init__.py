@@ -1,0 +1,3 @@
+"""
+Handlers named as 'package.module:function' strings by the interop tests.
+"""
