@@ -701,3 +701,53 @@ async def test_tls_client_that_never_closes_is_cut_off(serve, raw, recorder, ass
     await assertServed(server)
     client.close()
     noFailures(loggedFailures)
+
+
+# Garbage where TLS is expected ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("where", ["after-starttls", "implicit-tls"])
+async def test_garbage_instead_of_tls_handshake(serve, raw, recorder, certificateAuthority, where):
+    """
+    Plaintext SMTP or random bytes where a TLS ClientHello belongs: the
+    connection is closed, onDisconnect runs once, nothing is delivered, and
+    the next client (over TLS) is served.
+    """
+    implicit = where == "implicit-tls"
+    server = await serve(tls=True, implicitTls=implicit)
+
+    def run():
+        client = raw(server.port)
+        if not implicit:
+            assert client.reply().code == 220
+            client.expect("EHLO tls.test", 250)
+            client.expect("STARTTLS", 220)
+        client.send(b"EHLO plaintext.test\r\nMAIL FROM:<evil@attacker.test>\r\n" + random.Random(7).randbytes(4000))
+        try:
+            data = client.readToEnd()
+        except ConnectionResetError:
+            data = b""
+        client.close()
+        return data
+
+    data = await inThread(run)
+    assert b"250" not in data  # no SMTP reply, in plaintext at least
+    await recorder.waitDisconnects(1)
+    assert list(recorder.disconnects.values()) == [1]
+    assert recorder.mailFroms == [] and recorder.received == []
+
+    def wellBehaved():
+        import smtplib
+        import ssl
+
+        context = ssl.create_default_context(cafile=certificateAuthority.certFile)
+        if implicit:
+            with smtplib.SMTP_SSL("127.0.0.1", server.port, timeout=10, context=context) as client:
+                return client.sendmail("a@example.org", ["b@example.net"], b"Subject: ok\r\n\r\nok\r\n")
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+            client.starttls(context=context)
+            return client.sendmail("a@example.org", ["b@example.net"], b"Subject: ok\r\n\r\nok\r\n")
+
+    assert await inThread(wellBehaved) == {}
+    assert len(recorder.received) == 1 and recorder.received[0]["secure"] is True
