@@ -41,6 +41,7 @@ from ._errors import (
     SMTPTimeoutError,
     SMTPTLSError,
 )
+from ._writenow import writeNow
 
 CRLF = b"\r\n"
 
@@ -413,7 +414,7 @@ class ESMTPSessionClient(ESMTPClient):
         if self._failure is not None:
             error = self._failure
             return [_failed(error) for _ in commands]
-        self.transport.write(b"".join(c + CRLF for c in commands))
+        writeNow(self.transport, b"".join(c + CRLF for c in commands))
         return [self._expect() for _ in commands]
 
     def command(self, line: bytes) -> Deferred[Reply]:
@@ -636,7 +637,7 @@ class ESMTPSessionClient(ESMTPClient):
 
     async def _endData(self, data: bytes) -> Reply:
         final = self._expect()
-        self.transport.write(data)
+        writeNow(self.transport, data)
         reply = await final
         self._inTransaction = False
         return reply
@@ -649,7 +650,7 @@ class ESMTPSessionClient(ESMTPClient):
         # The reply to the message is awaited while it streams, so that the
         # timer runs (reset at each chunk) and a lost connection fails it.
         final = self._expect()
-        self.transport.write(stuffer.feed(message.head))
+        writeNow(self.transport, stuffer.feed(message.head))
         try:
             await _BodyProducer(message.rest, stuffer, self).start()
         except _ReadError as e:
