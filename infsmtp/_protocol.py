@@ -138,6 +138,10 @@ class ServerProtocol(smtp.ESMTP):
         TLS is up (implicit TLS or after STARTTLS): record what protects the
         session.
         """
+        if not self._started:
+            # Refused at connect (over maxConnections): no session; the 421
+            # goes out now that TLS is up.
+            return
         self.session.secure = True
         try:
             self.session.tlsVersion = self.transport.getHandle().get_protocol_version_name()
