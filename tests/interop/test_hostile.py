@@ -566,6 +566,34 @@ async def test_max_connections(serve, raw, recorder, assertServed, loggedFailure
     noFailures(loggedFailures)
 
 
+@pytest_twisted.ensureDeferred
+async def test_max_connections_implicit_tls(serve, raw, recorder, loggedFailures, certificateAuthority):
+    """
+    Over implicit TLS the 421 comes through the TLS layer, and the refused
+    client's TCP connection is closed.
+    """
+    server = await serve(tls=True, implicitTls=True, maxConnections=1)
+
+    def run():
+        first = raw(server.port)
+        first.startTLS(certificateAuthority.certFile)
+        assert first.reply().code == 220
+        second = raw(server.port)
+        second.startTLS(certificateAuthority.certFile)
+        refused = second.repliesToEnd()
+        second.close()
+        first.expect("QUIT", 221)
+        first.close()
+        return refused
+
+    refused = await inThread(run)
+    assert [r.code for r in refused] == [421]
+    assert refused[0].text.startswith("4.7.0")
+    await recorder.waitDisconnects(1)
+    assert len(recorder.connects) == 1
+    noFailures(loggedFailures)
+
+
 # AUTH abuse ------------------------------------------------------------------------
 
 
