@@ -779,3 +779,33 @@ async def test_garbage_instead_of_tls_handshake(serve, raw, recorder, certificat
 
     assert await inThread(wellBehaved) == {}
     assert len(recorder.received) == 1 and recorder.received[0]["secure"] is True
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("where", ["implicit-tls", "after-starttls"])
+async def test_silent_client_during_tls_handshake_is_cut_off(serve, raw, recorder, certificateAuthority, where):
+    """
+    A client that never sends its ClientHello: the idle timeout still ends
+    the session (its 421 cannot go out before a handshake, so the
+    connection is cut), and onDisconnect runs once.
+    """
+    server = await serve(tls=True, implicitTls=where == "implicit-tls", timeout=0.5)
+
+    def run():
+        client = raw(server.port)
+        if where == "after-starttls":
+            assert client.reply().code == 220
+            client.expect("EHLO silent.test", 250)
+            client.expect("STARTTLS", 220)
+        try:
+            data = client.readToEnd()
+        except ConnectionResetError:
+            data = b""
+        client.close()
+        return data
+
+    data = await inThread(run)
+    assert b"421" not in data  # never in plaintext
+    await recorder.waitDisconnects(1)
+    assert list(recorder.disconnects.values()) == [1]
+    assert server.sessionCount == 0
