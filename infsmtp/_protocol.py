@@ -58,6 +58,10 @@ log = Logger(namespace="infsmtp.server")
 
 _SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]@]")
 
+#: Seconds a closing connection may take to flush and, over TLS, to finish
+#: the close_notify exchange before it is cut off.
+CLOSE_GRACE = 10.0
+
 _COMMANDS = frozenset(
     b"HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH".split()
 )
@@ -94,6 +98,7 @@ class ServerProtocol(smtp.ESMTP):
         self._ehlo = False
         self._mailStarted = False
         self._queueId = ""
+        self._dropRequested = False
         self._lineHandler: Callable[[bytes], None] | None = None
 
     # Connection life ------------------------------------------------------
@@ -159,8 +164,10 @@ class ServerProtocol(smtp.ESMTP):
                 d.addErrback(
                     lambda f: log.failure("onDisconnect handler failed for session {id}", f, id=self.session.id)
                 )
-        # Last: releasing the last session fires stopListening()'s Deferred,
-        # which must come after onDisconnect was called.
+                # Releasing the last session fires stopListening()'s
+                # Deferred, which must wait for onDisconnect to finish.
+                d.addBoth(lambda _: self.factory.release(self))
+                return
         self.factory.release(self)
 
     def timeoutConnection(self) -> None:
@@ -175,8 +182,21 @@ class ServerProtocol(smtp.ESMTP):
         self._close()
 
     def _disconnectRequested(self) -> None:
-        if self._open:
-            self._close()
+        """
+        C{session.disconnect()}: answer the command in progress 421 (not
+        what the handler would have answered) and close.
+        """
+        if not self._open or self._closing:
+            return
+        if self._busy:
+            self._dropRequested = True
+            return
+        self._drop()
+
+    def _drop(self) -> None:
+        self._resetTransaction()
+        self._reply(421, f"{self.factory.settings.hostname} Closing connection", "4.7.0")
+        self._close()
 
     def shutdown(self) -> None:
         """
@@ -222,8 +242,8 @@ class ServerProtocol(smtp.ESMTP):
         # Not setTimeout(None): loseConnection waits until the replies are
         # sent and, over TLS, for the client's close_notify; a client that
         # never lets it finish must not hold its session (and a
-        # maxConnections slot) past one more idle timeout.
-        self.setTimeout(self.timeout)
+        # maxConnections slot) for long.
+        self.setTimeout(CLOSE_GRACE if not self.timeout else min(self.timeout, CLOSE_GRACE))
         self._lineHandler = None
         if self.transport is not None:
             self.transport.loseConnection()
@@ -328,7 +348,9 @@ class ServerProtocol(smtp.ESMTP):
 
         def succeeded(result: Any) -> None:
             self._busy = False
-            if self._open:
+            if self._dropRequested:
+                self._drop()
+            elif self._open:
                 apply(result)
                 if then is not None:
                     then()
@@ -337,6 +359,9 @@ class ServerProtocol(smtp.ESMTP):
 
         def failed(failure: Failure) -> None:
             self._busy = False
+            if self._dropRequested:
+                self._drop()
+                return
             if not self._open:
                 return
             if failure.check(SMTPError) and failure.value.code is not None:

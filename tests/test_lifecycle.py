@@ -124,3 +124,23 @@ async def test_stop_ends_sessions_and_calls_onDisconnect():
     # 421 as the answer to its next command.
     code, text = await deferToThread(client.noop)
     assert (code, text) == (421, b"4.3.2 " + server.hostname.encode() + b" Service shutting down")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_waits_for_an_asynchronous_onDisconnect():
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    server = Server(port=0, interface="127.0.0.1")
+    finished = []
+
+    async def onDisconnect(session):
+        await deferLater(reactor, 0.2, lambda: None)
+        finished.append(session.id)
+
+    server.onDisconnect = onDisconnect
+    await server.startListening()
+    client = await deferToThread(lambda: smtplib.SMTP("127.0.0.1", server.port, timeout=10))
+    await server.stopListening()
+    assert finished == [1]
+    client.close()

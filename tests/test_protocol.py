@@ -40,7 +40,10 @@ class Transport(StringTransport):
     def startTLS(self, options):
         self.tlsStarted = options
 
+    aborted = False
+
     def abortConnection(self):
+        self.aborted = True
         self.loseConnection()
 
 
@@ -503,3 +506,36 @@ def test_small_message_msgFile_is_a_view():
     h = session(server)
     assert h.codes(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nhi\r\n.\r\n") == [250, 250, 354, 250]
     assert seen == [True]
+
+
+def test_disconnect_from_a_handler_answers_421_not_the_decision(server):
+    server.onRcptTo = lambda s: s.disconnect()
+    h = session(server)
+    h.send(b"MAIL FROM:<a@b.test>\r\n")
+    assert h.send(b"RCPT TO:<c@d.test>\r\nDATA\r\n") == [b"421 4.7.0 mx.test Closing connection"]
+    assert h.transport.disconnecting
+
+
+def test_disconnect_while_a_deferred_is_pending(server):
+    pending = Deferred()
+
+    def onMailFrom(s):
+        s.disconnect()
+        return pending
+
+    server.onMailFrom = onMailFrom
+    h = session(server)
+    assert h.send(b"MAIL FROM:<a@b.test>\r\n") == []
+    pending.callback(True)
+    assert h.take() == [b"421 4.7.0 mx.test Closing connection"]
+
+
+def test_closing_connection_is_cut_off_after_a_grace():
+    clock = MemoryReactorClock()
+    h = session(makeServer(reactor=clock))
+    h.send(b"QUIT\r\n")
+    assert h.transport.disconnecting and not h.transport.aborted
+    clock.advance(9)
+    assert not h.transport.aborted
+    clock.advance(2)
+    assert h.transport.aborted
