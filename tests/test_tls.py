@@ -7,7 +7,6 @@ peer).
 from __future__ import annotations
 
 import smtplib
-import socket
 import ssl
 
 import pytest
