@@ -40,6 +40,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from infsmtp import (
     AsyncClient,
+    Server,
     AuthMode,
     Client,
     EncryptMode,
@@ -261,6 +262,49 @@ def smtpSink():
         process.wait(5)
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest_twisted.async_yield_fixture
+async def ourServer(certificateAuthority):
+    """
+    A factory of running infsmtp servers on 127.0.0.1 and a free port:
+    ``await start(tls=False, **ServerKeywords)``.  Each records
+    ``(mailFrom, rcptTo, msg, sessionId, authenticated, username,
+    mailParameters)`` in ``server.received``, and refuses recipients
+    starting with ``nobody``.
+    """
+    servers = []
+
+    async def start(tls: bool = False, **keywords):
+        keywords.setdefault("port", 0)
+        keywords.setdefault("interface", "127.0.0.1")
+        keywords.setdefault("hostname", "mx.test")
+        keywords.setdefault("receivedHeader", False)
+        server = Server(ssl=tls, **keywords)
+        if tls:
+            leaf = certificateAuthority.localhost
+            server.setCertificate(leaf.certFile, leaf.keyFile)
+        server.received = []
+
+        def onRcptTo(session):
+            return not session.address.startswith("nobody")
+
+        def onReceive(session):
+            server.received.append(
+                (session.mailFrom, list(session.rcptTo), session.msg, session.id,
+                 session.authenticated, session.username, dict(session.mailParameters))
+            )
+            return b"REFUSE-ME" not in session.msg
+
+        server.onRcptTo = onRcptTo
+        server.onReceive = onReceive
+        await server.startListening().addTimeout(10, reactor)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stopListening().addTimeout(10, reactor)
 
 
 # ------------------------------------------------------------- plain SMTP
@@ -593,17 +637,24 @@ bodies = st.lists(
 ).map(b"".join)
 
 
+@pytest.mark.parametrize("peer", ["aiosmtpd", "infsmtp"])
 @pytest_twisted.ensureDeferred
-async def test_randomChunkingReachesAiosmtpdIntact(aiosmtpdServer):
+async def test_randomChunkingReachesThePeerIntact(peer, aiosmtpdServer, ourServer):
     """
-    Whatever the message and however its stream is cut, aiosmtpd receives
-    it with CRLF line endings and its dots intact.  Hypothesis drives the
-    blocking Client from a worker thread (its examples cannot await).
+    Whatever the message and however its stream is cut, aiosmtpd and our
+    own server receive it with CRLF line endings and its dots intact.
+    Hypothesis drives the blocking Client from a worker thread (its
+    examples cannot await).
     """
     import infsmtp._clientprotocol as clientprotocol
     import infsmtp._envelope as envelope
 
-    server = aiosmtpdServer()
+    if peer == "aiosmtpd":
+        server = aiosmtpdServer()
+        port, lastMessage = server.port, lambda: server.handler.messages[-1][2]
+    else:
+        server = await ourServer()
+        port, lastMessage = server.port, lambda: server.received[-1][2]
 
     @settings(max_examples=30, deadline=None, database=None)
     @given(bodies, st.lists(st.integers(1, 40), min_size=1, max_size=6))
@@ -613,10 +664,10 @@ async def test_randomChunkingReachesAiosmtpdIntact(aiosmtpdServer):
         if not expected.endswith(b"\r\n"):
             expected += b"\r\n"
         with Client() as c:
-            c.host, c.port, c.timeout = "127.0.0.1", server.port, 5000
+            c.host, c.port, c.timeout = "127.0.0.1", port, 5000
             c.connect()
             c.sendStream(Chunked(message, sizes))
-        assert server.handler.messages[-1][2] == expected
+        assert lastMessage() == expected
 
     # Small reads, so that the streaming path (not only the one-write path)
     # meets the random cuts.
@@ -626,6 +677,91 @@ async def test_randomChunkingReachesAiosmtpdIntact(aiosmtpdServer):
         await deferToThread(check)
     finally:
         envelope.READ_SIZE, clientprotocol.CHUNK_SIZE = saved
+
+
+# ------------------------------------------------------ our own server
+
+
+@pytest_twisted.ensureDeferred
+async def test_ourServerManyMessagesOnOneConnection(ourServer, tmp_path):
+    server = await ourServer()
+    eml = tmp_path / "mail.eml"
+    eml.write_bytes(MESSAGE)
+    c = client(server.port)
+    await c.connect()
+    assert "PIPELINING" in c._protocol.extensions
+    assert await c.sendFile(str(eml)) == {}
+    refused = await c.sendStream(io.BytesIO(MESSAGE), None, ["bob@example.org", "nobody@example.org"])
+    assert list(refused) == ["nobody@example.org"] and refused["nobody@example.org"][0] == 550
+    error = await failure(c.sendStream(io.BytesIO(MESSAGE), None, ["nobody@example.org"]))
+    assert isinstance(error, SMTPRecipientsRefused)
+    error = await failure(c.sendStream(io.BytesIO(MESSAGE + b"\nREFUSE-ME\n")))
+    assert error.code == 554
+    eightBit = "From: a@example.org\nTo: b@example.org\n\ncaf\u00e9\n".encode()
+    assert await c.sendStream(io.BytesIO(eightBit)) == {}
+    await c.disconnect()
+
+    first, second, refusedOne, third = server.received
+    assert first[:3] == (
+        "ann@example.org",
+        ["bob@example.org", "cy@example.org", "eve@example.org"],
+        RECEIVED,
+    )
+    assert second[1] == ["bob@example.org"] and second[2] == RECEIVED
+    assert third[6].get("BODY") == "8BITMIME" and third[6].get("SIZE") == str(len(eightBit))
+    assert len({r[3] for r in server.received}) == 1, "all messages on one connection"
+
+
+@pytest_twisted.ensureDeferred
+async def test_ourServerStartTlsAndAuthentication(ourServer, certificateAuthority):
+    """
+    STARTTLS, then AUTH, which our server offers only over TLS.
+    """
+    server = await ourServer(tls=True)
+
+    def onLogin(session):
+        return (session.username, session.password) == ("ann", GOOD_PASSWORD)
+
+    server.onLogin = onLogin
+    plain = client(server.port, authMode=AuthMode.default, username="ann", password=GOOD_PASSWORD)
+    await plain.connect()
+    assert "AUTH" not in plain._protocol.extensions
+    error = await failure(plain.authenticate())
+    assert "no usable authentication mechanism" in str(error)
+    await plain.disconnect()
+
+    settings = dict(
+        encryptMode=EncryptMode.startTls,
+        caCertFile=certificateAuthority.certFile,
+        authMode=AuthMode.sasl,
+        username="ann",
+    )
+    for mechanisms in (("CRAM-MD5", "PLAIN"), ("LOGIN",)):
+        c = client(server.port, password="wrong", saslMechanisms=mechanisms, **settings)
+        await c.connect()
+        assert await c.authenticate() is False
+        await c.disconnect()
+        c = client(server.port, password=GOOD_PASSWORD, saslMechanisms=mechanisms, **settings)
+        await c.connect()
+        assert await c.authenticate() is True
+        assert await c.sendStream(io.BytesIO(MESSAGE)) == {}
+        await c.disconnect()
+    assert [(r[2], r[4], r[5]) for r in server.received] == [(RECEIVED, True, "ann")] * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_ourServerImplicitTlsAndSizeLimit(ourServer, certificateAuthority):
+    server = await ourServer(tls=True, implicitTls=True, maxMessageSize=1000)
+    mailFroms = []
+    server.onMailFrom = lambda session: mailFroms.append(session.address) or True
+    c = client(server.port, encryptMode=EncryptMode.sslTls, caCertFile=certificateAuthority.certFile)
+    await c.connect()
+    assert await c.sendStream(io.BytesIO(MESSAGE)) == {}
+    error = await failure(c.sendStream(io.BytesIO(MESSAGE + b"x" * 1000)))
+    assert error.code == 552 and "size limit" in str(error)
+    await c.disconnect()
+    assert mailFroms == ["ann@example.org"], "the oversized message sent no MAIL"
+    assert server.received[0][2] == RECEIVED
 
 
 # ------------------------------------------------------------ smtp-sink
