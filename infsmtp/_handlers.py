@@ -126,10 +126,20 @@ def callHandler(handler: Callable[[Any], Any], session: Any) -> Deferred:
         from twisted.internet.defer import fail
 
         return fail()
+    return toDeferred(result)
+
+
+def toDeferred(result: Any) -> Deferred:
+    """
+    A handler's return value as a Deferred: a Deferred as it is, a
+    coroutine or other awaitable run to its end, anything else at once.
+    """
     if isinstance(result, Deferred):
         return result
+    if inspect.iscoroutine(result):
+        return Deferred.fromCoroutine(result)
     if inspect.isawaitable(result):
-        return Deferred.fromCoroutine(_awaitIt(result)) if not inspect.iscoroutine(result) else Deferred.fromCoroutine(result)
+        return Deferred.fromCoroutine(_awaitIt(result))
     return succeed(result)
 
 

@@ -23,17 +23,20 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import inspect
 import re
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITCPTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._errors import SMTPError
-from ._handlers import callHandler
+from ._handlers import callHandler, toDeferred
 from ._session import Session
 from ._writenow import writeNow
 from ._wire import (
@@ -57,6 +60,21 @@ if TYPE_CHECKING:
 log = Logger(namespace="infsmtp.server")
 
 _SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]@]")
+
+_dateCache: tuple[int, str] = (0, "")
+
+
+def _receivedDate() -> str:
+    """
+    The RFC 5322 date for C{Received:}, formatted once a second (it costs
+    more than the rest of the header).
+    """
+    global _dateCache
+    now = int(time.time())
+    if _dateCache[0] != now:
+        _dateCache = (now, email.utils.format_datetime(email.utils.localtime()))
+    return _dateCache[1]
+
 
 #: Seconds a closing connection may take to flush and, over TLS, to finish
 #: the close_notify exchange before it is cut off.
@@ -344,44 +362,63 @@ class ServerProtocol(smtp.ESMTP):
                 then()
             return
         self._busy = True
+        # Most handlers answer at once: call them directly and keep the
+        # Deferred machinery for those that return a Deferred or awaitable.
+        try:
+            result = handler(self.session)
+        except BaseException:
+            self._handlerFailed(Failure(), name, temporary, then, True)
+            return
+        if not isinstance(result, Deferred) and not inspect.isawaitable(result):
+            self._handlerSucceeded(result, apply, then, True)
+            return
         synchronous = True
+        d = toDeferred(result)
+        d.addCallbacks(
+            lambda r: self._handlerSucceeded(r, apply, then, synchronous),
+            lambda f: self._handlerFailed(f, name, temporary, then, synchronous),
+        )
+        d.addErrback(lambda f: log.failure("internal error after {handler}", f, handler=name))
+        synchronous = False
 
-        def succeeded(result: Any) -> None:
-            self._busy = False
-            if self._dropRequested:
-                self._drop()
-            elif self._open:
-                apply(result)
-                if then is not None:
-                    then()
-                if not synchronous:
-                    self._wake()
-
-        def failed(failure: Failure) -> None:
-            self._busy = False
-            if self._dropRequested:
-                self._drop()
-                return
-            if not self._open:
-                return
-            if failure.check(SMTPError) and failure.value.code is not None:
-                error = failure.value
-                self._reply(error.code, error.text or "")
-            else:
-                log.failure(
-                    "{handler} handler failed for session {id}", failure, handler=name, id=self.session.id
-                )
-                code, enhanced, text = temporary
-                self._reply(code, text, enhanced)
+    def _handlerSucceeded(
+        self, result: Any, apply: Callable[[Any], None], then: Callable[[], None] | None, synchronous: bool
+    ) -> None:
+        self._busy = False
+        if self._dropRequested:
+            self._drop()
+        elif self._open:
+            apply(result)
             if then is not None:
                 then()
             if not synchronous:
                 self._wake()
 
-        d = callHandler(handler, self.session)
-        d.addCallbacks(succeeded, failed)
-        d.addErrback(lambda f: log.failure("internal error after {handler}", f, handler=name))
-        synchronous = False
+    def _handlerFailed(
+        self,
+        failure: Failure,
+        name: str,
+        temporary: tuple[int, str, str],
+        then: Callable[[], None] | None,
+        synchronous: bool,
+    ) -> None:
+        self._busy = False
+        if self._dropRequested:
+            self._drop()
+            return
+        if not self._open:
+            return
+        if failure.check(SMTPError) and failure.value.code is not None:
+            error = failure.value
+            self._reply(error.code, error.text or "")
+        else:
+            log.failure("{handler} handler failed for session {id}", failure, handler=name, id=self.session.id)
+            code, enhanced, text = temporary
+            self._reply(code, text, enhanced)
+        if then is not None:
+            then()
+        if not synchronous:
+            self._wake()
 
     # Commands -------------------------------------------------------------
 
@@ -634,7 +671,7 @@ class ServerProtocol(smtp.ESMTP):
         if session.authenticated:
             withProtocol += "A"
         recipient = f"\r\n\tfor <{session.rcptTo[0]}>" if len(session.rcptTo) == 1 else ""
-        date = email.utils.format_datetime(email.utils.localtime())
+        date = _receivedDate()
         tls = f" ({session.tlsVersion})" if session.tlsVersion else ""
         header = (
             f"Received: from {helo} ([{session.ip}])\r\n"

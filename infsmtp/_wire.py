@@ -402,6 +402,12 @@ def _splitPath(argument: bytes) -> tuple[bytes, bytes]:
     """
     if not argument.startswith(b"<"):
         raise PathSyntaxError("path must be enclosed in <>")
+    if b'"' not in argument:
+        # No quoted local part: the first > closes the path.
+        end = argument.find(b">")
+        if end < 0:
+            raise PathSyntaxError("path not closed by >")
+        return argument[: end + 1], argument[end + 1 :]
     quoted = escaped = False
     for index in range(1, len(argument)):
         byte = argument[index]
