@@ -724,19 +724,25 @@ class _BodyProducer:
 
     def resumeProducing(self) -> None:
         transport = self._protocol.transport
-        try:
-            chunk = self._source.read(CHUNK_SIZE)
-        except Exception as e:  # Any failure of the user's stream.
-            transport.unregisterProducer()
-            self._finish(Failure(_ReadError(str(e) or type(e).__name__)))
-            return
-        if chunk:
-            self._protocol.resetTimeout()
-            transport.write(self._stuffer.feed(chunk))
-        else:
-            transport.unregisterProducer()
-            transport.write(self._stuffer.finish())
-            self._finish(None)
+        data = b""
+        # Writing nothing would never make the transport ask for more (the
+        # LF of a CRLF cut in two stuffs to nothing): read on until there is
+        # something to write, or the end.
+        while not data:
+            try:
+                chunk = self._source.read(CHUNK_SIZE)
+            except Exception as e:  # Any failure of the user's stream.
+                transport.unregisterProducer()
+                self._finish(Failure(_ReadError(str(e) or type(e).__name__)))
+                return
+            if not chunk:
+                transport.unregisterProducer()
+                transport.write(self._stuffer.finish())
+                self._finish(None)
+                return
+            data = self._stuffer.feed(chunk)
+        self._protocol.resetTimeout()
+        transport.write(data)
 
     def stopProducing(self) -> None:
         self._finish(Failure(_Stopped()))

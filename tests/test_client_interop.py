@@ -637,6 +637,30 @@ bodies = st.lists(
 ).map(b"".join)
 
 
+@pytest_twisted.ensureDeferred
+async def test_streamedLineEndingCutInTwoDoesNotStall(aiosmtpdServer):
+    """
+    A CR and its LF read separately while streaming: the LF stuffs to
+    nothing, which must not leave the transport waiting for a write that
+    never comes.
+    """
+    import infsmtp._clientprotocol as clientprotocol
+    import infsmtp._envelope as envelope
+
+    server = aiosmtpdServer()
+    message = b"From: a@example.org\r\nTo: b@example.org\r\n\r\nbody\r\n"
+    saved = envelope.READ_SIZE, clientprotocol.CHUNK_SIZE
+    envelope.READ_SIZE = clientprotocol.CHUNK_SIZE = 1
+    try:
+        c = client(server.port, timeout=2000)
+        await c.connect()
+        assert await c.sendStream(Chunked(message, [1])) == {}
+        await c.disconnect()
+    finally:
+        envelope.READ_SIZE, clientprotocol.CHUNK_SIZE = saved
+    assert server.handler.messages[0][2] == message
+
+
 @pytest.mark.parametrize("peer", ["aiosmtpd", "infsmtp"])
 @pytest_twisted.ensureDeferred
 async def test_randomChunkingReachesThePeerIntact(peer, aiosmtpdServer, ourServer):
