@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.ssl import (
@@ -86,7 +86,7 @@ def _loadTrustRoot(caCertFile: str):
         raise SMTPTLSError(f"caCertFile {caCertFile!r} holds no PEM certificate")
     try:
         return trustRootFromCertificates([Certificate.loadPEM(b) for b in blocks])
-    except SSL.Error as e:
+    except crypto.Error as e:
         raise SMTPTLSError(f"caCertFile {caCertFile!r} holds a bad certificate: {e}") from None
 
 

@@ -16,14 +16,25 @@ import re
 
 import pytest
 from hypothesis import given, settings
+from OpenSSL import SSL
 from hypothesis import strategies as st
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from infsmtp import AsyncClient, AuthMode, Client, EncryptMode, SMTPError, SMTPTimeoutError
+from infsmtp import (
+    AsyncClient,
+    AuthMode,
+    Client,
+    EncryptMode,
+    SMTPError,
+    SMTPTimeoutError,
+    SMTPTLSError,
+)
 from infsmtp._clientprotocol import (
     DotStuffer,
     ESMTPSessionClient,
@@ -32,6 +43,11 @@ from infsmtp._clientprotocol import (
     XOAUTH2Authenticator,
     parseExtensions,
     redact,
+)
+from infsmtp._clienttls import (
+    OP_ALLOW_UNSAFE_LEGACY_RENEGOTIATION,
+    OP_LEGACY_SERVER_CONNECT,
+    clientTLSOptions,
 )
 from infsmtp._envelope import (
     envelopeFromHeaders,
@@ -599,3 +615,61 @@ def test_loginAndCramMD5Exchanges():
     assert transport.writes[-1] == base64.b64encode(b"me " + digest) + b"\r\n"
     protocol.dataReceived(b"235 ok\r\n")
     assert result.result is True
+
+
+# ----------------------------------------------------------------------- TLS
+
+
+def tlsConnection(host, **keywords):
+    creator = clientTLSOptions(host, **keywords)
+    factory = TLSMemoryBIOFactory(creator, True, Factory.forProtocol(Protocol))
+    return creator.clientConnectionForTLS(factory.buildProtocol(None))
+
+
+def currentOptions(connection):
+    # SSL_set_options returns the options in force after adding its argument.
+    return connection.set_options(0)
+
+
+def test_tlsVerifiesAndSendsServerNameByDefault(certificateAuthority):
+    connection = tlsConnection("mx.example.org", caCertFile=certificateAuthority.certFile)
+    assert connection.get_verify_mode() & SSL.VERIFY_PEER
+    assert connection.get_servername() == b"mx.example.org"
+    assert not currentOptions(connection) & (
+        OP_LEGACY_SERVER_CONNECT | OP_ALLOW_UNSAFE_LEGACY_RENEGOTIATION
+    )
+
+
+def test_tlsVerificationOffOnlyWhenAskedStillSendsServerName():
+    connection = tlsConnection("mx.example.org", verify=False)
+    assert connection.get_verify_mode() == SSL.VERIFY_NONE
+    assert connection.get_servername() == b"mx.example.org"
+    # RFC 6066: no server name for a literal address.
+    assert tlsConnection("127.0.0.1", verify=False).get_servername() is None
+
+
+def test_tlsLegacyOptionsOnRequest(certificateAuthority):
+    for verify in (True, False):
+        connection = tlsConnection(
+            "mx.example.org",
+            verify=verify,
+            caCertFile=certificateAuthority.certFile,
+            legacyServerConnect=True,
+            unsafeLegacyRenegotiation=True,
+        )
+        options = currentOptions(connection)
+        assert options & OP_LEGACY_SERVER_CONNECT
+        assert options & OP_ALLOW_UNSAFE_LEGACY_RENEGOTIATION == 0x00040000
+
+
+def test_tlsUnusableCaCertFile(tmp_path):
+    with pytest.raises(SMTPTLSError, match="cannot read"):
+        clientTLSOptions("mx.example.org", caCertFile=str(tmp_path / "missing.pem"))
+    empty = tmp_path / "empty.pem"
+    empty.write_text("not a certificate\n")
+    with pytest.raises(SMTPTLSError, match="no PEM certificate"):
+        clientTLSOptions("mx.example.org", caCertFile=str(empty))
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(SMTPTLSError, match="bad certificate"):
+        clientTLSOptions("mx.example.org", caCertFile=str(broken))
