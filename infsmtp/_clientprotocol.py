@@ -17,7 +17,6 @@ replies fill the Deferreds queued for them.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections import deque
 from dataclasses import dataclass
 from typing import IO, Callable, Iterable, Sequence
@@ -411,10 +410,8 @@ class ESMTPSessionClient(ESMTPClient):
         """
         Send a group of commands in one write; one Deferred per reply.
         """
-        if self._failure is not None:
-            error = self._failure
-            return [_failed(error) for _ in commands]
-        writeNow(self.transport, b"".join(c + CRLF for c in commands))
+        if self._failure is None:
+            writeNow(self.transport, b"".join(c + CRLF for c in commands))
         return [self._expect() for _ in commands]
 
     def command(self, line: bytes) -> Deferred[Reply]:
@@ -535,7 +532,7 @@ class ESMTPSessionClient(ESMTPClient):
             rounds += 1
             try:
                 challenge = base64.b64decode(reply.text.strip(), validate=True)
-            except binascii.Error:
+            except ValueError:  # binascii.Error, or non-ASCII text
                 challenge = None
             if challenge is None or rounds > MAX_SASL_ROUNDS:
                 # "*" cancels the exchange (RFC 4954); the server answers 501.
