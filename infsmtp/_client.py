@@ -111,10 +111,18 @@ class AsyncClient:
         return self._lock.run(start)
 
     def _session(self) -> ESMTPSessionClient:
-        if not self.connected:
+        protocol = self._protocol
+        if protocol is None:
             raise SMTPError("not connected: call connect() first")
-        assert self._protocol is not None
-        return self._protocol
+        if not protocol.connected:
+            # Say why, e.g. the server's 421 when it closed an idle session.
+            why = protocol.closeReason
+            raise SMTPConnectError(
+                why.code if why else None,
+                f"the connection is closed ({why.text if why else 'no reason given'}); "
+                "call connect() again",
+            )
+        return protocol
 
     def connect(self) -> Deferred[None]:
         """

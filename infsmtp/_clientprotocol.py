@@ -384,6 +384,13 @@ class ESMTPSessionClient(ESMTPClient):
         """
         return self._lostWatchers is not None
 
+    @property
+    def closeReason(self) -> SMTPError | None:
+        """
+        Why the connection closed (or is closing), or ``None`` while open.
+        """
+        return self._failure
+
     def whenLost(self) -> Deferred[None]:
         """
         A Deferred that fires once the connection is closed.

@@ -774,6 +774,25 @@ async def test_ourServerStartTlsAndAuthentication(ourServer, certificateAuthorit
 
 
 @pytest_twisted.ensureDeferred
+async def test_serverClosingAnIdleSessionIsReportedWithItsReply(ourServer):
+    """
+    Parked after EHLO, the session may be closed by the server (421 on its
+    idle timeout); the next call says so instead of a bare "not connected".
+    """
+    server = await ourServer(timeout=0.3)
+    c = client(server.port)
+    await c.connect()
+    await c._protocol.whenLost().addTimeout(5, reactor)
+    assert not c.connected
+    error = await failure(c.sendStream(io.BytesIO(MESSAGE)))
+    assert isinstance(error, SMTPConnectError) and error.code == 421
+    assert "connect() again" in str(error)
+    await c.connect()
+    assert await c.sendStream(io.BytesIO(MESSAGE)) == {}
+    await c.disconnect()
+
+
+@pytest_twisted.ensureDeferred
 async def test_ourServerImplicitTlsAndSizeLimit(ourServer, certificateAuthority):
     server = await ourServer(tls=True, implicitTls=True, maxMessageSize=1000)
     mailFroms = []
