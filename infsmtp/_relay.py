@@ -1,0 +1,154 @@
+"""
+L{RelayDelivery}: an C{onReceive} handler that forwards every message to a
+smarthost through L{AsyncClient}, and answers the client only once the
+smarthost has answered.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from ._client import AsyncClient
+from ._enums import AuthMode, EncryptMode
+from ._errors import SMTPError, SMTPRecipientsRefused
+from ._session import Session
+
+log = Logger(namespace="infsmtp.relay")
+
+
+class RelayDelivery:
+    """
+    Forward each received message to a smarthost; use it as a server's
+    C{onReceive} handler::
+
+        server.onReceive = RelayDelivery("smtp.example.org", 587,
+                                         encryptMode=EncryptMode.startTls,
+                                         username="me", password="secret")
+
+    The client gets C{250} only after the smarthost accepted the message.
+    A permanent refusal (5xx) is passed on as C{554} (C{550} when every
+    recipient was refused) with the smarthost's reason, so the sender
+    bounces at once; anything else (no connection, a timeout, a 4xx, our
+    credentials refused) is answered C{451}, so the sender keeps the message
+    and retries.
+
+    There is no queue: recipients the smarthost refuses while it accepts
+    others are logged (the message went to the others, and a 451 would
+    duplicate it for them).
+
+    @param host: the smarthost.
+    @param port: its port.
+    @param encryptMode: an L{EncryptMode} (STARTTLS never falls back to
+        plaintext).
+    @param username: authenticate with it (L{AuthMode.default}) when given.
+    @param password: the password for C{username}.
+    @param caCertFile: PEM trust roots for its certificate.
+    @param verifyServerCertificate: check its certificate chain and name.
+    @param timeout: milliseconds, for the connection and each reply.
+    @param reactor: passed to L{AsyncClient}.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 25,
+        *,
+        encryptMode: EncryptMode = EncryptMode.none,
+        username: str | None = None,
+        password: str | None = None,
+        caCertFile: str | None = None,
+        verifyServerCertificate: bool = True,
+        timeout: int = 30000,
+        heloName: str | None = None,
+        reactor: Any = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.encryptMode = EncryptMode(encryptMode)
+        self.username = username
+        self.password = password
+        self.caCertFile = caCertFile
+        self.verifyServerCertificate = verifyServerCertificate
+        self.timeout = timeout
+        self.heloName = heloName
+        self._reactor = reactor
+
+    def _client(self) -> AsyncClient:
+        client = AsyncClient(self._reactor)
+        client.host, client.port = self.host, self.port
+        client.encryptMode = self.encryptMode
+        client.timeout = self.timeout
+        client.verifyServerCertificate = self.verifyServerCertificate
+        client.caCertFile = self.caCertFile
+        if self.heloName:
+            client.heloName = self.heloName
+        if self.username:
+            client.authMode = AuthMode.default
+            client.username, client.password = self.username, self.password or ""
+        return client
+
+    def __call__(self, session: Session) -> Deferred:
+        """
+        Forward C{session.msg}; the Deferred fires with C{True} once the
+        smarthost accepted it.
+        """
+        return Deferred.fromCoroutine(self._forward(session))
+
+    async def _forward(self, session: Session) -> bool:
+        where = f"{self.host}:{self.port}"
+        facts = {
+            "sessionId": session.id,
+            "client": f"{session.ip}:{session.port}",
+            "sender": session.mailFrom,
+            "recipients": ",".join(f"<{r}>" for r in session.rcptTo),
+            "size": len(session.msg),
+            "tls": "yes" if session.secure else "no",
+            "smarthost": where,
+        }
+        client = self._client()
+        try:
+            await client.connect()
+            if not await client.authenticate():
+                raise SMTPError(535, f"{where} refused our credentials")
+            refused = await client.sendStream(io.BytesIO(session.msg), session.mailFrom, list(session.rcptTo))
+            await client.disconnect()
+        except SMTPError as e:
+            log.error(
+                "session {sessionId} from {client}: <{sender}> -> {recipients}: "
+                "{smarthost} did not take the message: {error}",
+                error=str(e),
+                **facts,
+            )
+            raise self._reply(e) from None
+        finally:
+            await client.free()
+        for address, (code, text) in refused.items():
+            log.warn(
+                "session {sessionId}: {smarthost} refused <{address}>: {code} {text}",
+                address=address,
+                code=code,
+                text=text,
+                **facts,
+            )
+        log.info(
+            "session {sessionId} from {client}: <{sender}> -> {recipients}, "
+            "{size} bytes, TLS {tls}, relayed to {smarthost}",
+            **facts,
+        )
+        return True
+
+    def _reply(self, error: SMTPError) -> SMTPError:
+        """
+        What our client is told when the smarthost did not take a message.
+        """
+        if isinstance(error, SMTPRecipientsRefused):
+            codes = {code for code, _ in error.refused.values()}
+            if codes and all(500 <= code < 600 for code in codes):
+                return SMTPError(550, "Recipients refused by the smarthost")
+        elif error.code is not None and 500 <= error.code < 600 and error.code != 535:
+            return SMTPError(554, f"Refused by the smarthost: {error.text}")
+        return SMTPError(451, "Cannot forward the message now, try again later")

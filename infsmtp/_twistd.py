@@ -1,0 +1,510 @@
+"""
+C{twistd infsmtp}: the server as users run it.
+
+    twistd -n infsmtp                       # tcp:2525 on 127.0.0.1, ./Maildir
+    twistd -n infsmtp --listen tcp:25 --listen haproxy:tcp:10025 \\
+        --cert cert.pem --key key.pem --auth file:users.txt --maildir /var/mail/in
+
+L{Options} is the command line, L{buildService} turns it into an
+L{SMTPService} (a L{Server} listening on every C{--listen} endpoint), and
+L{serviceMaker} is what the plugin in C{twisted/plugins/} points at.
+
+Wrong configuration is reported in one line on standard error with exit
+status 1, never with a traceback: L{buildService} raises
+L{ConfigurationError} and L{makeService} (twistd's entry point) turns it
+into that line, as L{SMTPService} does for an endpoint that cannot listen.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+from typing import Any, Callable, Iterable
+
+from twisted.application import service
+from twisted.cred import error as credError
+from twisted.cred import strcred
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import threadable, usage
+from twisted.python.failure import Failure
+
+from ._enums import EncryptMode, TLSVersion
+from ._errors import SMTPError
+from ._maildir import MaildirDelivery
+from ._proxy import ProxyProtocolFactory
+from ._server import HANDLER_NAMES, Server
+
+log = Logger(namespace="infsmtp.twistd")
+
+DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
+DEFAULT_MAILDIR = "Maildir"
+HAPROXY_PREFIX = "haproxy:"
+
+
+class ConfigurationError(SMTPError):
+    """
+    A setting the server cannot run with; its text is the one line shown.
+    """
+
+
+def _size(text: str) -> int:
+    """
+    A byte count, optionally with a K, M or G suffix (powers of 1024).
+    """
+    text = text.strip().upper().removesuffix("B")
+    factor = 1
+    for suffix, multiple in (("K", 1024), ("M", 1024**2), ("G", 1024**3)):
+        if text.endswith(suffix):
+            text, factor = text[:-1], multiple
+            break
+    value = int(text) * factor
+    if value < 0:
+        raise ValueError("a size cannot be negative")
+    return value
+
+
+_size.coerceDoc = "Bytes, or with a K, M or G suffix; 0 means no limit."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    """
+    The command line of C{twistd infsmtp}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "An ESMTP server that stores every accepted message in a Maildir "
+        "(or forwards it with --relay).  Without options it listens on "
+        f"{DEFAULT_LISTEN} and delivers into ./{DEFAULT_MAILDIR}."
+    )
+    supportedInterfaces = (IUsernamePassword,)
+
+    optFlags = [
+        ["implicit-tls", None, "TLS from the first byte on every listener (port 465 style); needs --cert."],
+        ["allow-insecure-auth", None, "Offer AUTH without TLS (trusted networks and tests only)."],
+        ["require-auth", None, "Refuse MAIL (530) until the client has authenticated."],
+        ["no-received-header", None, "Do not add a Received: trace header."],
+        ["relay-no-verify", None, "Do not verify the smarthost's certificate (tests only)."],
+    ]
+
+    optParameters = [
+        ["hostname", None, None, "Name in the greeting, EHLO reply and Received: header [default: this host's FQDN]."],
+        ["maildir", "m", None, f"Maildir folder messages are stored in, created if missing [default: ./{DEFAULT_MAILDIR}]."],
+        ["handlers", None, None, "Python file or module whose onConnect/onLogin/onMailFrom/onRcptTo/onReceive/onDisconnect become the handlers."],
+        ["cert", "c", None, "PEM certificate (the chain may follow) offered with STARTTLS, or used by --implicit-tls."],
+        ["key", "k", None, "PEM private key of --cert (unencrypted)."],
+        ["root", None, None, "PEM file of further chain certificates sent after --cert."],
+        ["min-tls", None, "1.2", "Lowest TLS version accepted: 1.0, 1.1, 1.2 or 1.3."],
+        ["max-tls", None, "1.3", "Highest TLS version accepted: 1.0, 1.1, 1.2 or 1.3."],
+        ["max-connections", None, 1000, "Simultaneous sessions; more are answered 421.", int],
+        ["max-message-size", None, 32 * 1024**2, "Largest message accepted, advertised in SIZE.", _size],
+        ["max-recipients", None, 1000, "Recipients per message; more are answered 452.", int],
+        ["timeout", None, 300.0, "Idle seconds before a session is closed with 421.", float],
+        ["pool-size", None, 10, "Threads running handler scripts.", int],
+        ["grace", None, 10.0, "Seconds a stopping server lets transactions in flight finish.", float],
+        ["proxy-timeout", None, 5.0, "Seconds a haproxy: listener waits for the PROXY header.", float],
+        ["relay", None, None, "Forward every message to the smarthost HOST:PORT instead of storing it."],
+        ["relay-tls", None, "starttls", "TLS to the smarthost: none, starttls or implicit."],
+        ["relay-ca", None, None, "PEM trust roots for the smarthost's certificate [default: the system's]."],
+        ["relay-user", None, None, "User name to authenticate to the smarthost with."],
+        ["relay-password-file", None, None, "File whose first line is the smarthost password."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.authErrors: list[str] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Endpoint to listen on, repeatable: tcp:, unix:, systemd:, haproxy:tcp:... [default: tcp:2525:interface=127.0.0.1]."""
+        self["listen"].append(endpoint)
+
+    opt_l = opt_listen
+
+    def opt_auth(self, description: str) -> None:  # type: ignore[override]
+        """Check AUTH with a twisted.cred checker: file:PATH, memory:USER:PASSWORD, unix... (see --help-auth)."""
+        # twistd answers a usage error with its whole help text; a wrong
+        # --auth is a configuration error, reported in one line later.
+        kind, _, argument = description.partition(":")
+        if kind == "file" and not os.path.isfile(argument):
+            # Twisted only warns, then refuses every login.
+            self.authErrors.append(f"--auth {description}: {argument or 'the file name'} is not a readable file")
+            return
+        try:
+            super().opt_auth(description)
+        except usage.UsageError as e:
+            self.authErrors.append(f"--auth {description}: {e}")
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+
+
+# AUTH through twisted.cred ------------------------------------------------
+
+
+class CheckerLogin:
+    """
+    An C{onLogin} handler that asks C{twisted.cred} checkers (those
+    providing L{IUsernamePassword}); the first that accepts wins.
+
+        server.onLogin = CheckerLogin([FilePasswordDB("users.txt")])
+    """
+
+    def __init__(self, checkers: Iterable[Any]) -> None:
+        self.checkers = list(checkers)
+
+    @staticmethod
+    def _credentials(username: str, password: str) -> list[UsernamePassword]:
+        # Twisted's checkers disagree on the type: FilePasswordDB compares
+        # bytes, the in-memory one (strcred's memory:) str.
+        return [
+            UsernamePassword(username.encode("utf-8"), password.encode("utf-8")),
+            UsernamePassword(username, password),  # type: ignore[arg-type]
+        ]
+
+    @defer.inlineCallbacks
+    def __call__(self, session: Any) -> Any:
+        for checker in self.checkers:
+            for credentials in self._credentials(session.username, session.password):
+                try:
+                    yield defer.maybeDeferred(checker.requestAvatarId, credentials)
+                except (credError.UnauthorizedLogin, credError.UnhandledCredentials):
+                    continue
+                return True
+        return False
+
+
+# --handlers ---------------------------------------------------------------
+
+
+def loadHandlers(spec: str) -> dict[str, Callable[..., Any]]:
+    """
+    The handler functions (C{onConnect} ... C{onDisconnect}) defined by a
+    Python file or an importable module.
+
+    @raise ConfigurationError: it cannot be loaded, or defines none.
+    """
+    if spec.endswith(".py") or os.sep in spec or os.path.isfile(spec):
+        path = os.path.abspath(spec)
+        try:
+            with open(path, "rb") as f:
+                source = f.read()
+        except OSError as e:
+            raise ConfigurationError(f"--handlers {spec}: {e.strerror}") from None
+        namespace: dict[str, Any] = {"__name__": "infsmtp_handlers", "__file__": path}
+        try:
+            exec(compile(source, path, "exec"), namespace)
+        except SyntaxError as e:
+            raise ConfigurationError(f"--handlers {spec}: syntax error line {e.lineno}: {e.msg}") from None
+        except Exception as e:
+            raise ConfigurationError(f"--handlers {spec}: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            namespace = vars(importlib.import_module(spec))
+        except Exception as e:
+            raise ConfigurationError(f"--handlers {spec}: cannot import: {e}") from None
+    found = {name: namespace[name] for name in HANDLER_NAMES if callable(namespace.get(name))}
+    if not found:
+        raise ConfigurationError(f"--handlers {spec} defines none of {', '.join(HANDLER_NAMES)}")
+    return found
+
+
+# The service --------------------------------------------------------------
+
+
+def describeAddress(address: Any) -> str:
+    """
+    C{127.0.0.1:2525}, C{[::1]:2525} or C{unix:/path}, for log lines.
+    """
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, UNIXAddress):
+        name = address.name.decode("utf-8", "replace") if isinstance(address.name, bytes) else address.name
+        return f"unix:{name}"
+    return str(address)
+
+
+class SMTPService(service.Service):
+    """
+    A L{Server} listening on several endpoints, stopped gracefully.
+
+    @param server: the configured server (its own C{port}/C{endpoint} are
+        not used).
+    @param listen: endpoint strings (a C{haproxy:} prefix puts our PROXY
+        protocol reader in front) or L{IStreamServerEndpoint}s.
+    @param grace: seconds stopping lets transactions in flight finish.
+    @param proxyTimeout: seconds a C{haproxy:} listener waits for the
+        header.
+    @raise ConfigurationError: an endpoint string does not parse.
+    """
+
+    #: Set by twistd's L{makeService}: a listener that fails to start ends
+    #: the process with one line on standard error.
+    exitOnListenFailure = False
+    #: Set by twistd's L{makeService}: SIGTERM stops gracefully with exit
+    #: status 0 (Twisted's own handler makes the process die of the signal).
+    handleSigterm = False
+
+    def __init__(
+        self,
+        server: Server,
+        listen: Iterable[str | IStreamServerEndpoint],
+        grace: float = 10,
+        proxyTimeout: float = 5,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.server = server
+        self.grace = grace
+        self.proxyTimeout = proxyTimeout
+        self._reactor = reactor
+        self._ports: list[Any] = []
+        self._listening = False
+        self.endpoints: list[tuple[str, IStreamServerEndpoint, bool]] = []
+        for description in listen:
+            if not isinstance(description, str):
+                self.endpoints.append((repr(description), description, False))
+                continue
+            proxied = description.startswith(HAPROXY_PREFIX)
+            inner = description[len(HAPROXY_PREFIX) :] if proxied else description
+            try:
+                endpoint = serverFromString(reactor, inner)
+            except Exception as e:
+                raise ConfigurationError(f"--listen {description}: {e}") from None
+            self.endpoints.append((description, endpoint, proxied))
+
+    def _factory(self, proxied: bool) -> Any:
+        factory = self.server.buildFactory()
+        if proxied:
+            factory = ProxyProtocolFactory(factory, self.proxyTimeout, self._reactor)
+        return factory
+
+    def _listen(self) -> None:
+        if self._listening:
+            return
+        self._listening = True
+        tls = "implicit TLS" if self.server.implicit else ("STARTTLS" if self.server.ssl else "plaintext")
+        for description, endpoint, proxied in self.endpoints:
+            outcome: list[Any] = []
+            d = endpoint.listen(self._factory(proxied))
+            d.addCallback(self._listened, description, tls)
+            d.addErrback(self._listenFailed, description)
+            d.addBoth(outcome.append)
+            if outcome and isinstance(outcome[0], Failure):
+                error = outcome[0].value
+                if self.exitOnListenFailure:
+                    _exit(str(error))
+                raise error
+
+    def _listened(self, port: Any, description: str, tls: str) -> Any:
+        self._ports.append(port)
+        log.info(
+            "infsmtp listening on {address} ({tls}{proxy})",
+            address=describeAddress(port.getHost()),
+            tls=tls,
+            proxy=", PROXY protocol" if description.startswith(HAPROXY_PREFIX) else "",
+            endpoint=description,
+        )
+        return port
+
+    def _listenFailed(self, failure: Failure, description: str) -> Failure:
+        error = ConfigurationError(f"cannot listen on {description}: {failure.getErrorMessage()}")
+        log.critical("{error}", error=str(error))
+        return Failure(error)
+
+    def privilegedStartService(self) -> None:
+        # Bind before twistd sheds privileges (ports below 1024).
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+        if self.handleSigterm:
+            self._reactor.callWhenRunning(self._installSigterm)
+
+    def _installSigterm(self) -> None:
+        # After startup, so that this replaces the reactor's own handler.
+        if threadable.isInIOThread() and hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, self._sigterm)
+
+    def _sigterm(self, number: int, frame: Any) -> None:
+        log.info("SIGTERM: stopping; transactions in flight have {grace:g} seconds", grace=self.grace)
+        self._reactor.callFromThread(self._reactor.stop)
+
+    def stopService(self) -> defer.Deferred:
+        """
+        Stop listening at once; idle sessions get 421 4.3.2, transactions in
+        flight may finish within the grace period.
+        """
+        super().stopService()
+        ports, self._ports = self._ports, []
+        self._listening = False
+        stopped = [defer.maybeDeferred(port.stopListening) for port in ports]
+        stopped.append(self.server.stopListening(self.grace))
+        return defer.gatherResults(stopped, consumeErrors=True).addCallback(lambda _: None)
+
+
+# Options -> service -------------------------------------------------------
+
+
+def _tlsVersion(options: Options, name: str) -> TLSVersion:
+    try:
+        return TLSVersion.fromName(options[name])
+    except ValueError as e:
+        raise ConfigurationError(f"--{name}: {e}") from None
+
+
+def _hostPort(text: str, default: int = 25) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(f"--relay {text}: expected HOST:PORT")
+    return host, int(port)
+
+
+def _relayDelivery(options: Options) -> Any:
+    from ._relay import RelayDelivery
+
+    host, port = _hostPort(options["relay"])
+    modes = {"none": EncryptMode.none, "starttls": EncryptMode.startTls, "implicit": EncryptMode.sslTls}
+    mode = modes.get(options["relay-tls"].lower())
+    if mode is None:
+        raise ConfigurationError(f"--relay-tls {options['relay-tls']}: use none, starttls or implicit")
+    password = None
+    if options["relay-password-file"]:
+        try:
+            with open(options["relay-password-file"], encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise ConfigurationError(f"--relay-password-file {options['relay-password-file']}: {e.strerror}") from None
+    if options["relay-ca"] and not os.path.isfile(options["relay-ca"]):
+        raise ConfigurationError(f"--relay-ca {options['relay-ca']}: no such file")
+    return RelayDelivery(
+        host,
+        port,
+        encryptMode=mode,
+        username=options["relay-user"],
+        password=password,
+        caCertFile=options["relay-ca"],
+        verifyServerCertificate=not options["relay-no-verify"],
+    )
+
+
+def buildServer(options: Options) -> Server:
+    """
+    The L{Server} the options describe, handlers and delivery included.
+
+    @raise ConfigurationError: with the one line to show.
+    """
+    if options.authErrors:
+        raise ConfigurationError(options.authErrors[0])
+    if options["key"] and not options["cert"]:
+        raise ConfigurationError("--key needs --cert")
+    if options["cert"] and not options["key"]:
+        raise ConfigurationError("--cert needs --key")
+    if options["implicit-tls"] and not options["cert"]:
+        raise ConfigurationError("--implicit-tls needs --cert and --key")
+    if options["relay"] and options["maildir"]:
+        raise ConfigurationError("--relay and --maildir are exclusive: a message is either forwarded or stored")
+    for name in ("max-connections", "max-recipients", "pool-size"):
+        if options[name] < 1:
+            raise ConfigurationError(f"--{name} must be at least 1")
+
+    server = Server(
+        ssl=bool(options["cert"]),
+        maxConnections=options["max-connections"],
+        poolSize=options["pool-size"],
+        minProtocol=_tlsVersion(options, "min-tls"),
+        maxProtocol=_tlsVersion(options, "max-tls"),
+        implicitTls=bool(options["implicit-tls"]),
+        hostname=options["hostname"],
+        maxMessageSize=options["max-message-size"],
+        maxRecipients=options["max-recipients"],
+        timeout=options["timeout"],
+        allowInsecureAuth=bool(options["allow-insecure-auth"]),
+        requireAuth=bool(options["require-auth"]),
+        receivedHeader=not options["no-received-header"],
+        shutdownGrace=options["grace"],
+    )
+    if options["cert"]:
+        try:
+            server.setCertificate(options["cert"], options["key"], options["root"])
+        except SMTPError as e:
+            raise ConfigurationError(str(e)) from None
+
+    handlers = loadHandlers(options["handlers"]) if options["handlers"] else {}
+    checkers = options.get("credInterfaces", {}).get(IUsernamePassword, [])
+    if checkers:
+        if "onLogin" in handlers:
+            raise ConfigurationError("--auth and an onLogin in --handlers are exclusive: choose one")
+        handlers["onLogin"] = CheckerLogin(checkers)
+    elif options["require-auth"] and "onLogin" not in handlers:
+        raise ConfigurationError("--require-auth needs --auth (or an onLogin handler)")
+    if "onReceive" not in handlers:
+        if options["relay"]:
+            handlers["onReceive"] = _relayDelivery(options)
+        else:
+            try:
+                handlers["onReceive"] = MaildirDelivery(options["maildir"] or DEFAULT_MAILDIR)
+            except SMTPError as e:
+                raise ConfigurationError(str(e)) from None
+    for name, handler in handlers.items():
+        setattr(server, name, handler)
+    return server
+
+
+def buildService(options: Options, reactor: Any = None) -> SMTPService:
+    """
+    The service the options describe; see L{makeService} for twistd's.
+
+    @raise ConfigurationError: with the one line to show.
+    """
+    server = buildServer(options)
+    return SMTPService(server, options["listen"], options["grace"], options["proxy-timeout"], reactor)
+
+
+def _exit(message: str) -> None:
+    # Logging may have taken sys.stderr over by now; the line is for the
+    # person at the terminal.
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"twistd infsmtp: error: {message}\n")
+    stream.flush()
+    raise SystemExit(1)
+
+
+def makeService(options: Options) -> SMTPService:
+    """
+    twistd's entry point: L{buildService}, with a configuration error shown
+    in one line (exit status 1), and SIGTERM stopping gracefully with exit
+    status 0.
+    """
+    try:
+        svc = buildService(options)
+    except ConfigurationError as e:
+        _exit(e.text)
+    svc.exitOnListenFailure = True
+    svc.handleSigterm = True
+    return svc
+
+
+#: The twistd plugin (see C{twisted/plugins/infsmtp_plugin.py}).
+serviceMaker = service.ServiceMaker(
+    "infsmtp",
+    __name__,
+    "An ESMTP server delivering into a Maildir (or relaying), with handler hooks.",
+    "infsmtp",
+)

@@ -1,0 +1,9 @@
+"""
+The C{twistd infsmtp} plugin.  Everything lives in L{infsmtp._twistd}; this
+package has no C{__init__.py}, so that it merges into Twisted's own
+C{twisted.plugins}.
+"""
+
+from infsmtp._twistd import serviceMaker
+
+__all__ = ["serviceMaker"]
