@@ -1,5 +1,5 @@
 """
-Write-through for plain TCP transports.
+Write-through for plain TCP transports (server and client sides).
 
 Twisted's C{transport.write} always buffers: the bytes wait for the next
 reactor iteration, which costs two C{epoll_ctl} calls and a write event per
@@ -16,6 +16,11 @@ from typing import Any
 from twisted.internet import tcp
 
 
+# Exactly these classes: a subclass or a wrapper (TLS, PROXY) may buffer or
+# transform what it is given.
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
 def _pending(transport: tcp.Connection) -> int:
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
@@ -25,7 +30,7 @@ def writeNow(transport: Any, data: bytes) -> None:
     Write C{data} to C{transport}, sending it immediately when possible.
     """
     if (
-        type(transport) is tcp.Server
+        type(transport) in _PLAIN_TCP
         and not transport.TLS
         and transport.connected
         and not transport.disconnecting
