@@ -23,7 +23,17 @@ import time
 import pytest
 
 from infsmtp._twistd import DEFAULT_LISTEN, Options
-from twistdprocess import EPHEMERAL, TWISTD, Twistd, childEnvironment, maildirFiles, poll, runTwistd
+from twistdprocess import (  # noqa: F401 (smarthost is a fixture)
+    EPHEMERAL,
+    TWISTD,
+    Twistd,
+    childEnvironment,
+    freePort,
+    maildirFiles,
+    poll,
+    runTwistd,
+    smarthost,
+)
 
 SWAKS = shutil.which("swaks")
 SMTP_SOURCE = "/usr/sbin/smtp-source" if os.access("/usr/sbin/smtp-source", os.X_OK) else None
@@ -322,46 +332,6 @@ def test_handlersModule(tmp_path, twistd, monkeypatch):
 
 
 # Relay ------------------------------------------------------------------------
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Sink:
-    """
-    An aiosmtpd handler keeping what it accepts; refuses refuse@ (550) and
-    any message whose subject says "reject" (554).
-    """
-
-    def __init__(self) -> None:
-        self.envelopes: list[tuple[str, list[str], bytes]] = []
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address.startswith("refuse@"):
-            return "550 5.1.1 No such user"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):
-        if b"Subject: reject" in envelope.original_content:
-            return "554 5.7.1 Rejected by the sink"
-        self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
-        return "250 OK sunk"
-
-
-@pytest.fixture
-def smarthost():
-    from aiosmtpd.controller import Controller
-
-    sink = Sink()
-    controller = Controller(sink, hostname="127.0.0.1", port=freePort())
-    controller.start()
-    sink.port = controller.port
-    yield sink
-    controller.stop()
 
 
 def test_relayIntoAiosmtpd(tmp_path, twistd, smarthost):

@@ -13,10 +13,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from typing import Sequence
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -168,3 +171,46 @@ def maildirFiles(path: str, sub: str = "new") -> list[str]:
     if not os.path.isdir(folder):
         return []
     return sorted(os.listdir(folder))
+
+
+# An independent smarthost -----------------------------------------------
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sink:
+    """
+    An aiosmtpd handler keeping what it accepts; refuses refuse@ (550) and
+    any message whose subject says "reject" (554).
+    """
+
+    def __init__(self) -> None:
+        self.envelopes: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("refuse@"):
+            return "550 5.1.1 No such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if b"Subject: reject" in envelope.original_content:
+            return "554 5.7.1 Rejected by the sink"
+        self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 OK sunk"
+
+
+@pytest.fixture
+def smarthost():
+    from aiosmtpd.controller import Controller
+
+    sink = Sink()
+    controller = Controller(sink, hostname="127.0.0.1", port=freePort())
+    controller.start()
+    sink.port = controller.port
+    yield sink
+    controller.stop()
