@@ -144,7 +144,7 @@ class MaildirDelivery:
     def _content(session: Session) -> bytes:
         # The server refuses bare CR and LF in DATA, so every line ends in
         # CRLF and this conversion to the local line ending is exact.
-        returnPath = f"Return-Path: <{session.mailFrom}>\n".encode("utf-8")
+        returnPath = f"Return-Path: <{session.mailFrom}>\n".encode()
         return returnPath + session.msg.replace(b"\r\n", b"\n")
 
     def uniqueName(self) -> str:

@@ -197,7 +197,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     proxied addresses as its peer and host.
     """
 
-    factory: "ProxyProtocolFactory"
+    factory: ProxyProtocolFactory
     _header: ProxyHeader | None = None
     _timer: Any = None
 

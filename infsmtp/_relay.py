@@ -127,7 +127,7 @@ class RelayDelivery:
         finally:
             await client.free()
         for address, (code, text) in refused.items():
-            log.warn(
+            log.warn(  # noqa: G010 (twisted.logger.Logger has warn, not warning)
                 "session {sessionId}: {smarthost} refused <{address}>: {code} {text}",
                 address=address,
                 code=code,

@@ -21,7 +21,8 @@ import importlib
 import os
 import signal
 import sys
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 from twisted.application import service
 from twisted.cred import error as credError
@@ -86,7 +87,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     )
     supportedInterfaces = (IUsernamePassword,)
 
-    optFlags = [
+    optFlags: ClassVar[list[list[str | None]]] = [
         ["implicit-tls", None, "TLS from the first byte on every listener (port 465 style); needs --cert."],
         ["allow-insecure-auth", None, "Offer AUTH without TLS (trusted networks and tests only)."],
         ["require-auth", None, "Refuse MAIL (530) until the client has authenticated."],
@@ -94,7 +95,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["relay-no-verify", None, "Do not verify the smarthost's certificate (tests only)."],
     ]
 
-    optParameters = [
+    optParameters: ClassVar[list[list[Any]]] = [
         ["hostname", None, None, "Name in the greeting, EHLO reply and Received: header [default: this host's FQDN]."],
         ["maildir", "m", None, f"Maildir folder messages are stored in, created if missing [default: ./{DEFAULT_MAILDIR}]."],
         ["handlers", None, None, "Python file or module whose onConnect/onLogin/onMailFrom/onRcptTo/onReceive/onDisconnect become the handlers."],
@@ -201,15 +202,15 @@ def loadHandlers(spec: str) -> dict[str, Callable[..., Any]]:
             raise ConfigurationError(f"--handlers {spec}: {e.strerror}") from None
         namespace: dict[str, Any] = {"__name__": "infsmtp_handlers", "__file__": path}
         try:
-            exec(compile(source, path, "exec"), namespace)
+            exec(compile(source, path, "exec"), namespace)  # noqa: S102 (running the handlers file is the point)
         except SyntaxError as e:
             raise ConfigurationError(f"--handlers {spec}: syntax error line {e.lineno}: {e.msg}") from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (whatever the user's file raised, shown in one line)
             raise ConfigurationError(f"--handlers {spec}: {type(e).__name__}: {e}") from None
     else:
         try:
             namespace = vars(importlib.import_module(spec))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (as above, for a module)
             raise ConfigurationError(f"--handlers {spec}: cannot import: {e}") from None
     found = {name: namespace[name] for name in HANDLER_NAMES if callable(namespace.get(name))}
     if not found:
@@ -280,7 +281,7 @@ class SMTPService(service.Service):
             inner = description[len(HAPROXY_PREFIX) :] if proxied else description
             try:
                 endpoint = serverFromString(reactor, inner)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 (endpoint parsers raise anything)
                 raise ConfigurationError(f"--listen {description}: {e}") from None
             self.endpoints.append((description, endpoint, proxied))
 

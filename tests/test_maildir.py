@@ -154,8 +154,8 @@ async def test_handlerStoresSessionMessage(tmp_path):
     result = await delivery(session).addTimeout(WAIT, reactor)
     assert result is True
     [key] = os.listdir(tmp_path / "Maildir" / "new")
-    with open(tmp_path / "Maildir" / "new" / key, "rb") as f:
-        assert f.read() == b"Return-Path: <>\nSubject: bounce\n\nbody\n"
+    stored = (tmp_path / "Maildir" / "new" / key).read_bytes()
+    assert stored == b"Return-Path: <>\nSubject: bounce\n\nbody\n"
 
 
 @pytest_twisted.ensureDeferred
@@ -205,7 +205,7 @@ async def test_writeFailureAnswers451(tmp_path, serveMaildir):
     server = await serveMaildir(MaildirDelivery(str(maildir)))
     os.rmdir(maildir / "tmp")
     (maildir / "tmp").write_text("in the way")
-    code, text = await inThread(sendExpectingError, server.port)
+    code, _ = await inThread(sendExpectingError, server.port)
     assert code == 451
     assert os.listdir(maildir / "new") == []
 

@@ -17,7 +17,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from infsmtp._proxy import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, ProxyHeaderParser, ProxyProtocolFactory
+from infsmtp._proxy import (
+    V2_SIGNATURE,
+    ProxyHeader,
+    ProxyHeaderError,
+    ProxyHeaderParser,
+    ProxyProtocolFactory,
+)
 
 V1 = b"PROXY TCP4 203.0.113.7 192.0.2.25 40000 25\r\n"
 

@@ -9,15 +9,14 @@ import os
 import smtplib
 
 import pytest
-
-from twistdprocess import (  # noqa: F401 (smarthost is a fixture)
+from twistdprocess import (
     EPHEMERAL,
     REPO,
     Twistd,
     childEnvironment,
     freePort,
     maildirFiles,
-    smarthost,
+    runSmarthost,
 )
 
 MESSAGE = (
@@ -27,6 +26,14 @@ MESSAGE = (
     b"\r\n"
     b"Hello Bob.\r\n"
 )
+
+
+@pytest.fixture
+def smarthost():
+    """
+    An aiosmtpd smarthost (see L{twistdprocess.Sink}).
+    """
+    yield from runSmarthost()
 
 
 @pytest.fixture

@@ -17,13 +17,10 @@ import socket
 import ssl
 import struct
 import subprocess
-import threading
 import time
 
 import pytest
-
-from infsmtp._twistd import DEFAULT_LISTEN, Options
-from twistdprocess import (  # noqa: F401 (smarthost is a fixture)
+from twistdprocess import (
     EPHEMERAL,
     TWISTD,
     Twistd,
@@ -31,9 +28,11 @@ from twistdprocess import (  # noqa: F401 (smarthost is a fixture)
     freePort,
     maildirFiles,
     poll,
+    runSmarthost,
     runTwistd,
-    smarthost,
 )
+
+from infsmtp._twistd import DEFAULT_LISTEN, Options
 
 SWAKS = shutil.which("swaks")
 SMTP_SOURCE = "/usr/sbin/smtp-source" if os.access("/usr/sbin/smtp-source", os.X_OK) else None
@@ -88,6 +87,7 @@ def smtplibSend(port: int, message: bytes = MESSAGE, recipients=("bob@example.ne
 def swaks(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [SWAKS, "--from", "alice@example.org", "--to", "bob@example.net", "--helo", "swaks.test", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=30,
@@ -100,20 +100,26 @@ def swaks(*args: str) -> subprocess.CompletedProcess:
 def test_twistdListsThePlugin(tmp_path):
     """
     C{twistd --help} lists infsmtp among Twisted's own commands, and
-    C{twistd infsmtp --help} documents every option in one line each.
+    C{twistd infsmtp --help} documents every option.
     """
-    listing = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, env=childEnvironment(), cwd=tmp_path, timeout=30)
-    assert re.search(r"^\s+infsmtp\s+\S", listing.stdout, re.M), listing.stdout
-    assert re.search(r"^\s+web\s+", listing.stdout, re.M)  # Twisted's own plugins still there
 
-    usage = subprocess.run([TWISTD, "infsmtp", "--help"], capture_output=True, text=True, env=childEnvironment(), cwd=tmp_path, timeout=30)
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [TWISTD, *args], check=False, capture_output=True, text=True, env=childEnvironment(), cwd=tmp_path, timeout=30
+        )
+
+    listing = run("--help")
+    assert re.search(r"^\s+infsmtp\s+\S", listing.stdout, re.MULTILINE), listing.stdout
+    assert re.search(r"^\s+web\s+", listing.stdout, re.MULTILINE)  # Twisted's own plugins still there
+
+    usage = run("infsmtp", "--help")
     assert usage.returncode == 0
     for option in (
         "--listen", "--hostname", "--maildir", "--handlers", "--cert", "--key", "--root", "--implicit-tls",
         "--min-tls", "--max-tls", "--auth", "--max-connections", "--max-message-size", "--max-recipients",
         "--timeout", "--pool-size", "--relay", "--grace", "--proxy-timeout",
     ):
-        assert re.search(rf"^\s+(-\w, )?{option}\b", usage.stdout, re.M), option
+        assert re.search(rf"^\s+(-\w, )?{option}=?\s+[A-Z]", usage.stdout, re.MULTILINE), option
     assert "haproxy:" in usage.stdout
 
 
@@ -334,6 +340,14 @@ def test_handlersModule(tmp_path, twistd, monkeypatch):
 # Relay ------------------------------------------------------------------------
 
 
+@pytest.fixture
+def smarthost():
+    """
+    An aiosmtpd smarthost (see L{twistdprocess.Sink}).
+    """
+    yield from runSmarthost()
+
+
 def test_relayIntoAiosmtpd(tmp_path, twistd, smarthost):
     """
     --relay forwards through AsyncClient: the 250 means the smarthost has
@@ -357,6 +371,12 @@ def test_relayIntoAiosmtpd(tmp_path, twistd, smarthost):
     assert refused.value.smtp_code == 550
     assert len(smarthost.envelopes) == 1
     child.waitLog(r"relayed to 127\.0\.0\.1:\d+")
+
+    # Some recipients refused by the smarthost: the others have the message,
+    # so it is acknowledged (a 451 would duplicate it), and the refusal logged.
+    assert smtplibSend(child.port, recipients=("dave@example.net", "refuse@example.net")) == {}
+    assert smarthost.envelopes[-1][1] == ["dave@example.net"]
+    child.waitLog(r"refused <refuse@example\.net>: 550 ")
 
     down = twistd("--relay", f"127.0.0.1:{freePort()}", "--relay-tls", "none", cwd=tmp_path / "down" if (tmp_path / "down").mkdir() is None else None)
     with pytest.raises(smtplib.SMTPDataError) as later:
@@ -505,7 +525,7 @@ def test_sigtermDuring500MessageRun(tmp_path, twistd):
         match = re.search(rb"\n\tid (\w+)", data)
         assert match, data[:300]
         storedIds[match.group(1).decode()] = data
-        head, _, body = data.partition(b"\n\n")
+        _, _, body = data.partition(b"\n\n")
         sizes.add(len(body))
     missing = acknowledged - set(storedIds)
     assert not missing, f"{len(missing)} acknowledged messages are not in the Maildir"

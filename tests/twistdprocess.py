@@ -17,9 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Sequence
-
-import pytest
+from collections.abc import Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -160,6 +158,7 @@ def runTwistd(args: Sequence[str], cwd: str, deadline: float = DEADLINE) -> subp
         [TWISTD, "-n", "--pidfile=", "--logfile", os.path.join(str(cwd), "twistd.log"), *args],
         cwd=str(cwd),
         env=childEnvironment(),
+        check=False,
         capture_output=True,
         text=True,
         timeout=deadline,
@@ -204,8 +203,11 @@ class Sink:
         return "250 OK sunk"
 
 
-@pytest.fixture
-def smarthost():
+def runSmarthost():
+    """
+    An aiosmtpd server with a L{Sink} on a free loopback port, for the
+    length of a fixture (C{yield from runSmarthost()}).
+    """
     from aiosmtpd.controller import Controller
 
     sink = Sink()
