@@ -7,6 +7,7 @@ peer).
 from __future__ import annotations
 
 import smtplib
+import socket
 import ssl
 
 import pytest
@@ -144,5 +145,37 @@ async def test_starttls_then_auth(certificateAuthority):
         secure, authenticated, username, withLine = seen[0]
         assert (secure, authenticated, username) == (True, True, "bob")
         assert withLine.startswith(b"\tby localhost (infsmtp) with ESMTPSA (TLSv1.3)")
+    finally:
+        await server.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelining_with_a_pending_handler_over_implicit_tls(certificateAuthority):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    server, _ = await startTLSServer(certificateAuthority)
+    server.onMailFrom = lambda s: deferLater(reactor, 0.1, lambda: True)
+
+    def run():
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        with clientContext(certificateAuthority).wrap_socket(raw, server_hostname="localhost") as tls:
+            reader = tls.makefile("rb")
+            assert reader.readline().startswith(b"220 ")
+            tls.sendall(
+                b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
+                b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+            )
+            codes = []
+            while True:
+                line = reader.readline()
+                if not line:
+                    break
+                if line[3:4] == b" ":
+                    codes.append(int(line[:3]))
+            return codes
+
+    try:
+        assert await deferToThread(run) == [250, 250, 250, 354, 250, 221]
     finally:
         await server.stopListening()
