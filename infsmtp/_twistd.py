@@ -249,9 +249,13 @@ class SMTPService(service.Service):
     @raise ConfigurationError: an endpoint string does not parse.
     """
 
-    #: Set by twistd's L{makeService}: a listener that fails to start ends
-    #: the process with one line on standard error.
+    #: Set by twistd's L{makeService} when not daemonizing: a listener that
+    #: fails to start ends the process with one line on standard error
+    #: (a daemon raises instead, and twistd reports it through its status
+    #: pipe to the waiting parent).
     exitOnListenFailure = False
+    #: twistd's pid file, removed when exiting that way.
+    pidfile: str | None = None
     #: Set by twistd's L{makeService}: SIGTERM stops gracefully with exit
     #: status 0 (Twisted's own handler makes the process die of the signal).
     handleSigterm = False
@@ -305,8 +309,19 @@ class SMTPService(service.Service):
             if outcome and isinstance(outcome[0], Failure):
                 error = outcome[0].value
                 if self.exitOnListenFailure:
+                    self._removePidfile()
                     _exit(str(error))
                 raise error
+
+    def _removePidfile(self) -> None:
+        # twistd removes it only when startup fails with an exception.
+        try:
+            with open(self.pidfile or "", encoding="ascii") as f:
+                ours = int(f.read().strip() or 0) == os.getpid()
+            if ours:
+                os.remove(self.pidfile or "")
+        except (OSError, ValueError):
+            pass
 
     def _listened(self, port: Any, description: str, tls: str) -> Any:
         self._ports.append(port)
@@ -497,7 +512,9 @@ def makeService(options: Options) -> SMTPService:
         svc = buildService(options)
     except ConfigurationError as e:
         _exit(e.text)
-    svc.exitOnListenFailure = True
+    twistdOptions = getattr(options, "parent", None) or {}
+    svc.exitOnListenFailure = bool(twistdOptions.get("nodaemon"))
+    svc.pidfile = twistdOptions.get("pidfile") or None
     svc.handleSigterm = True
     return svc
 

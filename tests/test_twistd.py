@@ -580,10 +580,11 @@ def test_wrongConfigurationIsOneLine(tmp_path, certificateAuthority, case):
         if "--listen" not in args:
             args = ["--listen", EPHEMERAL, *args]
     try:
-        result = runTwistd(["infsmtp", *args], tmp_path)
+        result = runTwistd(["infsmtp", *args], tmp_path, pidfile="twistd.pid")
     finally:
         if busy is not None:
             busy.close()
+    assert not (tmp_path / "twistd.pid").exists()
     lines = result.stderr.splitlines()
     assert result.returncode == 1, result
     assert len(lines) == 1, result.stderr
@@ -591,3 +592,39 @@ def test_wrongConfigurationIsOneLine(tmp_path, certificateAuthority, case):
     assert expected in lines[0]
     log = (tmp_path / "twistd.log").read_text() if (tmp_path / "twistd.log").exists() else ""
     assert "Traceback" not in result.stderr + result.stdout + log
+
+
+def test_daemonMode(tmp_path):
+    """
+    Without -n: the daemon delivers into ./Maildir of the folder it was
+    started in and stops on SIGTERM; a port in use makes the waiting parent
+    exit 1 with twistd's message instead of hanging.
+    """
+    pidfile = tmp_path / "twistd.pid"
+    started = runTwistd(["infsmtp", "--listen", EPHEMERAL], tmp_path, pidfile=str(pidfile), daemon=True)
+    assert started.returncode == 0, started.stderr
+    pid = int(poll(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the pid file"))
+    try:
+        log = poll(lambda: re.search(r"infsmtp listening on 127\.0\.0\.1:(\d+)", (tmp_path / "twistd.log").read_text()),
+                   what="the listening line")
+        port = int(log.group(1))
+        assert smtplibSend(port) == {}
+        assert len(storedMessages(tmp_path / "Maildir")) == 1
+
+        (tmp_path / "second").mkdir()
+        busy = runTwistd(["infsmtp", "--listen", f"tcp:{port}:interface=127.0.0.1"], tmp_path / "second",
+                         pidfile="other.pid", daemon=True)
+        assert busy.returncode == 1
+        assert "ConfigurationError: cannot listen on" in busy.stderr
+    finally:
+        os.kill(pid, 15)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    poll(gone, what="the daemon to exit")
+    assert not pidfile.exists()

@@ -150,12 +150,15 @@ class Twistd:
             self.process.wait(5)
 
 
-def runTwistd(args: Sequence[str], cwd: str, deadline: float = DEADLINE) -> subprocess.CompletedProcess:
+def runTwistd(
+    args: Sequence[str], cwd: str, deadline: float = DEADLINE, pidfile: str = "", daemon: bool = False
+) -> subprocess.CompletedProcess:
     """
-    Run a twistd that is expected to exit by itself (wrong configuration).
+    Run a twistd that is expected to exit by itself (wrong configuration,
+    or a daemon's parent).
     """
     return subprocess.run(
-        [TWISTD, "-n", "--pidfile=", "--logfile", os.path.join(str(cwd), "twistd.log"), *args],
+        [TWISTD, *([] if daemon else ["-n"]), f"--pidfile={pidfile}", "--logfile", os.path.join(str(cwd), "twistd.log"), *args],
         cwd=str(cwd),
         env=childEnvironment(),
         check=False,
