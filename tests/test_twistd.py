@@ -385,6 +385,47 @@ def test_relayIntoAiosmtpd(tmp_path, twistd, smarthost):
     assert not (tmp_path / "Maildir").exists()
 
 
+
+def test_relayWithStarttlsAndAuth(tmp_path, twistd, certificateAuthority):
+    """
+    --relay-tls starttls with --relay-ca, --relay-user and
+    --relay-password-file: the smarthost (which insists on both) verifies
+    our login over TLS; a wrong password is a 451, not a lost message.
+    """
+    from aiosmtpd.smtp import AuthResult
+
+    leaf = certificateAuthority.localhost
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(leaf.certFile, leaf.keyFile)
+    logins = []
+
+    def authenticator(server, session, envelope, mechanism, data):
+        logins.append((data.login, session.ssl is not None))
+        # handled=False: aiosmtpd then answers a refusal with 535 itself.
+        return AuthResult(success=(data.login, data.password) == (b"relayuser", b"relay pass"), handled=False)
+
+    smarthost = runSmarthost(
+        tls_context=context, require_starttls=True, authenticator=authenticator, auth_require_tls=True
+    )
+    sink = next(smarthost)
+    try:
+        (tmp_path / "password").write_text("relay pass\n")
+        (tmp_path / "wrong").write_text("guess\n")
+        relay = ["--relay", f"127.0.0.1:{sink.port}", "--relay-ca", certificateAuthority.certFile, "--relay-user", "relayuser"]
+        child = twistd(*relay, "--relay-password-file", "password")
+        assert smtplibSend(child.port) == {}
+        assert len(sink.envelopes) == 1 and logins == [(b"relayuser", True)]
+
+        (tmp_path / "wrong-password").mkdir()
+        wrong = twistd(*relay, "--relay-password-file", str(tmp_path / "wrong"), cwd=tmp_path / "wrong-password")
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            smtplibSend(wrong.port)
+        assert refused.value.smtp_code == 451
+        assert len(sink.envelopes) == 1
+    finally:
+        smarthost.close()
+
+
 # PROXY protocol ----------------------------------------------------------------
 
 

@@ -206,15 +206,16 @@ class Sink:
         return "250 OK sunk"
 
 
-def runSmarthost():
+def runSmarthost(**settings):
     """
     An aiosmtpd server with a L{Sink} on a free loopback port, for the
-    length of a fixture (C{yield from runSmarthost()}).
+    length of a fixture (C{yield from runSmarthost()}); C{settings} go to
+    its C{Controller} (TLS, authenticator, ...).
     """
     from aiosmtpd.controller import Controller
 
     sink = Sink()
-    controller = Controller(sink, hostname="127.0.0.1", port=freePort())
+    controller = Controller(sink, hostname="127.0.0.1", port=freePort(), **settings)
     controller.start()
     sink.port = controller.port
     yield sink
