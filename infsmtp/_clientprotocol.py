@@ -19,12 +19,12 @@ from __future__ import annotations
 import base64
 from collections import deque
 from dataclasses import dataclass
-from typing import IO, Callable, Iterable, Sequence
+from typing import IO, Any, Callable, Iterable, Sequence
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPullProducer
 from twisted.mail._cred import CramMD5ClientAuthenticator, LOGINAuthenticator
 from twisted.mail.interfaces import IClientAuthentication
 from twisted.mail.smtp import ESMTPClient, PLAINAuthenticator
@@ -96,28 +96,42 @@ class ReplyParser:
         """
         Add one line; return the reply it completes, if any.
         """
-        separator = line[3:4]
-        if not (
-            len(line) >= 3
-            and line[:1] in b"2345"
-            and line[1:2] in b"012345"
-            and line[2:3].isdigit()
-            and separator in (b"", b" ", b"-")
-        ):
+        # One look-up checks the code's digits and the separator after it.
+        kind = _REPLY_PREFIXES.get(line[:4])
+        if kind is None:
             raise SMTPError(f"malformed reply line from the server: {line[:80]!r}")
-        code = int(line[:3])
-        if self._code is not None and code != self._code:
+        code, last = kind
+        text = line[4:].decode("utf-8", "replace")
+        if self._code is None:
+            if last:
+                return Reply(code, (text,))
+        elif code != self._code:
             raise SMTPError(
                 f"reply line with code {code} inside a reply with code {self._code}"
             )
-        self._lines.append(line[4:].decode("utf-8", "replace"))
-        if separator == b"-":
+        self._lines.append(text)
+        if not last:
             self._code = code
             return None
         reply = Reply(code, tuple(self._lines))
         self._code = None
         self._lines = []
         return reply
+
+
+def _replyPrefixes() -> dict[bytes, tuple[int, bool]]:
+    # The first bytes of every well-formed reply line -> (code, whether the
+    # line ends its reply): "250 " and a bare "250" end it, "250-" does not.
+    prefixes = {}
+    for code in range(200, 560):
+        digits = b"%d" % code
+        if digits[1:2] in b"012345":
+            prefixes[digits] = prefixes[digits + b" "] = (code, True)
+            prefixes[digits + b"-"] = (code, False)
+    return prefixes
+
+
+_REPLY_PREFIXES = _replyPrefixes()
 
 
 def parseExtensions(reply: Reply) -> dict[str, str]:
@@ -271,20 +285,21 @@ class ESMTPSessionClient(ESMTPClient):
     One SMTP session, driven by its user through methods that return
     Deferreds: :meth:`whenGreeted`, :meth:`ehlo`, :meth:`startTLS`,
     :meth:`authenticate`, :meth:`sendMessage`, :meth:`verify` and
-    :meth:`quit`.  Between them the session is idle, and no timer runs.
+    :meth:`quit`.  Between them the session is idle: the reply timer, if it
+    still runs, lapses without effect.
 
-    Twisted's ``ESMTPClient`` provides the line framing and the timeout
-    machinery; its state machine (the ``smtpState_*`` methods, which send
-    one message and quit) is not used.  Nothing sent is recorded (Twisted's
-    debug log would keep ``AUTH`` lines), and every failure surfaces as an
-    :class:`SMTPError` on the Deferreds waiting for replies, through
+    Twisted's ``ESMTPClient`` provides the protocol plumbing; its state
+    machine (the ``smtpState_*`` methods, which send one message and quit)
+    and its line-by-line framing are not used: replies are parsed straight
+    from each received chunk, and a pipelined group's replies go to one
+    waiter together.  Nothing sent is recorded (Twisted's debug log would
+    keep ``AUTH`` lines), and every failure surfaces as an
+    :class:`SMTPError` on whatever waits for replies, through
     ``connectionLost``, which every transport calls, endpoints included.
 
     :ivar extensions: what the last EHLO reply announced (empty after HELO).
     """
 
-    # Lines end with LF; a CR before it is dropped in lineReceived.
-    delimiter = b"\n"
     # Twisted's SMTPClient logs every line when debug is on: never do that.
     debug = False
 
@@ -294,9 +309,16 @@ class ESMTPSessionClient(ESMTPClient):
         self.extensions: dict[str, str] = {}
         self.authenticated = False
         self._parser = ReplyParser()
-        self._waiting: deque[Deferred[Reply]] = deque()
+        # What waits for replies, in the order of the commands sent: (how
+        # many replies, called with the reply or with the list of them when
+        # several, called with an SMTPError if the session fails first).
+        self._waiting: deque[tuple[int, Callable[[Any], object], Callable[[SMTPError], object]]] = deque()
+        # The replies received so far for the first waiter, when it wants several.
+        self._gathered: list[Reply] = []
+        # Runs while replies are awaited; once nothing is, it lapses harmlessly.
+        self._timer: IDelayedCall | None = None
         self._greeting: Deferred[Reply] = Deferred()
-        self._waiting.append(self._greeting)
+        self._waiting.append((1, self._greeting.callback, self._greeting.errback))
         # Deferreds waiting for the connection to close; None once closed.
         self._lostWatchers: list[Deferred[None]] | None = []
         self._failure: SMTPError | None = None
@@ -307,8 +329,9 @@ class ESMTPSessionClient(ESMTPClient):
     # Transport events
 
     def connectionMade(self) -> None:
-        # Sets _tlsMode and starts the timer for the greeting.
-        super().connectionMade()
+        # Not ESMTPClient's, which starts its state machine: the greeting
+        # is already awaited.
+        self._armTimer()
         noDelay = getattr(self.transport, "setTcpNoDelay", None)
         if noDelay is not None:
             try:
@@ -319,41 +342,84 @@ class ESMTPSessionClient(ESMTPClient):
             except OSError:
                 pass
 
-    def lineReceived(self, line: bytes) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        try:
-            reply = self._parser.feed(line)
-        except SMTPError as e:
-            self._abort(e)
-            return
-        if reply is None:
-            return
-        if not self._waiting:
-            # Typically 421 before the server closes an idle session.
-            self._unsolicited = reply
-            return
-        waiter = self._waiting.popleft()
-        if self._waiting:
-            self.resetTimeout()
-        else:
-            self.setTimeout(None)
-        waiter.callback(reply)
+    def dataReceived(self, data: bytes) -> None:
+        if self._buffer:
+            data = self._buffer + data
+        lines = data.split(b"\n")
+        # Stored first, so that STARTTLS can drop it (clearLineBuffer).
+        self._buffer = rest = lines.pop()
+        parser, waiting, limit = self._parser, self._waiting, self.MAX_LENGTH
+        progress = False
+        for line in lines:
+            if len(line) > limit:
+                self.lineLengthExceeded(line)
+                return
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            try:
+                reply = parser.feed(line)
+            except SMTPError as e:
+                self._abort(e)
+                return
+            if reply is None:
+                continue
+            if not waiting:
+                # Typically 421 before the server closes an idle session.
+                self._unsolicited = reply
+                continue
+            progress = True
+            wanted, onReply, _ = waiting[0]
+            if wanted > 1:
+                gathered = self._gathered
+                gathered.append(reply)
+                if len(gathered) < wanted:
+                    continue
+                self._gathered = []
+                reply = gathered  # type: ignore[assignment]
+            waiting.popleft()
+            onReply(reply)
+            if self._parser is not parser or self._failure is not None:
+                # After STARTTLS's 220 whatever follows came in plaintext
+                # and is dropped; after a failure nothing matters.
+                return
+        if len(rest) > limit:
+            self.lineLengthExceeded(rest)
+        elif progress and waiting:
+            self._armTimer()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._abort(SMTPError("the server sent a line longer than %d bytes" % self.MAX_LENGTH))
 
+    def _armTimer(self) -> None:
+        """
+        Give the server :attr:`timeout` seconds from now for its next reply.
+        """
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(self.timeout)
+        else:
+            self._timer = self.callLater(self.timeout, self.timeoutConnection)
+
+    def _stopTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def timeoutConnection(self) -> None:
-        self._abort(
-            SMTPTimeoutError(f"no reply from the server within {self.timeout:g} seconds")
-        )
+        self._timer = None
+        if self._waiting:
+            self._abort(
+                SMTPTimeoutError(f"no reply from the server within {self.timeout:g} seconds")
+            )
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._stopTimer()
         super().connectionLost(reason)
         error = self._failure = self._failure or self._lostError(reason)
         waiting, self._waiting = self._waiting, deque()
-        for waiter in waiting:
-            waiter.errback(error)
+        self._gathered = []
+        for _, _, onFailure in waiting:
+            onFailure(error)
         watchers, self._lostWatchers = self._lostWatchers or [], None
         for watcher in watchers:
             watcher.callback(None)
@@ -372,7 +438,7 @@ class ESMTPSessionClient(ESMTPClient):
     def _abort(self, error: SMTPError) -> None:
         if self._failure is None:
             self._failure = error
-        self.setTimeout(None)
+        self._stopTimer()
         self.transport.abortConnection()
 
     # Sending commands
@@ -401,31 +467,39 @@ class ESMTPSessionClient(ESMTPClient):
         self._lostWatchers.append(watcher)
         return watcher
 
-    def _expect(self) -> Deferred[Reply]:
+    def _await(
+        self, count: int, onReply: Callable[[Any], object], onFailure: Callable[[SMTPError], object]
+    ) -> None:
         """
-        Queue a Deferred for the next reply not yet claimed.
+        Have the next ``count`` replies not yet claimed handed to
+        ``onReply`` (the reply itself when ``count`` is 1, else their list),
+        or the session's failure to ``onFailure``.
         """
         if self._failure is not None:
-            return _failed(self._failure)
-        waiter: Deferred[Reply] = Deferred()
+            onFailure(self._failure)
+            return
         if not self._waiting:
-            self.setTimeout(self.timeout)
-        self._waiting.append(waiter)
+            self._armTimer()
+        self._waiting.append((count, onReply, onFailure))
+
+    def _expect(self) -> Deferred[Reply]:
+        """
+        A Deferred for the next reply not yet claimed.
+        """
+        waiter: Deferred[Reply] = Deferred()
+        self._await(1, waiter.callback, waiter.errback)
         return waiter
 
-    def _send(self, *commands: bytes) -> list[Deferred[Reply]]:
-        """
-        Send a group of commands in one write; one Deferred per reply.
-        """
+    def _write(self, data: bytes) -> None:
         if self._failure is None:
-            writeNow(self.transport, b"".join(c + CRLF for c in commands))
-        return [self._expect() for _ in commands]
+            writeNow(self.transport, data)
 
     def command(self, line: bytes) -> Deferred[Reply]:
         """
         Send one command; the Deferred fires with its reply, whatever the code.
         """
-        return self._send(line)[0]
+        self._write(line + CRLF)
+        return self._expect()
 
     # The session
 
@@ -466,7 +540,7 @@ class ESMTPSessionClient(ESMTPClient):
         if "STARTTLS" not in self.extensions:
             raise SMTPTLSError("the server does not offer STARTTLS")
         waiter = self.command(b"STARTTLS")
-        # Runs inside lineReceived, before any byte after the 220 is parsed.
+        # Runs inside dataReceived, before any byte after the 220 is parsed.
         waiter.addCallback(self._switchToTLS, creator)
         await waiter
         return await self.ehlo()
@@ -480,7 +554,6 @@ class ESMTPSessionClient(ESMTPClient):
         self._parser = ReplyParser()
         self.extensions = {}
         self.transport.startTLS(creator)
-        self._tlsMode = True
         return reply
 
     async def authenticate(
@@ -550,51 +623,113 @@ class ESMTPSessionClient(ESMTPClient):
             reply = await self.command(response)
         return reply
 
-    async def sendMessage(
+    def sendMessage(
         self, sender: str, recipients: Sequence[str], message: OutgoingMessage
-    ) -> dict[str, tuple[int, str]]:
+    ) -> Deferred[dict[str, tuple[int, str]]]:
         """
         Run one mail transaction: MAIL, RCPT for each recipient, DATA, the
         message.  With PIPELINING the commands go out as one group.
 
-        :returns: the refused recipients, address -> (code, text).
+        :returns: a Deferred firing with the refused recipients, address ->
+            (code, text).
         :raises SMTPRecipientsRefused: when every recipient was refused.
         :raises SMTPError: when the sender, DATA or the message was refused,
             or the message is over the server's SIZE limit (checked before
             sending anything).
         """
-        if not recipients:
-            raise SMTPError("no recipients")
-        mail = b"MAIL FROM:" + (_path(sender) if sender else b"<>") + self._mailParameters(
-            sender, recipients, message
-        )
-        rcpts = [b"RCPT TO:" + _path(r) for r in recipients]
-        reset = [b"RSET"] if self._inTransaction else []
+        try:
+            if not recipients:
+                raise SMTPError("no recipients")
+            mail = b"MAIL FROM:" + (_path(sender) if sender else b"<>") + self._mailParameters(
+                sender, recipients, message
+            )
+            rcpts = [b"RCPT TO:" + _path(r) for r in recipients]
+        except SMTPError as e:
+            return _failed(e)
+        if "PIPELINING" not in self.extensions:
+            return Deferred.fromCoroutine(
+                self._sendStepByStep(sender, recipients, message, mail, rcpts)
+            )
+        # One write, one waiter for the group's replies, and when all went
+        # well one more write and one more waiter: no Deferred but the
+        # caller's, and no coroutine.
+        result: Deferred[dict[str, tuple[int, str]]] = Deferred()
+        commands = [b"RSET", mail, *rcpts, b"DATA"] if self._inTransaction else [mail, *rcpts, b"DATA"]
+        skip = len(commands) - len(rcpts) - 2
 
-        if "PIPELINING" in self.extensions:
-            replies = await gatherResults(
-                self._send(*reset, mail, *rcpts, b"DATA"), consumeErrors=True
-            ).addErrback(_firstError)
-            replies = replies[len(reset) :]
-            mailReply, rcptReplies, dataReply = replies[0], replies[1:-1], replies[-1]
-        else:
-            for line in reset:
-                await self.command(line)
-            mailReply, rcptReplies, dataReply = await self.command(mail), [], None
-            if mailReply.code == 250:
-                for line in rcpts:
-                    rcptReplies.append(await self.command(line))
+        def answered(replies: list[Reply]) -> None:
+            try:
+                self._envelopeAnswered(result, replies[skip:], sender, recipients, message)
+            except BaseException:
+                result.errback()
+
+        self._write(CRLF.join(commands) + CRLF)
+        self._await(len(commands), answered, result.errback)
+        return result
+
+    def _envelopeAnswered(
+        self,
+        result: Deferred[dict[str, tuple[int, str]]],
+        replies: list[Reply],
+        sender: str,
+        recipients: Sequence[str],
+        message: OutgoingMessage,
+    ) -> None:
+        mailReply, rcptReplies, dataReply = replies[0], replies[1:-1], replies[-1]
+        if mailReply.code == 250 and dataReply.code == 354 and message.rest is None:
+            refused = _refused(recipients, rcptReplies)
+            if len(refused) < len(recipients):
+                self._inTransaction = True
+
+                def final(reply: Reply) -> None:
+                    self._inTransaction = False
+                    if reply.code == 250:
+                        result.callback(refused)
+                    else:
+                        result.errback(SMTPError(reply.code, f"message refused: {reply.text}"))
+
+                # The whole message and its end in one write: one round trip.
+                self._await(1, final, result.errback)
+                stuffer = DotStuffer()
+                self._write(stuffer.feed(message.head) + stuffer.finish())
+                return
+        Deferred.fromCoroutine(
+            self._afterEnvelope(mailReply, rcptReplies, dataReply, sender, recipients, message)
+        ).chainDeferred(result)
+
+    async def _sendStepByStep(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: OutgoingMessage,
+        mail: bytes,
+        rcpts: list[bytes],
+    ) -> dict[str, tuple[int, str]]:
+        # Without PIPELINING: each command waits for the previous reply.
+        if self._inTransaction:
+            await self.command(b"RSET")
+        mailReply, rcptReplies = await self.command(mail), []
+        if mailReply.code == 250:
+            for line in rcpts:
+                rcptReplies.append(await self.command(line))
+        return await self._afterEnvelope(mailReply, rcptReplies, None, sender, recipients, message)
+
+    async def _afterEnvelope(
+        self,
+        mailReply: Reply,
+        rcptReplies: list[Reply],
+        dataReply: Reply | None,
+        sender: str,
+        recipients: Sequence[str],
+        message: OutgoingMessage,
+    ) -> dict[str, tuple[int, str]]:
+        # Every case but the pipelined one where all went well.
         self._inTransaction = mailReply.code == 250
-
         if mailReply.code != 250:
             if dataReply is not None and dataReply.code == 354:
                 await self._endData(b".\r\n")
             raise SMTPError(mailReply.code, f"sender {sender!r} refused: {mailReply.text}")
-        refused = {
-            r: (reply.code, reply.text)
-            for r, reply in zip(recipients, rcptReplies)
-            if reply.code not in (250, 251)
-        }
+        refused = _refused(recipients, rcptReplies)
         if len(refused) == len(recipients):
             if dataReply is not None and dataReply.code == 354:
                 # A server that let DATA through anyway gets an empty message
@@ -641,7 +776,7 @@ class ESMTPSessionClient(ESMTPClient):
 
     async def _endData(self, data: bytes) -> Reply:
         final = self._expect()
-        writeNow(self.transport, data)
+        self._write(data)
         reply = await final
         self._inTransaction = False
         return reply
@@ -654,7 +789,7 @@ class ESMTPSessionClient(ESMTPClient):
         # The reply to the message is awaited while it streams, so that the
         # timer runs (reset at each chunk) and a lost connection fails it.
         final = self._expect()
-        writeNow(self.transport, stuffer.feed(message.head))
+        self._write(stuffer.feed(message.head))
         try:
             await _BodyProducer(message.rest, stuffer, self).start()
         except _ReadError as e:
@@ -745,7 +880,7 @@ class _BodyProducer:
                 self._finish(None)
                 return
             data = self._stuffer.feed(chunk)
-        self._protocol.resetTimeout()
+        self._protocol._armTimer()
         transport.write(data)
 
     def stopProducing(self) -> None:
@@ -766,9 +901,8 @@ def _failed(error: Exception) -> Deferred:
     return d
 
 
-def _firstError(failure: Failure) -> Failure:
-    # gatherResults wraps the first failure in a FirstError.
-    return failure.value.subFailure
+def _refused(recipients: Sequence[str], replies: list[Reply]) -> dict[str, tuple[int, str]]:
+    return {r: (reply.code, reply.text) for r, reply in zip(recipients, replies) if reply.code not in (250, 251)}
 
 
 def _describeTLSFailure(error: BaseException) -> str:

@@ -474,9 +474,7 @@ def test_pipelinedTransactionCostsTwoWrites():
     in another: two round trips per message.
     """
     protocol, transport, _ = session()
-    result = fromCoroutine(
-        protocol.sendMessage("a@x", ["b@x", "c@x"], small())
-    )
+    result = protocol.sendMessage("a@x", ["b@x", "c@x"], small())
     assert transport.writes == [
         b"MAIL FROM:<a@x> SIZE=17\r\nRCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\nDATA\r\n"
     ]
@@ -488,7 +486,7 @@ def test_pipelinedTransactionCostsTwoWrites():
 
 def test_sizeLimitRefusedLocally():
     protocol, transport, _ = session()
-    result = fromCoroutine(protocol.sendMessage("a@x", ["b@x"], small(b"x" * 101)))
+    result = protocol.sendMessage("a@x", ["b@x"], small(b"x" * 101))
     failure = result.result
     result.addErrback(lambda _: None)
     assert failure.check(SMTPError) and failure.value.code == 552
@@ -497,20 +495,20 @@ def test_sizeLimitRefusedLocally():
 
 def test_allRecipientsRefusedThenRSETBeforeNextMessage():
     protocol, transport, _ = session()
-    result = fromCoroutine(protocol.sendMessage("a@x", ["b@x"], small()))
+    result = protocol.sendMessage("a@x", ["b@x"], small())
     protocol.dataReceived(b"250 ok\r\n550 unknown\r\n554 no valid recipients\r\n")
     failure = result.result
     result.addErrback(lambda _: None)
     assert failure.check(SMTPRecipientsRefused)
     assert failure.value.refused == {"b@x": (550, "unknown")}
     transport.writes.clear()
-    fromCoroutine(protocol.sendMessage("a@x", ["b@x"], small()))
+    protocol.sendMessage("a@x", ["b@x"], small())
     assert transport.writes[0].startswith(b"RSET\r\nMAIL FROM:<a@x>")
 
 
 def test_noPipeliningWithoutTheExtension():
     protocol, transport, _ = session(ehlo=b"250 mx\r\n")
-    result = fromCoroutine(protocol.sendMessage("a@x", ["b@x"], small()))
+    result = protocol.sendMessage("a@x", ["b@x"], small())
     assert transport.writes == [b"MAIL FROM:<a@x>\r\n"]
     protocol.dataReceived(b"250 ok\r\n")
     assert transport.writes[-1] == b"RCPT TO:<b@x>\r\n"
@@ -559,7 +557,7 @@ def test_startTLSDiscardsBytesSentBeforeTheHandshake():
 
 def test_commandInjectionRefused():
     protocol, transport, _ = session()
-    result = fromCoroutine(protocol.sendMessage("a@x>\r\nRCPT TO:<evil@x", ["b@x"], small()))
+    result = protocol.sendMessage("a@x>\r\nRCPT TO:<evil@x", ["b@x"], small())
     failure = result.result
     result.addErrback(lambda _: None)
     assert failure.check(SMTPError) and transport.writes == []
