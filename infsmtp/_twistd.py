@@ -276,6 +276,7 @@ class SMTPService(service.Service):
         self._reactor = reactor
         self._ports: list[Any] = []
         self._listening = False
+        self._stopping = False
         self.endpoints: list[tuple[str, IStreamServerEndpoint, bool]] = []
         for description in listen:
             if not isinstance(description, str):
@@ -356,6 +357,10 @@ class SMTPService(service.Service):
             signal.signal(signal.SIGTERM, self._sigterm)
 
     def _sigterm(self, number: int, frame: Any) -> None:
+        if self._stopping:
+            log.info("SIGTERM again: already stopping")
+            return
+        self._stopping = True
         log.info("SIGTERM: stopping; transactions in flight have {grace:g} seconds", grace=self.grace)
         self._reactor.callFromThread(self._reactor.stop)
 
@@ -470,6 +475,9 @@ def buildServer(options: Options) -> Server:
         handlers["onLogin"] = CheckerLogin(checkers)
     elif options["require-auth"] and "onLogin" not in handlers:
         raise ConfigurationError("--require-auth needs --auth (or an onLogin handler)")
+    if "onReceive" in handlers and (options["relay"] or options["maildir"]):
+        which = "--relay" if options["relay"] else "--maildir"
+        raise ConfigurationError(f"{which} and an onReceive in --handlers are exclusive: choose one")
     if "onReceive" not in handlers:
         if options["relay"]:
             handlers["onReceive"] = _relayDelivery(options)

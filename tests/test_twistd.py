@@ -182,6 +182,39 @@ def test_limitsAndHostname(tmp_path, twistd):
     assert len(storedMessages(tmp_path / "box")) == 1
 
 
+def test_maxConnections(tmp_path, twistd):
+    """
+    --max-connections: one more client than allowed is told 421 at once.
+    """
+    child = twistd("--max-connections", "1")
+    with smtplib.SMTP("127.0.0.1", child.port, timeout=10) as first:
+        assert first.noop()[0] == 250
+        with pytest.raises(smtplib.SMTPConnectError) as second:
+            smtplib.SMTP("127.0.0.1", child.port, timeout=10)
+        assert second.value.smtp_code == 421
+    assert smtplibSend(child.port) == {}  # the slot is free again
+
+
+def test_noOptionsAtAll(tmp_path):
+    """
+    The embedded default, exactly as a newcomer runs it: 127.0.0.1:2525 and
+    ./Maildir.  (Skipped when something else holds port 2525.)
+    """
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", 2525))
+        except OSError:
+            pytest.skip("port 2525 is in use")
+    child = Twistd(["infsmtp"], tmp_path)
+    try:
+        assert child.waitListening() == [("127.0.0.1", 2525)]
+        assert smtplibSend(2525) == {}
+        assert len(storedMessages(tmp_path / "Maildir")) == 1
+        assert child.terminate() == 0
+    finally:
+        child.kill()
+
+
 @needsSwaks
 def test_severalListenersAndUnixSocket(tmp_path, twistd):
     """
@@ -584,6 +617,7 @@ def wrongConfigurations(tmp_path, certificateAuthority):
     (tmp_path / "not-a-folder").write_text("x")
     (tmp_path / "keydir").mkdir()
     (tmp_path / "broken.py").write_text("def onReceive(session)\n    pass\n")
+    (tmp_path / "receive.py").write_text("def onReceive(session):\n    pass\n")
     return {
         "missing certificate": (["--cert", "missing.pem", "--key", leaf.keyFile], "cannot read certificate file missing.pem"),
         "unreadable key": (["--cert", leaf.certFile, "--key", str(tmp_path / "keydir")], "cannot read key file"),
@@ -594,12 +628,14 @@ def wrongConfigurations(tmp_path, certificateAuthority):
         "bad endpoint": (["--listen", "carrier-pigeon:1"], "--listen carrier-pigeon:1: Unknown endpoint type"),
         "broken handlers": (["--handlers", "broken.py"], "--handlers broken.py: syntax error line 1"),
         "implicit tls alone": (["--implicit-tls"], "--implicit-tls needs --cert"),
+        "two deliveries": (["--handlers", str(tmp_path / "receive.py"), "--maildir", "box"],
+                           "--maildir and an onReceive in --handlers are exclusive"),
     }
 
 
 CASES = [
     "missing certificate", "unreadable key", "key not matching", "unknown auth", "missing users file",
-    "maildir is a file", "bad endpoint", "broken handlers", "implicit tls alone", "port in use",
+    "maildir is a file", "bad endpoint", "broken handlers", "implicit tls alone", "two deliveries", "port in use",
 ]
 
 
