@@ -25,7 +25,7 @@ from email.message import Message
 from typing import IO, Any, Awaitable, Callable, Sequence, TypeVar
 
 from twisted.internet import error as netError
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, TimeoutError, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.mail.smtp import DNSNAME
@@ -102,13 +102,31 @@ class AsyncClient:
         """
         return self._protocol is not None and self._protocol.connected
 
-    def _run(self, operation: Callable[..., Awaitable[T]], *args: Any) -> Deferred[T]:
+    def _run(self, operation: Callable[..., Awaitable[T] | Deferred[T]], *args: Any) -> Deferred[T]:
         def start() -> Deferred[T]:
             if self._freed:
                 raise SMTPError("the client was freed; create a new one")
-            return Deferred.fromCoroutine(operation(*args))  # type: ignore[arg-type]
+            started = operation(*args)
+            if isinstance(started, Deferred):
+                return started
+            return Deferred.fromCoroutine(started)  # type: ignore[arg-type]
 
-        return self._lock.run(start)
+        lock = self._lock
+        if lock.locked:
+            return lock.run(start)
+        # Nothing in flight: what DeferredLock.run does, without the
+        # Deferreds it takes to get there.
+        lock.locked = True
+        try:
+            result = start()
+        except BaseException:
+            lock.release()
+            return fail()
+        return result.addBoth(self._release)
+
+    def _release(self, result: T) -> T:
+        self._lock.release()
+        return result
 
     def _session(self) -> ESMTPSessionClient:
         protocol = self._protocol
@@ -222,14 +240,23 @@ class AsyncClient:
         """
         return self._run(self._sendFile, fileName, sender, recipients)
 
-    async def _sendFile(self, fileName: str, sender: str | None, recipients: Recipients) -> Refused:
+    def _sendFile(self, fileName: str, sender: str | None, recipients: Recipients) -> Deferred[Refused]:
         self._session()
         try:
             stream = open(fileName, "rb")
         except OSError as e:
             raise SMTPError(f"cannot read {fileName!r}: {e.strerror}") from None
-        with stream:
-            return await self._sendStream(stream, sender, recipients)
+        try:
+            sent = self._sendStream(stream, sender, recipients)
+        except BaseException:
+            stream.close()
+            raise
+
+        def close(result: T) -> T:
+            stream.close()
+            return result
+
+        return sent.addBoth(close)
 
     #: The reference's name for :meth:`sendFile`.
     send = sendFile
@@ -244,10 +271,10 @@ class AsyncClient:
         """
         return self._run(self._sendStream, stream, sender, recipients)
 
-    async def _sendStream(self, stream: IO[Any], sender: str | None, recipients: Recipients) -> Refused:
+    def _sendStream(self, stream: IO[Any], sender: str | None, recipients: Recipients) -> Deferred[Refused]:
         session = self._session()
         message, sender, recipients = outgoingFromStream(stream, sender, recipients)
-        return await session.sendMessage(sender, recipients, message)
+        return session.sendMessage(sender, recipients, message)
 
     def sendMail(
         self, message: Message, sender: str | None = None, recipients: Recipients = None
@@ -257,10 +284,10 @@ class AsyncClient:
         """
         return self._run(self._sendMail, message, sender, recipients)
 
-    async def _sendMail(self, message: Message, sender: str | None, recipients: Recipients) -> Refused:
+    def _sendMail(self, message: Message, sender: str | None, recipients: Recipients) -> Deferred[Refused]:
         session = self._session()
         outgoing, sender, recipients = outgoingFromMessage(message, sender, recipients)
-        return await session.sendMessage(sender, recipients, outgoing)
+        return session.sendMessage(sender, recipients, outgoing)
 
     def verify(self, username: str) -> Deferred[str]:
         """

@@ -95,6 +95,10 @@ def stripHeaderFields(block: bytes, names: Sequence[str] = HIDDEN_FIELDS) -> byt
     b'To: a@x\\r\\nSubject: s\\r\\n'
     """
     wanted = {n.lower().encode("ascii") for n in names}
+    lowered = block.lower()
+    if not any(name in lowered for name in wanted):
+        # No field can have one of those names: nothing to remove.
+        return block
     kept: list[bytes] = []
     dropping = False
     for line in _LINE.findall(block):
