@@ -526,6 +526,48 @@ def test_haproxyListener(tmp_path, twistd):
     child.waitLog(r"session \d+ from 203\.0\.113\.7:40000: <alice@example\.org>")
 
 
+
+def proxiedSmtplib(port: int, header: bytes, context: ssl.SSLContext | None = None) -> smtplib.SMTP:
+    """
+    An smtplib client on a connection that starts with a PROXY header (and
+    TLS right after it when C{context} is given).
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(header)
+    if context is not None:
+        sock = context.wrap_socket(sock, server_hostname="localhost")
+    client = smtplib.SMTP(local_hostname="client.test", timeout=10)
+    client.sock = sock
+    client._host = "localhost"  # the name STARTTLS verifies (connect() would set it)
+    code, _ = client.getreply()
+    assert code == 220
+    return client
+
+
+def test_haproxyWithTls(tmp_path, twistd, certificateAuthority):
+    """
+    Behind a PROXY header, STARTTLS works (the handshake news reaches the
+    session through the PROXY reader) and so does implicit TLS.
+    """
+    leaf = certificateAuthority.localhost
+    header = b"PROXY TCP4 198.51.100.4 192.0.2.25 41000 587\r\n"
+    (tmp_path / "starttls").mkdir()
+    starttls = twistd("--listen", "haproxy:" + EPHEMERAL, "--cert", leaf.certFile, "--key", leaf.keyFile, cwd=tmp_path / "starttls")
+    with proxiedSmtplib(starttls.port, header) as client:
+        client.starttls(context=tlsContext(certificateAuthority))
+        assert client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE) == {}
+    [stored] = storedMessages(tmp_path / "starttls" / "Maildir")
+    assert re.search(rb"from client\.test \(\[198\.51\.100\.4\]\)\n\tby \S+ \(infsmtp\) with ESMTPS \(TLSv1\.3\)", stored)
+
+    (tmp_path / "implicit").mkdir()
+    implicit = twistd("--listen", "haproxy:" + EPHEMERAL, "--cert", leaf.certFile, "--key", leaf.keyFile,
+                      "--implicit-tls", cwd=tmp_path / "implicit")
+    with proxiedSmtplib(implicit.port, header, tlsContext(certificateAuthority)) as client:
+        assert client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE) == {}
+    [stored] = storedMessages(tmp_path / "implicit" / "Maildir")
+    assert b"([198.51.100.4])" in stored and b"with ESMTPS" in stored
+
+
 # Graceful stop ----------------------------------------------------------------
 
 
