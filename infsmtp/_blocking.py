@@ -40,6 +40,13 @@ def isReactorThread() -> bool:
     return bool(reactor.running) and threadable.isInIOThread()
 
 
+@crochet.run_in_reactor
+def _inReactor(function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    # Decorated once: crochet's decorator costs several microseconds to
+    # build, which per call was a sizeable part of a blocking send.
+    return maybeDeferred(function, *args, **kwargs)
+
+
 def blockingCall(
     what: str,
     alternative: str,
@@ -65,7 +72,7 @@ def blockingCall(
             f"use {alternative} (it returns a Deferred) instead"
         )
     _ensureReactor()
-    eventual = crochet.run_in_reactor(lambda: maybeDeferred(function, *args, **kwargs))()
+    eventual = _inReactor(function, args, kwargs)
     try:
         return eventual.wait(timeout)
     except crochet.TimeoutError:
