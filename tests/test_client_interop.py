@@ -914,3 +914,107 @@ async def test_blockingClientInSubprocessStreamsHundredMegabytes(smtpSink, tmp_p
     assert refused == "{}"
     # ru_maxrss is in KiB: the peak grew by less than 30 MB for 100 MB sent.
     assert int(after) - int(before) < 30 * 1024, (before, after)
+
+
+# ------------------------------------------------------- the blocking hop
+
+
+@pytest_twisted.ensureDeferred
+async def test_blockingCallTimeoutLeavesNoStrayWakeup():
+    """
+    A blocking call that times out is cancelled in the reactor, and the
+    calls its thread makes next get their own results, not a late one.
+    """
+    from twisted.internet.defer import succeed
+
+    from infsmtp._blocking import blockingCall
+
+    cancelled = []
+
+    def never():
+        return Deferred(lambda d: cancelled.append(True))
+
+    def late():
+        # Answers after the caller gave up.
+        d = Deferred()
+        reactor.callLater(0.1, d.callback, "late")
+        return d
+
+    def run():
+        outcomes = []
+        for function in (never, late):
+            try:
+                blockingCall("x()", "y()", function, timeout=0.02)
+            except SMTPTimeoutError as e:
+                outcomes.append(str(e))
+        time.sleep(0.2)  # The late answer has come and gone.
+        outcomes += [blockingCall("x()", "y()", succeed, n) for n in range(3)]
+        return outcomes
+
+    assert await deferToThread(run) == [
+        "x() did not finish within 0.02 seconds",
+        "x() did not finish within 0.02 seconds",
+        0,
+        1,
+        2,
+    ]
+    assert cancelled == [True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_blockingCallFailureRaisesInTheCallingThread():
+    from infsmtp._blocking import blockingCall
+
+    def broken():
+        raise SMTPError(451, "broken")
+
+    def run():
+        with pytest.raises(SMTPError, match="broken") as info:
+            blockingCall("x()", "y()", broken)
+        return info.value.code
+
+    assert await deferToThread(run) == 451
+
+
+STOPPING_SCRIPT = textwrap.dedent(
+    """
+    import crochet
+    crochet.no_setup()
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from infsmtp._blocking import blockingCall
+
+    outcomes = []
+
+    def worker():
+        for _ in range(2):
+            try:
+                blockingCall("x()", "y()", Deferred)
+            except crochet.ReactorStopped:
+                outcomes.append("ReactorStopped")
+
+    # A thread of the reactor's pool, which the reactor joins as it stops.
+    reactor.callWhenRunning(reactor.callInThread, worker)
+    reactor.callLater(0.3, reactor.stop)
+    reactor.run()
+    print(outcomes)
+    """
+)
+
+
+def test_blockingCallsFailWhenTheReactorStops(tmp_path):
+    """
+    A call waiting when the reactor stops raises crochet.ReactorStopped, as
+    does one made afterwards, instead of waiting for ever.
+    """
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "['ReactorStopped', 'ReactorStopped']"
