@@ -192,9 +192,14 @@ class DotStuffer:
             if not chunk:
                 return b""
         self._afterCR = chunk[-1:] == b"\r"
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        chunk = chunk.replace(b"\n", CRLF).replace(b"\n.", b"\n..")
+        lineFeeds = chunk.count(b"\n")
+        if chunk.count(b"\r") != lineFeeds or chunk.count(CRLF) != lineFeeds:
+            # Not every line ends with CRLF already.
+            if b"\r" in chunk:
+                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            chunk = chunk.replace(b"\n", CRLF)
+        if b"\n." in chunk:
+            chunk = chunk.replace(b"\n.", b"\n..")
         if self._atLineStart and chunk[:1] == b".":
             chunk = b"." + chunk
         self._atLineStart = chunk[-1:] == b"\n"
@@ -665,6 +670,10 @@ class ESMTPSessionClient(ESMTPClient):
 
         self._write(CRLF.join(commands) + CRLF)
         self._await(len(commands), answered, result.errback)
+        if message.rest is None:
+            # While the server answers: what goes out after its 354.
+            stuffer = DotStuffer()
+            message.stuffed = stuffer.feed(message.head) + stuffer.finish()
         return result
 
     def _envelopeAnswered(
@@ -690,8 +699,7 @@ class ESMTPSessionClient(ESMTPClient):
 
                 # The whole message and its end in one write: one round trip.
                 self._await(1, final, result.errback)
-                stuffer = DotStuffer()
-                self._write(stuffer.feed(message.head) + stuffer.finish())
+                self._write(message.stuffed)
                 return
         Deferred.fromCoroutine(
             self._afterEnvelope(mailReply, rcptReplies, dataReply, sender, recipients, message)

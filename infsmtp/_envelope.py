@@ -133,6 +133,9 @@ class OutgoingMessage:
     rest: IO[bytes] | None
     size: int | None
     eightBit: bool | None
+    #: ``head`` as sent after DATA (dot-stuffed, with the final dot), when
+    #: ``rest`` is ``None``; the protocol fills it in.
+    stuffed: bytes = b""
 
 
 def outgoingFromStream(
