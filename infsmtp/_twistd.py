@@ -21,7 +21,7 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 from twisted.application import service
@@ -41,6 +41,7 @@ from ._errors import SMTPError
 from ._maildir import MaildirDelivery
 from ._proxy import ProxyProtocolFactory
 from ._server import HANDLER_NAMES, Server
+from ._workers import WorkerPool, adoptedEndpoint, parseTCPListen, workerArguments
 
 log = Logger(namespace="infsmtp.twistd")
 
@@ -111,6 +112,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["pool-size", None, 10, "Threads running handler scripts.", int],
         ["grace", None, 10.0, "Seconds a stopping server lets transactions in flight finish.", float],
         ["proxy-timeout", None, 5.0, "Seconds a haproxy: listener waits for the PROXY header.", float],
+        ["workers", None, 1, "Worker processes sharing the tcp: listeners (one per core); one that dies is restarted.", int],
         ["relay", None, None, "Forward every message to the smarthost HOST:PORT instead of storing it."],
         ["relay-tls", None, "starttls", "TLS to the smarthost: none, starttls or implicit."],
         ["relay-ca", None, None, "PEM trust roots for the smarthost's certificate [default: the system's]."],
@@ -121,6 +123,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["inherit-fd"] = []
         self.authErrors: list[str] = []
 
     def opt_listen(self, endpoint: str) -> None:
@@ -128,6 +131,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["listen"].append(endpoint)
 
     opt_l = opt_listen
+
+    def opt_inherit_fd(self, fd: str) -> None:
+        """Internal, set by --workers: listen on this inherited descriptor instead of --listen."""
+        try:
+            self["inherit-fd"].append(int(fd))
+        except ValueError:
+            raise usage.UsageError(f"--inherit-fd {fd}: not a descriptor number") from None
 
     def opt_auth(self, description: str) -> None:  # type: ignore[override]
         """Check AUTH with a twisted.cred checker: file:PATH, memory:USER:PASSWORD, unix... (see --help-auth)."""
@@ -235,7 +245,35 @@ def describeAddress(address: Any) -> str:
     return str(address)
 
 
-class SMTPService(service.Service):
+class SigtermStops:
+    """
+    Mixed into a twistd service: SIGTERM stops the reactor (so the
+    services stop gracefully) and the process exits with status 0, where
+    Twisted's own handler makes it die of the signal.  A second SIGTERM
+    while stopping is only logged.
+    """
+
+    #: Set by twistd's L{makeService}.
+    handleSigterm = False
+    _stopping = False
+    _reactor: Any
+    grace: float
+
+    def _installSigterm(self) -> None:
+        # After startup, so that this replaces the reactor's own handler.
+        if threadable.isInIOThread() and hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, self._sigterm)
+
+    def _sigterm(self, number: int, frame: Any) -> None:
+        if self._stopping:
+            log.info("SIGTERM again: already stopping")
+            return
+        self._stopping = True
+        log.info("SIGTERM: stopping; transactions in flight have {grace:g} seconds", grace=self.grace)
+        self._reactor.callFromThread(self._reactor.stop)
+
+
+class SMTPService(SigtermStops, service.Service):
     """
     A L{Server} listening on several endpoints, stopped gracefully.
 
@@ -256,9 +294,6 @@ class SMTPService(service.Service):
     exitOnListenFailure = False
     #: twistd's pid file, removed when exiting that way.
     pidfile: str | None = None
-    #: Set by twistd's L{makeService}: SIGTERM stops gracefully with exit
-    #: status 0 (Twisted's own handler makes the process die of the signal).
-    handleSigterm = False
 
     def __init__(
         self,
@@ -350,19 +385,6 @@ class SMTPService(service.Service):
         self._listen()
         if self.handleSigterm:
             self._reactor.callWhenRunning(self._installSigterm)
-
-    def _installSigterm(self) -> None:
-        # After startup, so that this replaces the reactor's own handler.
-        if threadable.isInIOThread() and hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, self._sigterm)
-
-    def _sigterm(self, number: int, frame: Any) -> None:
-        if self._stopping:
-            log.info("SIGTERM again: already stopping")
-            return
-        self._stopping = True
-        log.info("SIGTERM: stopping; transactions in flight have {grace:g} seconds", grace=self.grace)
-        self._reactor.callFromThread(self._reactor.stop)
 
     def stopService(self) -> defer.Deferred:
         """
@@ -498,7 +520,55 @@ def buildService(options: Options, reactor: Any = None) -> SMTPService:
     @raise ConfigurationError: with the one line to show.
     """
     server = buildServer(options)
-    return SMTPService(server, options["listen"], options["grace"], options["proxy-timeout"], reactor)
+    listen: list[Any] = list(options["listen"])
+    if options["inherit-fd"]:
+        # A --workers child: the parent bound the listeners.
+        if reactor is None:
+            from twisted.internet import reactor
+        listen = [adoptedEndpoint(reactor, fd) for fd in options["inherit-fd"]]
+    return SMTPService(server, listen, options["grace"], options["proxy-timeout"], reactor)
+
+
+class WorkerPoolService(SigtermStops, WorkerPool):
+    """
+    The C{--workers} parent: L{WorkerPool}, stopped by SIGTERM with exit
+    status 0 once every worker has finished.
+    """
+
+    def __init__(self, *args: Any, grace: float = 10, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.grace = grace
+        self._reactor = self.reactor
+
+    def startService(self) -> None:
+        super().startService()
+        if self.handleSigterm:
+            self._reactor.callWhenRunning(self._installSigterm)
+
+
+def buildWorkerPool(options: Options, argv: Sequence[str]) -> WorkerPoolService:
+    """
+    The C{--workers} parent for these options.  The configuration is
+    checked here, once, so that its errors are one line from the parent
+    rather than a restart loop of failing workers.
+
+    @raise ConfigurationError: with the one line to show.
+    """
+    if options["workers"] < 1:
+        raise ConfigurationError("--workers must be at least 1")
+    buildServer(options)
+    try:
+        for description in options["listen"]:
+            parseTCPListen(description)
+        pluginArgs, logfile = workerArguments(argv)
+    except ValueError as e:
+        raise ConfigurationError(str(e)) from None
+    pool = WorkerPoolService(options["listen"], options["workers"], pluginArgs, logfile, grace=options["grace"])
+    try:
+        pool.bind()
+    except OSError as e:
+        raise ConfigurationError(f"cannot listen on {' '.join(options['listen'])}: {e.strerror}") from None
+    return pool
 
 
 def _exit(message: str) -> None:
@@ -510,13 +580,17 @@ def _exit(message: str) -> None:
     raise SystemExit(1)
 
 
-def makeService(options: Options) -> SMTPService:
+def makeService(options: Options) -> Any:
     """
     twistd's entry point: L{buildService}, with a configuration error shown
     in one line (exit status 1), and SIGTERM stopping gracefully with exit
     status 0.
     """
     try:
+        if options["workers"] > 1 and not options["inherit-fd"]:
+            pool = buildWorkerPool(options, sys.argv)
+            pool.handleSigterm = True
+            return pool
         svc = buildService(options)
     except ConfigurationError as e:
         _exit(e.text)

@@ -1,0 +1,120 @@
+"""
+``twistd -n infsmtp --workers N``: worker processes sharing one listening
+socket, restarted when they die, stopped gracefully with the parent.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+
+from peertools import requireTool
+from twistdprocess import Twistd, freePort, maildirFiles, poll, runTwistd
+
+
+def workerPids(twistd: Twistd) -> dict[int, int]:
+    return {int(i): int(p) for i, p in re.findall(r"worker (\d+) started \(pid (\d+)\)", twistd.log())}
+
+
+def byWorker(maildir: str) -> collections.Counter:
+    # A Maildir key holds its writer's pid: ...P<pid>Q<sequence>...
+    return collections.Counter(re.search(r"P(\d+)Q", name).group(1) for name in maildirFiles(maildir))
+
+
+def startPool(tmp_path, count: int = 2) -> tuple[Twistd, int, str]:
+    port = freePort()
+    maildir = str(tmp_path / "Maildir")
+    twistd = Twistd(
+        ["infsmtp", "--workers", str(count), "--listen", f"tcp:{port}:interface=127.0.0.1", "--maildir", maildir],
+        tmp_path,
+    )
+    twistd.waitLog(rf"worker {count - 1} started")
+    for index in range(count):
+        poll(lambda i=index: "listening on" in _read(twistd.logPath + f".worker{i}"), what=f"worker {index} listening")
+    return twistd, port, maildir
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def send(port: int, count: int) -> None:
+    for _ in range(count):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("a@b.test", ["c@d.test"], b"Subject: w\r\n\r\nx\r\n")
+
+
+def test_load_spreads_over_the_workers(tmp_path):
+    source = requireTool("/usr/sbin/smtp-source")
+    twistd, port, maildir = startPool(tmp_path)
+    try:
+        subprocess.run([source, "-s", "20", "-m", "400", "-l", "512", f"127.0.0.1:{port}"], check=True, timeout=60)
+        counts = byWorker(maildir)
+        assert sum(counts.values()) == 400
+        assert set(counts) == {str(p) for p in workerPids(twistd).values()}
+        assert min(counts.values()) > 0
+    finally:
+        assert twistd.terminate() == 0
+
+
+def test_a_dead_worker_is_replaced(tmp_path):
+    twistd, port, maildir = startPool(tmp_path)
+    try:
+        victim = workerPids(twistd)[0]
+        os.kill(victim, signal.SIGKILL)
+        twistd.waitLog(r"worker 0 ended .*starting another")
+        poll(lambda: workerPids(twistd)[0] != victim, what="a new worker 0")
+        poll(lambda: _read(twistd.logPath + ".worker0").count("listening on") >= 2, what="the new worker listening")
+        send(port, 20)
+        assert len(maildirFiles(maildir)) == 20
+        assert str(victim) not in byWorker(maildir)
+    finally:
+        assert twistd.terminate() == 0
+
+
+def test_sigterm_stops_every_worker(tmp_path):
+    twistd, port, maildir = startPool(tmp_path, count=3)
+    pids = list(workerPids(twistd).values())
+    send(port, 3)
+    assert twistd.terminate() == 0
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie is gone too: only its parent (the pool) could reap it.
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+    poll(lambda: all(gone(p) for p in pids), what="every worker exiting")
+    assert len(maildirFiles(maildir)) == 3
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = runTwistd(
+            ["infsmtp", "--workers", "2", "--listen", f"tcp:{port}:interface=127.0.0.1", "--maildir", str(tmp_path / "M")],
+            tmp_path,
+        )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("twistd infsmtp: error: cannot listen on"), result.stderr
+
+
+def test_workers_share_tcp_listeners_only(tmp_path):
+    result = runTwistd(["infsmtp", "--workers", "2", "--listen", f"unix:{tmp_path}/s.sock", "--maildir", str(tmp_path / "M")], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"twistd infsmtp: error: --workers shares tcp: listeners only, not 'unix:{tmp_path}/s.sock'"
