@@ -7,6 +7,7 @@ This module only re-exports the public names; the machinery lives in the
 private modules beside it.
 """
 
+from ._client import AsyncClient, Client
 from ._enums import AuthMode, EncryptMode, TLSVersion
 from ._errors import (
     SMTPAuthenticationError,
@@ -16,7 +17,8 @@ from ._errors import (
     SMTPTimeoutError,
     SMTPTLSError,
 )
-from ._client import AsyncClient, Client
+from ._maildir import MaildirDelivery
+from ._relay import RelayDelivery
 from ._server import Server
 from ._session import Session
 
@@ -28,6 +30,8 @@ __all__ = [
     "Client",
     "Server",
     "Session",
+    "MaildirDelivery",
+    "RelayDelivery",
     "SMTPError",
     "SMTPConnectError",
     "SMTPTimeoutError",

@@ -21,7 +21,8 @@ import itertools
 import os
 import socket
 import time
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -69,6 +70,23 @@ def prepareMaildir(path: str) -> str:
     return path
 
 
+def localLineEndings(head: bytes, source: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+    """
+    C{head}, then C{source} read in pieces with CRLF turned into LF (the
+    local line ending Maildir readers expect).  The server refuses bare CR
+    and LF in DATA, so every line ends in CRLF and the conversion is exact;
+    a CR that ends one piece waits for the LF that starts the next.
+    """
+    yield head
+    carry = b""
+    while piece := source.read(size):
+        piece = carry + piece
+        carry = b"\r" if piece.endswith(b"\r") else b""
+        yield piece[: len(piece) - len(carry)].replace(b"\r\n", b"\n")
+    if carry:
+        yield carry
+
+
 class MaildirDelivery:
     """
     Store each received message in a Maildir; use it as a server's
@@ -107,13 +125,15 @@ class MaildirDelivery:
         Deliver C{session.msg}; the Deferred fires with C{True} (250) once
         the message is on disk, or fails (451).
         """
-        content = self._content(session)
+        # msgFile: a large message stays in its spool file and is copied in
+        # pieces, never loaded whole (msgFile is valid until we answer).
+        content = localLineEndings(f"Return-Path: <{session.mailFrom}>\n".encode(), session.msgFile)
         facts = {
             "sessionId": session.id,
             "client": f"{session.ip}:{session.port}",
             "sender": session.mailFrom,
             "recipients": ",".join(f"<{r}>" for r in session.rcptTo),
-            "size": len(session.msg),
+            "size": session.msgSize,
             "tls": "yes" if session.secure else "no",
         }
         pool = self._threadPool or self._reactor.getThreadPool()
@@ -140,13 +160,6 @@ class MaildirDelivery:
 
         return d.addCallbacks(delivered, failed)
 
-    @staticmethod
-    def _content(session: Session) -> bytes:
-        # The server refuses bare CR and LF in DATA, so every line ends in
-        # CRLF and this conversion to the local line ending is exact.
-        returnPath = f"Return-Path: <{session.mailFrom}>\n".encode()
-        return returnPath + session.msg.replace(b"\r\n", b"\n")
-
     def uniqueName(self) -> str:
         """
         A name no other delivery uses: seconds, then microseconds, process,
@@ -160,9 +173,10 @@ class MaildirDelivery:
             f"R{os.urandom(4).hex()}.{self._hostname}"
         )
 
-    def deliver(self, content: bytes) -> str:
+    def deliver(self, content: bytes | Iterable[bytes]) -> str:
         """
-        Write C{content} into the Maildir, durably; blocking.
+        Write C{content} (bytes, or an iterable of byte pieces) into the
+        Maildir, durably; blocking.
 
         @return: the message's key (its file name in C{new/}).
         @raise OSError: when it could not be stored; nothing is left in
@@ -174,10 +188,11 @@ class MaildirDelivery:
         fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
-                view = memoryview(content)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                for piece in [content] if isinstance(content, bytes) else content:
+                    view = memoryview(piece)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email.parser
 import io
+import os
 import email.policy
 from email.message import EmailMessage
 from typing import IO, Any, Callable
@@ -110,6 +111,15 @@ class Session:
             self._msgFile.seek(0)
             return self._msgFile
         return io.BytesIO(self.msg)
+
+    @property
+    def msgSize(self) -> int:
+        """
+        The size of C{msg} in bytes, without loading a spooled message.
+        """
+        if self._msg is None and self._msgFile is not None:
+            return os.fstat(self._msgFile.fileno()).st_size
+        return len(self.msg)
 
     @property
     def message(self) -> EmailMessage:

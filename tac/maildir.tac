@@ -10,8 +10,7 @@ import os
 
 from twisted.application import service
 
-from infsmtp import Server
-from infsmtp._maildir import MaildirDelivery
+from infsmtp import MaildirDelivery, Server
 
 application = service.Application("infsmtp-maildir")
 

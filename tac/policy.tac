@@ -12,8 +12,7 @@ import os
 from twisted.application import service
 from twisted.internet import reactor, task
 
-from infsmtp import Server, SMTPError
-from infsmtp._maildir import MaildirDelivery
+from infsmtp import MaildirDelivery, Server, SMTPError
 
 ALLOWED_DOMAINS = set(os.environ.get("INFSMTP_ALLOWED_DOMAINS", "example.org,example.com").split(","))
 

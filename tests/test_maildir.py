@@ -7,20 +7,24 @@ stdlib's C{mailbox.Maildir} as the independent reader.
 
 from __future__ import annotations
 
+import io
 import mailbox
 import os
 import smtplib
 import stat
+import tempfile
 import threading
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
 from infsmtp import Server, Session, SMTPError
-from infsmtp._maildir import MaildirDelivery, prepareMaildir
+from infsmtp._maildir import MaildirDelivery, localLineEndings, prepareMaildir
 
 WAIT = 20.0
 
@@ -269,3 +273,34 @@ async def test_slowDiskDoesNotStallOtherSessions(tmp_path, serveMaildir):
     delivery.proceed.set()
     assert await first == {}
     assert len(os.listdir(tmp_path / "Maildir" / "new")) == 1
+
+
+# Large messages stream from the spool file ---------------------------------
+
+@settings(max_examples=200)
+@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20), st.integers(1, 17))
+def test_line_endings_converted_whatever_the_piece_size(lines, size):
+    content = b"".join(line + b"\r\n" for line in lines)
+    out = b"".join(localLineEndings(b"H\n", io.BytesIO(content), size))
+    assert out == b"H\n" + content.replace(b"\r\n", b"\n")
+
+
+def test_spooled_message_delivered_without_loading(tmp_path):
+    body = b"".join(b"line %06d\r\n" % i for i in range(50_000))
+    spool = tempfile_with(body)
+    session = Session(7, "127.0.0.1", 1234, lambda: None)
+    session.mailFrom, session.rcptTo = "a@b.test", ["c@d.test"]
+    session._setMessage(None, spool)
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+    key = delivery.deliver(localLineEndings(b"Return-Path: <a@b.test>\n", session.msgFile))
+    assert session._msg is None  # never loaded whole
+    assert session.msgSize == len(body)
+    with open(tmp_path / "Maildir" / "new" / key, "rb") as f:
+        assert f.read() == b"Return-Path: <a@b.test>\n" + body.replace(b"\r\n", b"\n")
+
+
+def tempfile_with(data: bytes):
+    f = tempfile.TemporaryFile()
+    f.write(data)
+    f.seek(0)
+    return f
