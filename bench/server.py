@@ -82,9 +82,24 @@ class Peer:
         waitListening(self.port, self.process)
 
     def cpuSeconds(self) -> float:
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """
+        CPU time of the server and its descendants (--workers children).
+        """
+        stats = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+        total, todo = 0, [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            total += stats.get(pid, (0, 0))[1]
+            todo += [child for child, (parent, _) in stats.items() if parent == pid]
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -93,6 +108,15 @@ class Peer:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+def twistdInfsmtp(port: int, workers: int) -> list[str]:
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return [
+        twistd, "-n", "--pidfile=", "--logfile", os.devnull, "infsmtp",
+        "--listen", f"tcp:{port}:interface=127.0.0.1", "--handlers", "sinks/accept.py",
+        "--max-connections", "5000", "--workers", str(workers),
+    ]
 
 
 def peers(names: list[str]) -> list[Peer]:
@@ -104,6 +128,9 @@ def peers(names: list[str]) -> list[Peer]:
         "twisted": lambda p: [python, "sinks/twisted_sink.py", str(p)],
         "aiosmtpd": lambda p: [python, "sinks/aiosmtpd_sink.py", str(p)],
         "infsmtp": lambda p: [python, "sinks/infsmtp_sink.py", str(p)],
+        # twistd infsmtp with one process, and with --workers 2.
+        "twistd-w1": lambda p: twistdInfsmtp(p, 1),
+        "twistd-w2": lambda p: twistdInfsmtp(p, 2),
     }
     result = []
     for name in names:
@@ -159,7 +186,7 @@ def main() -> None:
     names = [p.name for p in running]
     print(f"\nmedians of {options.rounds} interleaved rounds, {os.cpu_count()} cores, {sys.version.split()[0]}")
     header = f"{'case':10}" + "".join(f"{n:>12}" for n in names)
-    print(header + "".join(f"{'inf/' + n:>14}" for n in names if n != "infsmtp"))
+    print(header + "".join(f"{'inf/' + n:>14}" for n in names if n != "infsmtp" and "infsmtp" in names))
     for key, case in cases.items():
         medians = {n: statistics.median(rates[(key, n)]) for n in names}
         unit = 1.0
@@ -170,6 +197,8 @@ def main() -> None:
         row = f"{label:10}" + "".join(f"{medians[n] * unit:12.0f}" for n in names)
         if "infsmtp" in medians:
             row += "".join(f"{medians['infsmtp'] / medians[n]:14.2f}" for n in names if n != "infsmtp")
+        if "twistd-w1" in medians and "twistd-w2" in medians:
+            row += f"   workers 2/1: {medians['twistd-w2'] / medians['twistd-w1']:.2f}"
         print(row)
     print("\nserver CPU per message (us, median)")
     for key in cases:
