@@ -540,22 +540,43 @@ class ServerProtocol(smtp.ESMTP):
         if not parsed.address.isascii() and "SMTPUTF8" not in params:
             self._reply(553, "Non-ASCII sender address needs SMTPUTF8", "5.6.7")
             return
+
+        def accepted() -> None:
+            self.session.mailFrom = parsed.address
+            self.session.mailParameters = params
+            self._mailStarted = True
+
+        self._decideAddress(
+            "onMailFrom", parsed.address, accepted, (250, "Sender OK", "2.1.0"), (550, "Sender address rejected", "5.7.1")
+        )
+
+    def _decideAddress(
+        self,
+        name: str,
+        address: str,
+        accepted: Callable[[], None],
+        acceptReply: tuple[int, str, str],
+        refuseReply: tuple[int, str, str],
+    ) -> None:
+        """
+        Let the handler C{name} decide on C{address} (C{session.address},
+        C{session.accept}) and answer; C{accepted} records an accepted one.
+        """
         session = self.session
-        session.address = parsed.address
+        session.address = address
         session.accept = True
 
         def apply(result: Any) -> None:
             if isinstance(result, bool):
                 session.accept = result
             if session.accept:
-                session.mailFrom = parsed.address
-                session.mailParameters = params
-                self._mailStarted = True
-                self._reply(250, "Sender OK", "2.1.0")
+                accepted()
+                code, text, enhanced = acceptReply
             else:
-                self._reply(550, "Sender address rejected", "5.7.1")
+                code, text, enhanced = refuseReply
+            self._reply(code, text, enhanced)
 
-        self._decide("onMailFrom", apply, (451, "4.3.0", "Temporary failure, try again later"))
+        self._decide(name, apply, (451, "4.3.0", "Temporary failure, try again later"))
 
     def do_RCPT(self, argument: bytes) -> None:
         settings = self.factory.settings
@@ -577,20 +598,13 @@ class ServerProtocol(smtp.ESMTP):
         if len(self.session.rcptTo) >= settings.maxRecipients:
             self._reply(452, "Too many recipients", "4.5.3")
             return
-        session = self.session
-        session.address = parsed.address
-        session.accept = True
-
-        def apply(result: Any) -> None:
-            if isinstance(result, bool):
-                session.accept = result
-            if session.accept:
-                session.rcptTo.append(parsed.address)
-                self._reply(250, "Recipient OK", "2.1.5")
-            else:
-                self._reply(550, "Recipient address rejected", "5.7.1")
-
-        self._decide("onRcptTo", apply, (451, "4.3.0", "Temporary failure, try again later"))
+        self._decideAddress(
+            "onRcptTo",
+            parsed.address,
+            lambda: self.session.rcptTo.append(parsed.address),
+            (250, "Recipient OK", "2.1.5"),
+            (550, "Recipient address rejected", "5.7.1"),
+        )
 
     def do_DATA(self, argument: bytes) -> None:
         settings = self.factory.settings
