@@ -30,7 +30,6 @@ from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import threadable, usage
@@ -40,7 +39,7 @@ from ._enums import EncryptMode, TLSVersion
 from ._errors import SMTPError
 from ._maildir import MaildirDelivery
 from ._proxy import ProxyProtocolFactory
-from ._server import HANDLER_NAMES, Server
+from ._server import HANDLER_NAMES, Server, listenEndpoint
 from ._workers import WorkerPool, adoptedEndpoint, parseTCPListen, workerArguments
 
 log = Logger(namespace="infsmtp.twistd")
@@ -320,7 +319,7 @@ class SMTPService(SigtermStops, service.Service):
             proxied = description.startswith(HAPROXY_PREFIX)
             inner = description[len(HAPROXY_PREFIX) :] if proxied else description
             try:
-                endpoint = serverFromString(reactor, inner)
+                endpoint = listenEndpoint(reactor, inner)
             except Exception as e:  # noqa: BLE001 (endpoint parsers raise anything)
                 raise ConfigurationError(f"--listen {description}: {e}") from None
             self.endpoints.append((description, endpoint, proxied))

@@ -144,3 +144,13 @@ async def test_stop_waits_for_an_asynchronous_onDisconnect():
     await server.stopListening()
     assert finished == [1]
     client.close()
+
+
+def test_tcp_endpoint_strings_get_a_large_backlog():
+    from twisted.internet import reactor
+
+    from infsmtp._server import listenEndpoint
+
+    assert listenEndpoint(reactor, "tcp:2525:interface=127.0.0.1")._backlog == 1024
+    assert listenEndpoint(reactor, "tcp:2525:backlog=7")._backlog == 7
+    assert listenEndpoint(reactor, "tcp6:2525", backlog=2048)._backlog == 2048
