@@ -254,7 +254,7 @@ class DataFramer:
             return self._finish(end + 2, end + 5)
         last = buf.rfind(CRLF)
         if last >= 0:
-            self._emit(bytes(buf[: last + 2]), True)
+            self._emit(bytes(memoryview(buf)[: last + 2]), True)
             del buf[: last + 2]
             self._atLineStart = True
         limit = self.maxLineLength or 65536
@@ -262,7 +262,7 @@ class DataFramer:
             # A long partial line: pass it on, but keep a trailing CR, which
             # may begin the CRLF that ends it.
             keep = 1 if buf.endswith(b"\r") else 0
-            self._emit(bytes(buf[: len(buf) - keep]), False)
+            self._emit(bytes(memoryview(buf)[: len(buf) - keep]), False)
             del buf[: len(buf) - keep]
             self._atLineStart = False
         self._searched = len(buf)
@@ -271,8 +271,8 @@ class DataFramer:
     def _finish(self, contentEnd: int, terminatorEnd: int) -> bytes:
         buf = self._buffer
         if contentEnd:
-            self._emit(bytes(buf[:contentEnd]), True)
-        rest = bytes(buf[terminatorEnd:])
+            self._emit(bytes(memoryview(buf)[:contentEnd]), True)
+        rest = bytes(memoryview(buf)[terminatorEnd:])
         del buf[:]
         self.done = True
         return rest
@@ -286,22 +286,32 @@ class DataFramer:
         Check C{chunk} (complete lines when C{endsLine}, else a piece of a
         line) and pass it, unstuffed, to the sink.
         """
-        crlf = chunk.count(CRLF)
-        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
-            self._fail(BARE_NEWLINE)
         limit = self.maxLineLength
-        if limit is not None:
-            if endsLine:
-                first = chunk.find(CRLF)
-                if self._partialLength + first + 2 > limit or (
-                    len(chunk) > limit and max(map(len, chunk.split(CRLF))) + 2 > limit
-                ):
-                    self._fail(LINE_TOO_LONG_IN_DATA)
-                self._partialLength = 0
-            else:
-                self._partialLength += len(chunk)
-                if self._partialLength > limit:
-                    self._fail(LINE_TOO_LONG_IN_DATA)
+        if not endsLine:
+            # A piece of one long line: no CRLF in it, so any CR or LF is bare.
+            if b"\r" in chunk or b"\n" in chunk:
+                self._fail(BARE_NEWLINE)
+            self._partialLength += len(chunk)
+            if limit is not None and self._partialLength > limit:
+                self._fail(LINE_TOO_LONG_IN_DATA)
+        elif self.fault is None:
+            # One split gives the line lengths, and the lines joined again
+            # hold a CR or LF only where one was bare (found with memchr):
+            # cheaper than counting CR, LF and CRLF, which CPython does a
+            # byte at a time.
+            lines = chunk.split(CRLF)
+            joined = b"".join(lines)
+            if b"\r" in joined or b"\n" in joined:
+                self._fail(BARE_NEWLINE)
+            if limit is not None and (
+                self._partialLength + len(lines[0]) + 2 > limit or max(map(len, lines)) + 2 > limit
+            ):
+                self._fail(LINE_TOO_LONG_IN_DATA)
+            self._partialLength = 0
+        else:
+            # Already faulty: nothing is kept, nothing more to check.
+            self._partialLength = 0
+            return
         if self._atLineStart and chunk[:1] == b".":
             chunk = chunk[1:]
         if b"\r\n." in chunk:
