@@ -205,7 +205,7 @@ def startSink() -> tuple[subprocess.Popen, int]:
         except OSError:
             # Another program's readiness: nothing to wait on but its port.
             if time.monotonic() > deadline or process.poll() is not None:
-                raise SystemExit("smtp-sink did not start")
+                raise SystemExit("smtp-sink did not start") from None
             time.sleep(0.02)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 
 from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,

@@ -28,31 +28,31 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITCPTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._errors import SMTPError
 from ._handlers import callHandler, toDeferred
 from ._session import Session
-from ._writenow import writeNow
 from ._wire import (
     BARE_NEWLINE,
     LINE_TOO_LONG,
     LINE_TOO_LONG_IN_DATA,
     TOO_BIG,
-    SpoolSink,
     CommandLineFramer,
     DataFramer,
     PathSyntaxError,
+    SpoolSink,
     defaultEnhancedCode,
     formatReply,
     parseCommand,
     parseMailArguments,
 )
+from ._writenow import writeNow
 
 if TYPE_CHECKING:
     from ._server import ServerFactory
@@ -786,7 +786,7 @@ class ServerProtocol(smtp.ESMTP):
         if decoded is None:
             return
         self._reply(334, "UGFzc3dvcmQ6")  # "Password:"
-        self._lineHandler = lambda l: self._authLoginPassword(decoded, l)
+        self._lineHandler = lambda line: self._authLoginPassword(decoded, line)
 
     def _authLoginPassword(self, username: bytes, line: bytes) -> None:
         decoded = self._decodeResponse(line)

@@ -5,9 +5,9 @@ L{Session}: what a server handler receives.
 from __future__ import annotations
 
 import email.parser
+import email.policy
 import io
 import os
-import email.policy
 from email.message import EmailMessage
 from typing import IO, Any, Callable
 

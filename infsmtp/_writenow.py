@@ -15,7 +15,6 @@ from typing import Any
 
 from twisted.internet import tcp
 
-
 # Exactly these classes: a subclass or a wrapper (TLS, PROXY) may buffer or
 # transform what it is given.
 _PLAIN_TCP = (tcp.Server, tcp.Client)

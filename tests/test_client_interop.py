@@ -40,10 +40,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from infsmtp import (
     AsyncClient,
-    Server,
     AuthMode,
     Client,
     EncryptMode,
+    Server,
     SMTPConnectError,
     SMTPError,
     SMTPRecipientsRefused,

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import base64
 import email
+import email.policy
 import hashlib
 import hmac
-import email.policy
 import io
 import re
 
 import pytest
 from hypothesis import given, settings
-from OpenSSL import SSL
 from hypothesis import strategies as st
+from OpenSSL import SSL
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone

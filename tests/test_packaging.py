@@ -38,16 +38,33 @@ def pipInstall(python: str, purelib: str, editable: bool) -> None:
     target = ["-e", REPO] if editable else [REPO]
     # The test environment's pip, installing into the bare venv.
     subprocess.run(
+        # --ignore-installed: otherwise pip uninstalls the test environment's
+        # own infsmtp before installing into the bare venv.
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", "--prefix", os.path.dirname(os.path.dirname(os.path.dirname(purelib))), *target],
+         "--no-index", "--ignore-installed", "--prefix", os.path.dirname(os.path.dirname(os.path.dirname(purelib))), *target],
         check=True, timeout=300, cwd=os.path.dirname(REPO),
     )
 
 
+def installedHere() -> str:
+    """
+    Where the test environment imports infsmtp from, asked from a neutral
+    folder (the checkout itself, on this process's path, would hide a
+    missing install).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-c", "import infsmtp; print(infsmtp.__file__)"],
+        cwd=os.path.dirname(sys.executable), env=env, capture_output=True, text=True, timeout=60,
+    ).stdout.strip()
+
+
 @pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
 def test_twistd_lists_the_plugin(tmp_path, editable):
+    before = installedHere()
     python, purelib = bareVenv(tmp_path / "venv")
     pipInstall(python, purelib, editable)
+    assert installedHere() == before  # the test environment is left alone
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -17,8 +17,8 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from infsmtp import Server, SMTPError
-from infsmtp._tls import serverTLSOptions
 from infsmtp._enums import TLSVersion
+from infsmtp._tls import serverTLSOptions
 
 REPLY = re.compile(rb"^\d{3}[ -].*$")
 

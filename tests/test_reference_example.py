@@ -11,10 +11,9 @@ import sys
 
 import pytest_twisted
 from aiosmtpd.smtp import AuthResult
+from test_client_interop import aiosmtpdServer, serverContext  # noqa: F401  (a fixture)
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
-
-from test_client_interop import aiosmtpdServer, serverContext  # noqa: F401  (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "reference_example.py")

@@ -165,7 +165,7 @@ class TestCommandLineFramer:
         assert framer.next() is LINE_TOO_LONG
         assert framer.next() == b"QUIT"
 
-    @given(st.lists(lineText.filter(lambda l: len(l) < 50), max_size=10), st.lists(st.integers(min_value=0), max_size=10))
+    @given(st.lists(lineText.filter(lambda ln: len(ln) < 50), max_size=10), st.lists(st.integers(min_value=0), max_size=10))
     def test_any_chunking(self, lines, cuts):
         stream = b"".join(ln + b"\r\n" for ln in lines)
         framer = CommandLineFramer(maxLength=100)

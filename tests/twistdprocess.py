@@ -142,7 +142,7 @@ class Twistd:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
-            raise AssertionError("twistd did not stop within {deadline}s after SIGTERM" + self._diagnosis())
+            raise AssertionError(f"twistd did not stop within {deadline}s after SIGTERM" + self._diagnosis()) from None
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -11,7 +11,6 @@ import smtplib
 import ssl
 
 import pytest_twisted
-
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 

@@ -10,11 +10,11 @@ import subprocess
 
 import pytest
 import pytest_twisted
+from peertools import requireTool
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from infsmtp import TLSVersion
-from peertools import requireTool
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 
@@ -65,10 +65,10 @@ async def test_swaks_pipelining_starttls_auth(serve, recorder, certificateAuthor
     assert result.returncode == 0, out + result.stderr.decode()
     assert "<~  235 2.7.0" in out
     # PIPELINING was used: MAIL, both RCPTs and DATA went before any reply.
-    lines = [l for l in out.splitlines() if l.startswith((" ~>", "<~"))]
-    mail = next(i for i, l in enumerate(lines) if l.startswith(" ~> MAIL FROM:"))
-    assert [l.split()[1] for l in lines[mail : mail + 4]] == ["MAIL", "RCPT", "RCPT", "DATA"]
-    assert [l.split()[1] for l in lines[mail + 4 : mail + 8]] == ["250", "250", "250", "354"]
+    lines = [ln for ln in out.splitlines() if ln.startswith((" ~>", "<~"))]
+    mail = next(i for i, ln in enumerate(lines) if ln.startswith(" ~> MAIL FROM:"))
+    assert [ln.split()[1] for ln in lines[mail : mail + 4]] == ["MAIL", "RCPT", "RCPT", "DATA"]
+    assert [ln.split()[1] for ln in lines[mail + 4 : mail + 8]] == ["250", "250", "250", "354"]
     assert "<~  250 2.0.0 OK queued as" in out
     assert len(recorder.received) == 1
     got = recorder.received[0]
