@@ -289,6 +289,15 @@ class RawClient:
                 assert not self._buffer, str(e)
                 return out
 
+    def exchange(self, batch: bytes) -> list[Reply]:
+        """
+        Read the greeting, send C{batch} in one write (pipelining, or
+        hostile bytes), and return every reply until the server closes.
+        """
+        assert self.reply().code == 220
+        self.send(batch)
+        return self.repliesToEnd()
+
     def startTLS(self, cafile: str, serverHostname: str = "localhost") -> None:
         """
         Wrap the socket in TLS (after a 220 to STARTTLS, or at once for

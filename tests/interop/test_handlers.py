@@ -269,13 +269,7 @@ async def test_pending_deferred_holds_pipelined_commands(serve, raw, recorder):
         b"QUIT\r\n"
     )
 
-    def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.send(batch)
-        return client.repliesToEnd()
-
-    replies = inThread(run)
+    replies = inThread(lambda: raw(server.port).exchange(batch))
     await called.addTimeout(20, reactor)
     # Give a wrongly eager server every chance to run ahead.
     await task.deferLater(reactor, 0.2, lambda: None)
@@ -314,13 +308,7 @@ async def test_slow_onreceive_with_pipelined_transaction_behind(serve, raw, reco
         for n in range(2)
     ) + b"QUIT\r\n"
 
-    def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.send(batch)
-        return client.repliesToEnd()
-
-    replies = inThread(run)
+    replies = inThread(lambda: raw(server.port).exchange(batch))
     await entered[0].addTimeout(20, reactor)
     await task.deferLater(reactor, 0.1, lambda: None)
     assert subjects == ["m0"]

@@ -209,13 +209,7 @@ async def test_pipelined_commands_in_one_write(serve, raw, recorder, assertServe
         b"QUIT\r\n"
     )
 
-    def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.send(batch)
-        return client.repliesToEnd()
-
-    replies = await inThread(run)
+    replies = await inThread(lambda: raw(server.port).exchange(batch))
     assert [r.code for r in replies] == [250, 250, 250, 501, 250, 354, 250, 250, 250, 354, 250, 250, 221]
     assert [r["rcptTo"] for r in recorder.received] == [["one@example.net", "two@example.net"], ["three@example.net"]]
     assert recorder.received[0]["msg"].endswith(b"Subject: first\r\n\r\nQUIT\r\n.MAIL FROM:<not-a-command@example.org>\r\n")
