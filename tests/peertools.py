@@ -3,7 +3,18 @@ External peers of the interop tests (swaks, Postfix's smtp-source and
 smtp-sink, curl, openssl).
 """
 
+import socket
+
 import pytest
+
+
+def freePort() -> int:
+    """
+    A loopback port free now (for peers that must be told their port).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def requireTool(path: str) -> str:

@@ -32,6 +32,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peertools import freePort
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -203,12 +204,6 @@ async def failure(d: Deferred) -> BaseException:
     except BaseException as e:
         return e
     raise AssertionError(f"expected a failure, got {result!r}")
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def waitForPort(port: int, process: subprocess.Popen) -> None:

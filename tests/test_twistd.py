@@ -411,7 +411,8 @@ def test_relayIntoAiosmtpd(tmp_path, twistd, smarthost):
     assert smarthost.envelopes[-1][1] == ["dave@example.net"]
     child.waitLog(r"refused <refuse@example\.net>: 550 ")
 
-    down = twistd("--relay", f"127.0.0.1:{freePort()}", "--relay-tls", "none", cwd=tmp_path / "down" if (tmp_path / "down").mkdir() is None else None)
+    (tmp_path / "down").mkdir()
+    down = twistd("--relay", f"127.0.0.1:{freePort()}", "--relay-tls", "none", cwd=tmp_path / "down")
     with pytest.raises(smtplib.SMTPDataError) as later:
         smtplibSend(down.port)
     assert later.value.smtp_code == 451

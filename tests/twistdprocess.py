@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+
+from peertools import freePort
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -176,12 +177,6 @@ def maildirFiles(path: str, sub: str = "new") -> list[str]:
 
 
 # An independent smarthost -----------------------------------------------
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sink:
