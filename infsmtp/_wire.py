@@ -122,28 +122,11 @@ class MessageSink(Protocol):
     def write(self, data: bytes) -> None: ...
 
 
-class BytesSink:
-    """
-    A L{MessageSink} collecting the message in memory.
-    """
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self._chunks.append(data)
-
-    def getvalue(self) -> bytes:
-        if len(self._chunks) != 1:
-            self._chunks = [b"".join(self._chunks)]
-        return self._chunks[0]
-
-
 class SpoolSink:
     """
     A L{MessageSink} that keeps a message in memory up to C{threshold}
-    bytes and moves it to an anonymous temporary file beyond, so that a
-    100 MB message costs disk, not memory.
+    bytes (no limit when L{None}) and moves it to an anonymous temporary
+    file beyond, so that a 100 MB message costs disk, not memory.
     """
 
     def __init__(self, threshold: int | None) -> None:

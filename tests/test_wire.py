@@ -12,10 +12,10 @@ from infsmtp._wire import (
     LINE_TOO_LONG,
     LINE_TOO_LONG_IN_DATA,
     TOO_BIG,
-    BytesSink,
     CommandLineFramer,
     DataFramer,
     PathSyntaxError,
+    SpoolSink,
     formatReply,
     parseCommand,
     parseMailArguments,
@@ -34,7 +34,7 @@ def splitAt(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def frame(stream: bytes, pieces: list[bytes] | None = None, **kw):
-    sink = BytesSink()
+    sink = SpoolSink(None)
     framer = DataFramer(sink, **kw)
     rest = None
     for piece in pieces if pieces is not None else [stream]:
@@ -115,7 +115,7 @@ class TestDataFramer:
 
     def test_too_big_reads_to_end_and_keeps_nothing(self):
         chunk = b"x" * 70 + b"\r\n"
-        framer = DataFramer(BytesSink(), maxSize=1000)
+        framer = DataFramer(SpoolSink(None), maxSize=1000)
         sink = framer.sink
         for _ in range(1000):
             assert framer.feed(chunk) is None
@@ -124,7 +124,7 @@ class TestDataFramer:
         assert framer.feed(b".\r\nRSET\r\n") == b"RSET\r\n"
 
     def test_long_line_without_newline_is_not_buffered(self):
-        framer = DataFramer(BytesSink(), maxLineLength=1000)
+        framer = DataFramer(SpoolSink(None), maxLineLength=1000)
         for _ in range(1000):
             framer.feed(b"y" * 1024)
             assert len(framer._buffer) <= 1000
