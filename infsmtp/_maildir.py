@@ -128,14 +128,7 @@ class MaildirDelivery:
         # msgFile: a large message stays in its spool file and is copied in
         # pieces, never loaded whole (msgFile is valid until we answer).
         content = localLineEndings(f"Return-Path: <{session.mailFrom}>\n".encode(), session.msgFile)
-        facts = {
-            "sessionId": session.id,
-            "client": f"{session.ip}:{session.port}",
-            "sender": session.mailFrom,
-            "recipients": ",".join(f"<{r}>" for r in session.rcptTo),
-            "size": session.msgSize,
-            "tls": "yes" if session.secure else "no",
-        }
+        facts = session.deliveryFacts()
         pool = self._threadPool or self._reactor.getThreadPool()
         d = deferToThreadPool(self._reactor, pool, self.deliver, content)
 

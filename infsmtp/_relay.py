@@ -6,7 +6,6 @@ smarthost has answered.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -93,28 +92,21 @@ class RelayDelivery:
 
     def __call__(self, session: Session) -> Deferred:
         """
-        Forward C{session.msg}; the Deferred fires with C{True} once the
+        Forward the message; the Deferred fires with C{True} once the
         smarthost accepted it.
         """
         return Deferred.fromCoroutine(self._forward(session))
 
     async def _forward(self, session: Session) -> bool:
         where = f"{self.host}:{self.port}"
-        facts = {
-            "sessionId": session.id,
-            "client": f"{session.ip}:{session.port}",
-            "sender": session.mailFrom,
-            "recipients": ",".join(f"<{r}>" for r in session.rcptTo),
-            "size": len(session.msg),
-            "tls": "yes" if session.secure else "no",
-            "smarthost": where,
-        }
+        facts = dict(session.deliveryFacts(), smarthost=where)
         client = self._client()
         try:
             await client.connect()
             if not await client.authenticate():
                 raise SMTPError(535, f"{where} refused our credentials")
-            refused = await client.sendStream(io.BytesIO(session.msg), session.mailFrom, list(session.rcptTo))
+            # msgFile: a spooled message is streamed, never loaded whole.
+            refused = await client.sendStream(session.msgFile, session.mailFrom, list(session.rcptTo))
             await client.disconnect()
         except SMTPError as e:
             log.error(

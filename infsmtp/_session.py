@@ -151,5 +151,20 @@ class Session:
             self._msgFile.close()
         self._setMessage(b"")
 
+    def deliveryFacts(self) -> dict[str, Any]:
+        """
+        The fields a delivery logs about the current message: C{sessionId},
+        C{client}, C{sender}, C{recipients}, C{size}, C{tls} (the message is
+        not loaded to size it).
+        """
+        return {
+            "sessionId": self.id,
+            "client": f"{self.ip}:{self.port}",
+            "sender": self.mailFrom,
+            "recipients": ",".join(f"<{r}>" for r in self.rcptTo),
+            "size": self.msgSize,
+            "tls": "yes" if self.secure else "no",
+        }
+
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.ip}:{self.port} helo={self.helo!r}>"
