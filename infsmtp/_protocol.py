@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITCPTransport
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -123,13 +123,14 @@ class ServerProtocol(smtp.ESMTP):
 
     def connectionMade(self) -> None:
         self._open = True
-        if ITCPTransport.providedBy(self.transport) or hasattr(self.transport, "setTcpNoDelay"):
+        # Replies are written in one write per batch already; Nagle would
+        # only add a delayed-ACK wait to every round trip.
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
             try:
-                # Replies are written in one write per batch already; Nagle
-                # would only add a delayed-ACK wait to every round trip.
-                self.transport.setTcpNoDelay(True)
-            except Exception:
-                pass
+                setNoDelay(True)
+            except OSError:
+                pass  # not a TCP socket after all
         if not self.factory.admit(self):
             self._reply(421, f"{self.factory.settings.hostname} Too many connections, try again later", "4.7.0")
             self._close()
