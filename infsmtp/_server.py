@@ -276,6 +276,7 @@ class Server(service.Service):
         self._reactor = reactor
         self._certificate: tuple[str, str, str | None, bool] | None = None
         self._tlsOptions: Any = None
+        self._sessionTLS: Any = None
         self._pool: ThreadPool | None = None
         self._handlers: dict[str, Callable[[Any], Any] | None] = dict.fromkeys(HANDLER_NAMES)
         self._handlerSpecs: dict[str, HandlerSpec] = dict.fromkeys(HANDLER_NAMES)
@@ -372,12 +373,16 @@ class Server(service.Service):
         implicit TLS when so configured).  Used by L{startListening}; the
         twistd plugin uses it to listen on several endpoints.
         """
-        tls = self._tlsForSessions()
         if self._factory is None:
-            self._factory = ServerFactory(self, self._settings(), None if self.implicit else tls, self._reactor)
+            # Once per listening run: the certificate files are read and
+            # checked once, however many endpoints share the sessions.
+            self._sessionTLS = self._tlsForSessions()
+            self._factory = ServerFactory(
+                self, self._settings(), None if self.implicit else self._sessionTLS, self._reactor
+            )
         factory: Any = self._factory
         if self.implicit:
-            factory = TLSMemoryBIOFactory(tls, False, factory)
+            factory = TLSMemoryBIOFactory(self._sessionTLS, False, factory)
         return factory
 
     # Lifecycle --------------------------------------------------------------
