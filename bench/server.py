@@ -128,6 +128,8 @@ def peers(names: list[str]) -> list[Peer]:
         "twisted": lambda p: [python, "sinks/twisted_sink.py", str(p)],
         "aiosmtpd": lambda p: [python, "sinks/aiosmtpd_sink.py", str(p)],
         "infsmtp": lambda p: [python, "sinks/infsmtp_sink.py", str(p)],
+        # A Twisted protocol doing no SMTP work: the reactor's floor.
+        "floor": lambda p: [python, "sinks/floor_sink.py", str(p)],
         # twistd infsmtp with one process, and with --workers 2.
         "twistd-w1": lambda p: twistdInfsmtp(p, 1),
         "twistd-w2": lambda p: twistdInfsmtp(p, 2),

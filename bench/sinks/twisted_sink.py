@@ -45,6 +45,7 @@ class Factory(smtp.SMTPFactory):
         return p
 
 
-reactor.listenTCP(int(sys.argv[1]), Factory(), backlog=1024, interface="127.0.0.1")
-reactor.callWhenRunning(print, "ready", flush=True)
-reactor.run()
+if __name__ == "__main__":
+    reactor.listenTCP(int(sys.argv[1]), Factory(), backlog=1024, interface="127.0.0.1")
+    reactor.callWhenRunning(print, "ready", flush=True)
+    reactor.run()
