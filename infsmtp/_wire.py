@@ -113,6 +113,14 @@ class CommandLineFramer:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def empty(self) -> bool:
+        """
+        Nothing buffered and no long line being discarded: the next bytes
+        start a new line.
+        """
+        return not self._buffer and not self._discarding
+
 
 class MessageSink(Protocol):
     """

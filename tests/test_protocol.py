@@ -474,6 +474,56 @@ def test_garbage_never_crashes_and_replies_are_well_formed(chunks):
         assert h.codes(b"NOOP\r\n")[-1:] == [250]
 
 
+_DIALOGUE_LINES = [
+    b"EHLO client.test\r\n",
+    b"HELO client.test\n",
+    b"MAIL FROM:<a@b.test>\r\n",
+    b"MAIL FROM:<a@b.test> SIZE=100\r\n",
+    b"RCPT TO:<c@d.test>\r\n",
+    b"RCPT TO:<refused@d.test>\r\n",
+    b"DATA\r\n",
+    b"Subject: x\r\n\r\nbody\r\n..stuffed\r\n.\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"VRFY x\r\n",
+    b"\r\n",
+    b"x" * 3000 + b"\r\n",
+    b"NOOP " + b"y" * 600,
+    b"\xff\xfe garbage\r\n",
+    b"rcpt to:<e@f.test>\r\n",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.sampled_from(_DIALOGUE_LINES), max_size=14),
+    st.lists(st.integers(min_value=1, max_value=40), max_size=30),
+)
+def test_replies_do_not_depend_on_how_input_is_cut(lines, cuts):
+    """
+    One line per read (the fast path for a lone command line), and the same
+    bytes cut anywhere (the framer), give the same replies.
+    """
+
+    def replies(pieces):
+        server = makeServer(maxErrors=1000, maxLineLength=512)
+        server.onRcptTo = lambda s: not s.address.startswith("refused")
+        h = session(server, ehlo=False)
+        for piece in pieces:
+            h.protocol.dataReceived(piece)
+        return h.take()
+
+    stream = b"".join(lines)
+    pieces, start = [], 0
+    for cut in cuts:
+        if start >= len(stream):
+            break
+        pieces.append(stream[start : start + cut])
+        start += cut
+    pieces.append(stream[start:])
+    assert replies(lines) == replies(pieces)
+
+
 def test_large_message_spooled_to_a_file():
     server = makeServer(spoolThreshold=10_000)
     seen = {}
