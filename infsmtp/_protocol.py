@@ -47,6 +47,7 @@ from ._wire import (
     DataFramer,
     PathSyntaxError,
     SpoolSink,
+    cachedReply,
     defaultEnhancedCode,
     formatReply,
     parseCommand,
@@ -80,9 +81,15 @@ def _receivedDate() -> str:
 #: the close_notify exchange before it is cut off.
 CLOSE_GRACE = 10.0
 
-_COMMANDS = frozenset(
-    b"HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH".split()
-)
+# An allowlist: no method inherited from Twisted (which would write to the
+# transport out of order) is ever reachable from the wire.
+_METHODS = {
+    verb: "do_" + verb.decode("ascii")
+    for verb in b"HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH".split()
+}
+
+# The temporary replies for a failing handler: (code, enhanced, text).
+_TRY_AGAIN = (451, "4.3.0", "Temporary failure, try again later")
 
 
 @implementer(IHandshakeListener)
@@ -101,6 +108,7 @@ class ServerProtocol(smtp.ESMTP):
         self.host = settings.hostname
         self.timeout = settings.idleTimeout
         self._clock = factory.clock
+        self._handlers = factory.handlers
         self._timer: Any = None
         self._lastInput = 0.0
         self._framer = CommandLineFramer(settings.maxLineLength)
@@ -180,7 +188,7 @@ class ServerProtocol(smtp.ESMTP):
         self._cancelTimer()
         if self._started:
             self._started = False
-            handler = self.factory.handler("onDisconnect")
+            handler = self._handlers["onDisconnect"]
             if handler is not None:
                 d = callHandler(handler, self.session)
                 d.addErrback(
@@ -258,20 +266,22 @@ class ServerProtocol(smtp.ESMTP):
 
     # Output -----------------------------------------------------------------
 
-    def _reply(self, code: int, text: str, enhanced: str | None = None) -> None:
+    def _reply(self, code: int, text: str, enhanced: str | None = None, varies: bool = False) -> None:
         """
         Queue a reply.  C{enhanced}: the RFC 2034 code; L{None} picks a
-        generic one, C{""} sends none (EHLO's extension list).
+        generic one, C{""} sends none (EHLO's extension list).  C{varies}:
+        the text changes from one use to the next (not worth caching).
         """
         if enhanced is None:
             enhanced = defaultEnhancedCode(code)
-        self._out.append(formatReply(code, text, enhanced))
+        self._out.append((formatReply if varies else cachedReply)(code, text, enhanced))
 
     def _error(self, code: int, text: str, enhanced: str | None = None) -> None:
         """
         Answer a client error, and end a session that makes too many.
+        Not cached: errors are rare, and their text may echo the client.
         """
-        self._reply(code, text, enhanced)
+        self._reply(code, text, enhanced, varies=True)
         self._errors += 1
         if self._errors >= self.factory.settings.maxErrors:
             self._reply(421, f"{self.factory.settings.hostname} Too many errors, closing connection", "4.7.0")
@@ -377,18 +387,15 @@ class ServerProtocol(smtp.ESMTP):
             self._reply(421, f"{self.factory.settings.hostname} Service shutting down", "4.3.2")
             self._close()
             return
-        method = self.lookupMethod(verb) if verb else None
+        method = self.lookupMethod(verb)
         if method is None:
             self._error(500, "Command unrecognized", "5.5.2")
             return
         method(argument)
 
     def lookupMethod(self, command: bytes) -> Callable[[bytes], None] | None:
-        # An allowlist: no method inherited from Twisted (which would write
-        # to the transport out of order) is ever reachable from the wire.
-        if command not in _COMMANDS:
-            return None
-        return getattr(self, "do_" + command.decode("ascii"))
+        name = _METHODS.get(command)
+        return None if name is None else getattr(self, name)
 
     # Handlers -------------------------------------------------------------
 
@@ -408,7 +415,7 @@ class ServerProtocol(smtp.ESMTP):
         client retries and nothing is lost to a bug.  C{then} runs after the
         reply, whichever it was.
         """
-        handler = self.factory.handler(name)
+        handler = self._handlers[name]
         if handler is None:
             apply(None)
             if then is not None:
@@ -422,7 +429,7 @@ class ServerProtocol(smtp.ESMTP):
         except BaseException:
             self._handlerFailed(Failure(), name, temporary, then, True)
             return
-        if not isinstance(result, Deferred) and not inspect.isawaitable(result):
+        if type(result) is bool or result is None or not (isinstance(result, Deferred) or inspect.isawaitable(result)):
             self._handlerSucceeded(result, apply, then, True)
             return
         synchronous = True
@@ -491,7 +498,7 @@ class ServerProtocol(smtp.ESMTP):
         return ext
 
     def _authOffered(self) -> bool:
-        return self.factory.handler("onLogin") is not None and (
+        return self._handlers["onLogin"] is not None and (
             self.session.secure or self.factory.settings.allowInsecureAuth
         )
 
@@ -511,9 +518,14 @@ class ServerProtocol(smtp.ESMTP):
         if not extended:
             self._reply(250, hostname, "")
             return
-        lines = [f"{hostname} Hello {self.session.ip}"]
-        lines += self.listExtensions().decode("ascii").split("\n")
-        self._reply(250, "\n".join(lines), "")
+        # The extension lines depend only on what the session may be
+        # offered, so each variant is formatted once per factory.
+        key = (self.session.secure, self._authOffered())
+        listed = self.factory.extensionReplies.get(key)
+        if listed is None:
+            listed = formatReply(250, self.listExtensions().decode("ascii"), "")
+            self.factory.extensionReplies[key] = listed
+        self._out.append(f"250-{hostname} Hello {self.session.ip}\r\n".encode() + listed)
 
     def do_HELO(self, argument: bytes) -> None:
         self._greet(argument, False)
@@ -593,43 +605,38 @@ class ServerProtocol(smtp.ESMTP):
         if not parsed.address.isascii() and "SMTPUTF8" not in params:
             self._reply(553, "Non-ASCII sender address needs SMTPUTF8", "5.6.7")
             return
+        self._decideAddress("onMailFrom", parsed.address, params)
 
-        def accepted() -> None:
-            self.session.mailFrom = parsed.address
-            self.session.mailParameters = params
-            self._mailStarted = True
-
-        self._decideAddress(
-            "onMailFrom", parsed.address, accepted, (250, "Sender OK", "2.1.0"), (550, "Sender address rejected", "5.7.1")
-        )
-
-    def _decideAddress(
-        self,
-        name: str,
-        address: str,
-        accepted: Callable[[], None],
-        acceptReply: tuple[int, str, str],
-        refuseReply: tuple[int, str, str],
-    ) -> None:
+    def _decideAddress(self, name: str, address: str, params: dict[str, str | None] | None = None) -> None:
         """
-        Let the handler C{name} decide on C{address} (C{session.address},
-        C{session.accept}) and answer; C{accepted} records an accepted one.
+        Let C{onMailFrom} or C{onRcptTo} decide on C{address}
+        (C{session.address}, C{session.accept}), then answer.
         """
         session = self.session
         session.address = address
         session.accept = True
+        if self._handlers[name] is None:
+            self._addressDecided(name, address, params, None)
+        else:
+            self._decide(name, lambda result: self._addressDecided(name, address, params, result), _TRY_AGAIN)
 
-        def apply(result: Any) -> None:
-            if isinstance(result, bool):
-                session.accept = result
+    def _addressDecided(self, name: str, address: str, params: dict[str, str | None] | None, result: Any) -> None:
+        session = self.session
+        if isinstance(result, bool):
+            session.accept = result
+        if name == "onMailFrom":
             if session.accept:
-                accepted()
-                code, text, enhanced = acceptReply
+                session.mailFrom = address
+                session.mailParameters = params or {}
+                self._mailStarted = True
+                self._reply(250, "Sender OK", "2.1.0")
             else:
-                code, text, enhanced = refuseReply
-            self._reply(code, text, enhanced)
-
-        self._decide(name, apply, (451, "4.3.0", "Temporary failure, try again later"))
+                self._reply(550, "Sender address rejected", "5.7.1")
+        elif session.accept:
+            session.rcptTo.append(address)
+            self._reply(250, "Recipient OK", "2.1.5")
+        else:
+            self._reply(550, "Recipient address rejected", "5.7.1")
 
     def do_RCPT(self, argument: bytes) -> None:
         settings = self.factory.settings
@@ -651,13 +658,7 @@ class ServerProtocol(smtp.ESMTP):
         if len(self.session.rcptTo) >= settings.maxRecipients:
             self._reply(452, "Too many recipients", "4.5.3")
             return
-        self._decideAddress(
-            "onRcptTo",
-            parsed.address,
-            lambda: self.session.rcptTo.append(parsed.address),
-            (250, "Recipient OK", "2.1.5"),
-            (550, "Recipient address rejected", "5.7.1"),
-        )
+        self._decideAddress("onRcptTo", parsed.address)
 
     def do_DATA(self, argument: bytes) -> None:
         settings = self.factory.settings
@@ -713,7 +714,7 @@ class ServerProtocol(smtp.ESMTP):
             if isinstance(result, bool):
                 session.received = result
             if session.received:
-                self._reply(250, f"OK queued as {queueId}", "2.0.0")
+                self._reply(250, f"OK queued as {queueId}", "2.0.0", varies=True)
             else:
                 self._reply(554, "Message rejected", "5.7.1")
 
@@ -772,7 +773,7 @@ class ServerProtocol(smtp.ESMTP):
     # AUTH (RFC 4954) ---------------------------------------------------------
 
     def do_AUTH(self, argument: bytes) -> None:
-        if self.factory.handler("onLogin") is None:
+        if self._handlers["onLogin"] is None:
             self._error(502, "AUTH not available", "5.5.1")
             return
         if not self.session.secure and not self.factory.settings.allowInsecureAuth:

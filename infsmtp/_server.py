@@ -88,13 +88,20 @@ class ServerFactory(smtp.SMTPFactory):
         self.domain = settings.hostname
         self.sessions: set[ServerProtocol] = set()
         self.queuePrefix = os.urandom(3).hex().upper()
+        #: EHLO's extension lines, formatted, by (secure, AUTH offered).
+        self.extensionReplies: dict[tuple[bool, bool], bytes] = {}
         self._allGone: list[defer.Deferred] = []
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
         return ServerProtocol(self)
 
-    def handler(self, name: str) -> Callable[[Any], Any] | None:
-        return self.server._handlers[name]
+    @property
+    def handlers(self) -> dict[str, Callable[[Any], Any] | None]:
+        """
+        The server's handlers by name (the live mapping: a handler set while
+        serving applies to the next decision).
+        """
+        return self.server._handlers
 
     def nextSessionId(self) -> int:
         return next(self.server._sessionIds)

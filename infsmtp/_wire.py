@@ -314,9 +314,6 @@ class DataFramer:
             self.sink.write(chunk)
 
 
-_COMMAND = re.compile(rb"[A-Za-z]{1,20}")
-
-
 def parseCommand(line: bytes) -> tuple[bytes, bytes]:
     """
     Split a command line into its upper-cased verb and its argument.
@@ -329,7 +326,8 @@ def parseCommand(line: bytes) -> tuple[bytes, bytes]:
     """
     line = line.strip(b" \t")
     verb, _, rest = line.partition(b" ")
-    if not _COMMAND.fullmatch(verb):
+    # bytes.isalpha() is ASCII letters only, and False when empty.
+    if not verb.isalpha() or len(verb) > 20:
         return b"", line
     return verb.upper(), rest.strip(b" \t")
 
@@ -461,7 +459,6 @@ def parseMailArguments(
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
 
-@functools.lru_cache(maxsize=1024)
 def formatReply(code: int, text: str, enhanced: str | None = None) -> bytes:
     """
     Format a reply, multi-line when C{text} has several lines.
@@ -472,7 +469,7 @@ def formatReply(code: int, text: str, enhanced: str | None = None) -> bytes:
     >>> formatReply(250, "OK", "2.0.0")
     b'250 2.0.0 OK\\r\\n'
 
-    Cached: most replies are the same few constant lines.
+    See L{cachedReply} for replies whose text does not vary.
     """
     lines = text.splitlines() or [""]
     if enhanced and _ENHANCED.match(lines[0]):
@@ -485,6 +482,12 @@ def formatReply(code: int, text: str, enhanced: str | None = None) -> bytes:
             line = f"{enhanced} {line}" if line else enhanced
         out.append(f"{code}{separator}{line}".encode("utf-8") + CRLF)
     return b"".join(out)
+
+
+#: L{formatReply} for the few constant replies that make up most of a
+#: session.  Texts that vary (a queue id, a client's address) go to
+#: L{formatReply} itself, so they never push the constant ones out.
+cachedReply = functools.lru_cache(maxsize=256)(formatReply)
 
 
 def defaultEnhancedCode(code: int) -> str | None:

@@ -3,6 +3,8 @@ The sans-I/O core, driven directly: no sockets, hypothesis for the framers
 and parsers.
 """
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -183,6 +185,16 @@ class TestParsing:
         assert parseCommand(b"QUIT") == (b"QUIT", b"")
         assert parseCommand(b"\x00\xff garbage")[0] == b""
         assert parseCommand(b"")[0] == b""
+
+    @given(st.binary(max_size=40))
+    def test_parse_command_verb_is_one_to_twenty_letters_or_nothing(self, line):
+        verb, argument = parseCommand(line)
+        stripped = line.strip(b" \t")
+        head, _, rest = stripped.partition(b" ")
+        if re.fullmatch(rb"[A-Za-z]{1,20}", head):
+            assert (verb, argument) == (head.upper(), rest.strip(b" \t"))
+        else:
+            assert (verb, argument) == (b"", stripped)
 
     def test_mail_arguments(self):
         parsed = parseMailArguments(b"from: <a@b.example> size=100 BODY=8BITMIME SMTPUTF8", b"FROM:", True)
