@@ -108,6 +108,7 @@ class ServerProtocol(smtp.ESMTP):
         self.host = settings.hostname
         self.timeout = settings.idleTimeout
         self._clock = factory.clock
+        self._seconds = factory.clock.seconds
         self._handlers = factory.handlers
         self._timer: Any = None
         self._lastInput = 0.0
@@ -314,10 +315,13 @@ class ServerProtocol(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._lastInput = self._clock.seconds()
+        self._lastInput = self._seconds()
         if self._dataFramer is not None and not self._busy:
             self._feedData(data)
-            self._process()
+            if self._framer.empty:
+                self._afterInput()
+            else:
+                self._process()
         elif (
             # The lock-step case: exactly one whole command line, nothing
             # before it, nothing waiting.  Same result as going through the
@@ -673,7 +677,9 @@ class ServerProtocol(smtp.ESMTP):
             return
         self._reply(354, "End data with <CR><LF>.<CR><LF>")
         self._messages += 1
-        self._queueId = f"{self.factory.queuePrefix}{self.session.id:x}{self._messages:x}"
+        # The x keeps ids apart: session 0x1's message 0x11 and session
+        # 0x11's message 0x1 would both end in "111" without it.
+        self._queueId = f"{self.factory.queuePrefix}{self.session.id:x}x{self._messages:x}"
         sink = SpoolSink(settings.spoolThreshold)
         if settings.receivedHeader:
             sink.write(self._receivedHeader(self._queueId))
@@ -686,7 +692,8 @@ class ServerProtocol(smtp.ESMTP):
         if rest is None:
             return
         self._dataFramer = None
-        self._framer.feed(rest)
+        if rest:
+            self._framer.feed(rest)
         self._messageComplete(framer)
 
     def _messageComplete(self, framer: DataFramer) -> None:
@@ -714,7 +721,8 @@ class ServerProtocol(smtp.ESMTP):
             if isinstance(result, bool):
                 session.received = result
             if session.received:
-                self._reply(250, f"OK queued as {queueId}", "2.0.0", varies=True)
+                # A hex id: one line, nothing to check, so no formatReply.
+                self._out.append(b"250 2.0.0 OK queued as %s\r\n" % queueId.encode("ascii"))
             else:
                 self._reply(554, "Message rejected", "5.7.1")
 

@@ -119,6 +119,17 @@ def test_helo_is_plain(server):
     assert h.send(b"HELO client\r\n") == [b"250 mx.test"]
 
 
+def test_queue_ids_are_unique_across_sessions_and_messages(server):
+    # Among them: session 0x1's message 0x11 and session 0x11's message 0x1.
+    ids = []
+    for h in [session(server) for _ in range(20)]:
+        for _ in range(20):
+            reply = h.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nx\r\n.\r\n")[-1]
+            assert reply.startswith(b"250 2.0.0 OK queued as "), reply
+            ids.append(reply.rsplit(b" ", 1)[1])
+    assert len(set(ids)) == 400
+
+
 def test_full_transaction_and_session_fields(server):
     got = []
     server.onReceive = lambda s: got.append((s.mailFrom, list(s.rcptTo), s.msg, s.message["Subject"]))
