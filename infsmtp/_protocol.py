@@ -91,6 +91,11 @@ _METHODS = {
 # The temporary replies for a failing handler: (code, enhanced, text).
 _TRY_AGAIN = (451, "4.3.0", "Temporary failure, try again later")
 
+# The replies of every transaction, formatted once.
+_SENDER_OK = formatReply(250, "Sender OK", "2.1.0")
+_RECIPIENT_OK = formatReply(250, "Recipient OK", "2.1.5")
+_GO_AHEAD = formatReply(354, "End data with <CR><LF>.<CR><LF>")
+
 
 @implementer(IHandshakeListener)
 class ServerProtocol(smtp.ESMTP):
@@ -129,6 +134,8 @@ class ServerProtocol(smtp.ESMTP):
         self._queueId = ""
         self._dropRequested = False
         self._lineHandler: Callable[[bytes], None] | None = None
+        self._heloSeen: str | None = None
+        self._heloSafe = ""
 
     # Connection life ------------------------------------------------------
 
@@ -633,12 +640,12 @@ class ServerProtocol(smtp.ESMTP):
                 session.mailFrom = address
                 session.mailParameters = params or {}
                 self._mailStarted = True
-                self._reply(250, "Sender OK", "2.1.0")
+                self._out.append(_SENDER_OK)
             else:
                 self._reply(550, "Sender address rejected", "5.7.1")
         elif session.accept:
             session.rcptTo.append(address)
-            self._reply(250, "Recipient OK", "2.1.5")
+            self._out.append(_RECIPIENT_OK)
         else:
             self._reply(550, "Recipient address rejected", "5.7.1")
 
@@ -675,7 +682,7 @@ class ServerProtocol(smtp.ESMTP):
         if not self.session.rcptTo:
             self._error(554, "Error: no valid recipients", "5.5.1")
             return
-        self._reply(354, "End data with <CR><LF>.<CR><LF>")
+        self._out.append(_GO_AHEAD)
         self._messages += 1
         # The x keeps ids apart: session 0x1's message 0x11 and session
         # 0x11's message 0x1 would both end in "111" without it.
@@ -708,7 +715,6 @@ class ServerProtocol(smtp.ESMTP):
                 self._reply(550, "Message contains bare CR or LF; use CRLF line endings", "5.5.2")
             self._afterMessage()
             return
-        queueId = self._queueId
         sink = framer.sink
         assert isinstance(sink, SpoolSink)
         if sink.spooled:
@@ -716,21 +722,26 @@ class ServerProtocol(smtp.ESMTP):
         else:
             session._setMessage(sink.getvalue())
         session.received = True
+        self._decide(
+            "onReceive",
+            self._receiveDecided,
+            (451, "4.3.0", "Error processing message, try again later"),
+            self._transactionDone,
+        )
 
-        def apply(result: Any) -> None:
-            if isinstance(result, bool):
-                session.received = result
-            if session.received:
-                # A hex id: one line, nothing to check, so no formatReply.
-                self._out.append(b"250 2.0.0 OK queued as %s\r\n" % queueId.encode("ascii"))
-            else:
-                self._reply(554, "Message rejected", "5.7.1")
+    def _receiveDecided(self, result: Any) -> None:
+        session = self.session
+        if isinstance(result, bool):
+            session.received = result
+        if session.received:
+            # A hex id: one line, nothing to check, so no formatReply.
+            self._out.append(b"250 2.0.0 OK queued as %s\r\n" % self._queueId.encode("ascii"))
+        else:
+            self._reply(554, "Message rejected", "5.7.1")
 
-        def then() -> None:
-            self._resetTransaction()
-            self._afterMessage()
-
-        self._decide("onReceive", apply, (451, "4.3.0", "Error processing message, try again later"), then)
+    def _transactionDone(self) -> None:
+        self._resetTransaction()
+        self._afterMessage()
 
     def _afterMessage(self) -> None:
         if self._shuttingDown:
@@ -738,7 +749,11 @@ class ServerProtocol(smtp.ESMTP):
 
     def _receivedHeader(self, queueId: str) -> bytes:
         session = self.session
-        helo = _SAFE_HELO.sub("?", session.helo)[:64] or "unknown"
+        if session.helo is not self._heloSeen:
+            # Once per EHLO, not once per message.
+            self._heloSeen = session.helo
+            self._heloSafe = _SAFE_HELO.sub("?", session.helo)[:64] or "unknown"
+        helo = self._heloSafe
         withProtocol = "ESMTP" if self._ehlo else "SMTP"
         if "SMTPUTF8" in session.mailParameters:
             withProtocol = "UTF8SMTP"

@@ -237,6 +237,18 @@ class DataFramer:
         if self.done:
             raise RuntimeError("DataFramer fed after the end of data")
         buf = self._buffer
+        if not buf:
+            # Nothing held back from earlier reads (so no terminator can
+            # straddle into this one): a message that ends in this read is
+            # framed on the bytes as they came, without copying them in.
+            if self._atLineStart and data[:3] == b".\r\n":
+                self.done = True
+                return data[3:]
+            end = data.find(b"\r\n.\r\n")
+            if end >= 0:
+                self._emit(data[: end + 2], True)
+                self.done = True
+                return data[end + 5 :]
         buf += data
         if self._atLineStart and buf[:3] == b".\r\n":
             return self._finish(0, 3)

@@ -5,8 +5,8 @@ Twisted's C{transport.write} always buffers: the bytes wait for the next
 reactor iteration, which costs two C{epoll_ctl} calls and a write event per
 reply.  SMTP is a lock-step dialogue of small replies, so that overhead is a
 large share of a session's CPU.  L{writeNow} sends at once when nothing is
-queued ahead (so order is kept), through the transport's own
-C{writeSomeData}, and hands any remainder to the normal buffered path.
+queued ahead (so order is kept), on the transport's own socket, and hands
+any remainder to the normal buffered path.
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ from twisted.internet import tcp
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
-def _pending(transport: tcp.Connection) -> int:
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-
 def writeNow(transport: Any, data: bytes) -> None:
     """
     Write C{data} to C{transport}, sending it immediately when possible.
@@ -34,11 +30,18 @@ def writeNow(transport: Any, data: bytes) -> None:
         and transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnected
-        and not _pending(transport)
+        # Nothing queued ahead, so order is kept.
+        and len(transport.dataBuffer) == transport.offset
+        and not transport._tempDataLen
     ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int):
-            if sent >= len(data):
-                return
-            data = data[sent:]
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            # Would block, interrupted, or the connection failed: the
+            # buffered path below retries, or finds the error and reports
+            # it the usual way.
+            sent = 0
+        if sent >= len(data):
+            return
+        data = data[sent:]
     transport.write(data)

@@ -1,0 +1,89 @@
+"""
+L{infsmtp._writenow.writeNow} over real loopback TCP: bytes arrive whole and
+in order whether they go straight to the socket, partly, or behind data
+Twisted already buffered.
+"""
+
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.testing import StringTransport
+
+from infsmtp._writenow import writeNow
+
+
+class Collect(protocol.Protocol):
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.received = bytearray()
+        self.complete: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if len(self.received) >= self.expected and not self.complete.called:
+            self.complete.callback(bytes(self.received))
+
+
+async def connectedPair(expected: int):
+    """
+    A listening Collect expecting C{expected} bytes, and a connected client
+    protocol whose transport is a plain C{tcp.Client}.
+    """
+    collector = Collect(expected)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        protocol.Factory.forProtocol(lambda: collector)
+    )
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+        protocol.Factory.forProtocol(protocol.Protocol)
+    )
+    return port, collector, client
+
+
+def queued(transport) -> int:
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_write_goes_out_without_buffering():
+    port, collector, client = await connectedPair(5)
+    try:
+        writeNow(client.transport, b"hello")
+        assert queued(client.transport) == 0
+        assert await collector.complete == b"hello"
+    finally:
+        client.transport.loseConnection()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_behind_buffered_data_keeps_order():
+    port, collector, client = await connectedPair(10)
+    try:
+        client.transport.write(b"first")  # buffered by Twisted until the reactor runs
+        writeNow(client.transport, b"after")
+        assert await collector.complete == b"firstafter"
+    finally:
+        client.transport.loseConnection()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_more_than_the_socket_takes_is_sent_in_part_and_the_rest_buffered():
+    size = 32 * 1024 * 1024
+    data = bytes(range(256)) * (size // 256)
+    port, collector, client = await connectedPair(size)
+    try:
+        writeNow(client.transport, data)
+        assert 0 < queued(client.transport) < size  # some went at once, the rest waits
+        writeNow(client.transport, b"tail")  # must queue behind the remainder
+        collector.expected = size + 4
+        assert await collector.complete == data + b"tail"
+    finally:
+        client.transport.loseConnection()
+        await port.stopListening()
+
+
+def test_other_transports_get_a_plain_write():
+    transport = StringTransport()
+    writeNow(transport, b"data")
+    assert transport.value() == b"data"
