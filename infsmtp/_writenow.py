@@ -20,20 +20,27 @@ from twisted.internet import tcp
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
-def writeNow(transport: Any, data: bytes) -> None:
+def _idlePlainTCP(transport: Any) -> bool:
     """
-    Write C{data} to C{transport}, sending it immediately when possible.
+    A plain TCP transport, still open, with nothing queued to send.
     """
-    if (
+    return (
         type(transport) in _PLAIN_TCP
         and not transport.TLS
         and transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnected
-        # Nothing queued ahead, so order is kept.
         and len(transport.dataBuffer) == transport.offset
         and not transport._tempDataLen
-    ):
+    )
+
+
+def writeNow(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to C{transport}, sending it immediately when possible.
+    """
+    # Only when nothing is queued ahead, so order is kept.
+    if _idlePlainTCP(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:
@@ -45,3 +52,12 @@ def writeNow(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def closesAtOnce(transport: Any) -> bool:
+    """
+    Whether C{transport.loseConnection()} will finish by itself on the next
+    reactor iteration: plain TCP with nothing left to send, so no peer (not
+    reading, or owing a TLS close_notify) can hold it open.
+    """
+    return _idlePlainTCP(transport)
