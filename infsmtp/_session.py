@@ -47,27 +47,30 @@ class Session:
     @ivar data: a dict for the handlers' own state, kept for the session.
     """
 
+    # Immutable starting values live on the class: a session stores only
+    # what changes (one is built per connection).
+    helo = ""
+    secure = False
+    tlsVersion = ""
+    username = ""
+    password = ""
+    authenticated = False
+    address = ""
+    accept = True
+    mailFrom = ""
+    received = True
+    _msg: bytes | None = b""
+    _message: EmailMessage | None = None
+    _msgFile: IO[bytes] | None = None
+
     def __init__(self, id: int, ip: str, port: int, disconnect: Callable[[], None]) -> None:
         self.id = id
         self.ip = ip
         self.port = port
         self._disconnect = disconnect
-        self.helo = ""
-        self.secure = False
-        self.tlsVersion = ""
-        self.username = ""
-        self.password = ""
-        self.authenticated = False
-        self.address = ""
-        self.accept = True
-        self.mailFrom = ""
         self.mailParameters: dict[str, str | None] = {}
         self.rcptTo: list[str] = []
-        self._msg: bytes | None = b""
-        self.received = True
         self.data: dict[str, Any] = {}
-        self._message: EmailMessage | None = None
-        self._msgFile: IO[bytes] | None = None
 
     def disconnect(self) -> None:
         """
