@@ -35,9 +35,13 @@ def isReactorThread() -> bool:
     """
     Whether the calling thread runs the reactor (so blocking would deadlock).
     """
+    # The thread check first: it is cheap, and most callers are not the
+    # reactor's thread, so the reactor (an import per call) is seldom asked.
+    if not threadable.isInIOThread():
+        return False
     from twisted.internet import reactor
 
-    return bool(reactor.running) and threadable.isInIOThread()
+    return bool(reactor.running)
 
 
 @crochet.run_in_reactor
