@@ -1,14 +1,17 @@
 """
 Client benchmark against Postfix's smtp-sink (C, accepts and discards):
 
-- ``one``: the blocking ``infsmtp.Client`` vs ``smtplib.SMTP``, each sending
-  every message in turn on one connection;
-- ``twenty``: ``infsmtp.AsyncClient`` vs ``aiosmtplib.SMTP``, twenty
+- one connection: the blocking ``infsmtp.Client`` vs ``smtplib.SMTP``, each
+  sending every message in turn;
+- the same with ``infsmtp.AsyncClient`` called from the reactor's own
+  thread: the difference to ``Client`` is what the blocking facade's
+  thread hop (crochet) costs;
+- 20 connections: ``infsmtp.AsyncClient`` vs ``aiosmtplib.SMTP``, twenty
   connections at once, each sending its share in turn.
 
 Each measurement runs in a fresh interpreter (so no reactor, event loop or
-warm cache is shared); rounds are interleaved (every contender once per case
-per round) so that drift on the machine hits all of them alike.  The table
+warm cache is shared); rounds are interleaved (every contender once per
+round) so that drift on the machine hits all of them alike.  The table
 gives median messages per second and the ratios that matter.
 
     python bench/client.py                   # 5 rounds, 2000 messages of 1 KiB
@@ -77,7 +80,7 @@ def runSmtplib(port: int, warmup: int, count: int, data: bytes) -> float:
         return time.perf_counter() - started
 
 
-def runAsyncClient(port: int, warmup: int, count: int, data: bytes) -> float:
+def runAsyncClient(port: int, warmup: int, count: int, data: bytes, connections: int = CONNECTIONS) -> float:
     from twisted.internet import defer, reactor
 
     from infsmtp import AsyncClient
@@ -87,13 +90,13 @@ def runAsyncClient(port: int, warmup: int, count: int, data: bytes) -> float:
             await client.sendStream(io.BytesIO(data), SENDER, RECIPIENTS)
 
     async def main() -> float:
-        clients = [AsyncClient() for _ in range(CONNECTIONS)]
+        clients = [AsyncClient() for _ in range(connections)]
         for client in clients:
             client.host, client.port = "127.0.0.1", port
         await defer.gatherResults([c.connect() for c in clients], consumeErrors=True)
-        await everyone(send(c, n) for c, n in zip(clients, shares(warmup)))
+        await everyone(send(c, n) for c, n in zip(clients, shares(warmup, connections)))
         started = time.perf_counter()
-        await everyone(send(c, n) for c, n in zip(clients, shares(count)))
+        await everyone(send(c, n) for c, n in zip(clients, shares(count, connections)))
         elapsed = time.perf_counter() - started
         await defer.gatherResults([c.disconnect() for c in clients], consumeErrors=True)
         return elapsed
@@ -134,18 +137,22 @@ def runAiosmtplib(port: int, warmup: int, count: int, data: bytes) -> float:
     return asyncio.run(main())
 
 
-def shares(count: int) -> list[int]:
-    return [count // CONNECTIONS + (i < count % CONNECTIONS) for i in range(CONNECTIONS)]
+def shares(count: int, connections: int = CONNECTIONS) -> list[int]:
+    return [count // connections + (i < count % connections) for i in range(connections)]
 
 
 CONTENDERS = {
     "Client": runClient,
     "smtplib": runSmtplib,
+    # The same connection and sends as Client, from the reactor's own
+    # thread: what the blocking facade's thread hop costs.
+    "AsyncClient x1": lambda *a: runAsyncClient(*a, connections=1),
     "AsyncClient x20": runAsyncClient,
     "aiosmtplib x20": runAiosmtplib,
 }
 CASES = {
     "one connection": ("Client", "smtplib"),
+    "one connection, no thread hop": ("AsyncClient x1", "smtplib"),
     "20 connections": ("AsyncClient x20", "aiosmtplib x20"),
 }
 
@@ -225,9 +232,8 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     try:
         for round in range(options.rounds):
-            for contenders in CASES.values():
-                for name in contenders:
-                    rates[name].append(measure(name, port, options.messages, options.size))
+            for name in CONTENDERS:
+                rates[name].append(measure(name, port, options.messages, options.size))
             print(f"round {round + 1}/{options.rounds} done", file=sys.stderr)
     finally:
         sink.terminate()

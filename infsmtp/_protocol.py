@@ -53,7 +53,7 @@ from ._wire import (
     parseCommand,
     parseMailArguments,
 )
-from ._writenow import closesAtOnce, writeNow
+from ._writenow import closesAtOnce, isPlainTCP, writeNow
 
 if TYPE_CHECKING:
     from ._server import ServerFactory
@@ -128,6 +128,8 @@ class ServerProtocol(smtp.ESMTP):
     _lineHandler: Callable[[bytes], None] | None = None
     _heloSeen: str | None = None
     _heloSafe = ""
+    _flushQueued = False
+    _batchWrites = False
 
     def __init__(self, factory: "ServerFactory") -> None:
         super().__init__(contextFactory=factory.tlsOptions)
@@ -165,6 +167,7 @@ class ServerProtocol(smtp.ESMTP):
             self._disconnectRequested,
         )
         self.session.secure = ISSLTransport.providedBy(self.transport)
+        self._batchWrites = isPlainTCP(self.transport)
         self._started = True
         self._lastInput = self._clock.seconds()
         self._armTimer(self.timeout)
@@ -300,6 +303,19 @@ class ServerProtocol(smtp.ESMTP):
             self._close()
 
     def _flush(self) -> None:
+        """
+        Send the queued replies: at the end of this reactor iteration on
+        plain TCP (see L{ServerFactory.flushSoon}), at once otherwise.
+        """
+        if self._out and not self._flushQueued:
+            if self._batchWrites:
+                self._flushQueued = True
+                self.factory.flushSoon(self)
+            else:
+                self.flushNow()
+
+    def flushNow(self) -> None:
+        self._flushQueued = False
         if self._out:
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
             self._out = []
@@ -308,7 +324,7 @@ class ServerProtocol(smtp.ESMTP):
 
     def _close(self) -> None:
         self._closing = True
-        self._flush()
+        self.flushNow()
         if self.transport is None or not closesAtOnce(self.transport):
             # loseConnection waits until the replies are sent and, over TLS,
             # for the client's close_notify; a client that never lets it
@@ -788,7 +804,7 @@ class ServerProtocol(smtp.ESMTP):
             self._reply(454, "TLS not available", "4.7.0")
             return
         self._reply(220, "Ready to start TLS", "2.0.0")
-        self._flush()
+        self.flushNow()
         # RFC 3207 4.2 and CVE-2011-0411: nothing the client sent before the
         # handshake may be acted upon, and everything learned so far is
         # forgotten.

@@ -20,6 +20,13 @@ from twisted.internet import tcp
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
+def isPlainTCP(transport: Any) -> bool:
+    """
+    Whether C{transport} is Twisted's own TCP transport, without TLS.
+    """
+    return type(transport) in _PLAIN_TCP and not transport.TLS
+
+
 def _idlePlainTCP(transport: Any) -> bool:
     """
     A plain TCP transport, still open, with nothing queued to send.

@@ -164,6 +164,30 @@ def test_pipelined_batch_answered_in_one_write(server):
     assert h.transport.writes == 1
 
 
+def test_batched_replies_go_out_together_when_the_iteration_ends():
+    clock = MemoryReactorClock()
+    factory = makeServer(reactor=clock).buildFactory()
+    flushed = []
+
+    class Session:
+        def __init__(self, name, fails=False):
+            self.name, self.fails = name, fails
+
+        def flushNow(self):
+            flushed.append(self.name)
+            if self.fails:
+                raise OSError("broken")
+
+    for session in (Session("a"), Session("b", fails=True), Session("c")):
+        factory.flushSoon(session)
+    assert flushed == [] and len(clock.getDelayedCalls()) == 1  # one call per batch
+    clock.advance(0)
+    assert flushed == ["a", "b", "c"]  # in order, and b's failure does not hold c back
+    factory.flushSoon(Session("d"))
+    clock.advance(0)
+    assert flushed[-1] == "d"
+
+
 def test_pending_deferred_holds_later_commands_in_order(server):
     pending = Deferred()
     server.onMailFrom = lambda s: pending
