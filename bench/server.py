@@ -162,7 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--servers", default="smtp-sink,twisted,aiosmtpd,infsmtp")
+    parser.add_argument("--servers", default="smtp-sink,twisted,aiosmtpd,infsmtp,floor")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply message counts")
     parser.add_argument("--timeout", type=float, default=600)
     options = parser.parse_args()
