@@ -4,6 +4,8 @@ in order whether they go straight to the socket, partly, or behind data
 Twisted already buffered.
 """
 
+import contextlib
+
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -24,10 +26,11 @@ class Collect(protocol.Protocol):
             self.complete.callback(bytes(self.received))
 
 
+@contextlib.asynccontextmanager
 async def connectedPair(expected: int):
     """
     A listening Collect expecting C{expected} bytes, and a connected client
-    protocol whose transport is a plain C{tcp.Client}.
+    protocol whose transport is a plain C{tcp.Client}; both closed after.
     """
     collector = Collect(expected)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
@@ -36,7 +39,11 @@ async def connectedPair(expected: int):
     client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
         protocol.Factory.forProtocol(protocol.Protocol)
     )
-    return port, collector, client
+    try:
+        yield collector, client.transport
+    finally:
+        client.transport.loseConnection()
+        await port.stopListening()
 
 
 def queued(transport) -> int:
@@ -45,42 +52,29 @@ def queued(transport) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_small_write_goes_out_without_buffering():
-    port, collector, client = await connectedPair(5)
-    try:
-        writeNow(client.transport, b"hello")
-        assert queued(client.transport) == 0
+    async with connectedPair(5) as (collector, transport):
+        writeNow(transport, b"hello")
+        assert queued(transport) == 0
         assert await collector.complete == b"hello"
-    finally:
-        client.transport.loseConnection()
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_write_behind_buffered_data_keeps_order():
-    port, collector, client = await connectedPair(10)
-    try:
-        client.transport.write(b"first")  # buffered by Twisted until the reactor runs
-        writeNow(client.transport, b"after")
+    async with connectedPair(10) as (collector, transport):
+        transport.write(b"first")  # buffered by Twisted until the reactor runs
+        writeNow(transport, b"after")
         assert await collector.complete == b"firstafter"
-    finally:
-        client.transport.loseConnection()
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_more_than_the_socket_takes_is_sent_in_part_and_the_rest_buffered():
     size = 32 * 1024 * 1024
     data = bytes(range(256)) * (size // 256)
-    port, collector, client = await connectedPair(size)
-    try:
-        writeNow(client.transport, data)
-        assert 0 < queued(client.transport) < size  # some went at once, the rest waits
-        writeNow(client.transport, b"tail")  # must queue behind the remainder
-        collector.expected = size + 4
+    async with connectedPair(size + 4) as (collector, transport):
+        writeNow(transport, data)
+        assert 0 < queued(transport) < size  # some went at once, the rest waits
+        writeNow(transport, b"tail")  # must queue behind the remainder
         assert await collector.complete == data + b"tail"
-    finally:
-        client.transport.loseConnection()
-        await port.stopListening()
 
 
 def test_other_transports_get_a_plain_write():
