@@ -169,7 +169,7 @@ class ServerProtocol(smtp.ESMTP):
         self.session.secure = ISSLTransport.providedBy(self.transport)
         self._batchWrites = isPlainTCP(self.transport)
         self._started = True
-        self._lastInput = self._clock.seconds()
+        self._lastInput = self._seconds()
         self._armTimer(self.timeout)
         self._decide("onConnect", self._afterConnect, (421, "4.3.0", "Temporary failure, try again later"))
         self._flush()
@@ -315,6 +315,9 @@ class ServerProtocol(smtp.ESMTP):
                 self.flushNow()
 
     def flushNow(self) -> None:
+        """
+        Send the queued replies now, in one write.
+        """
         self._flushQueued = False
         if self._out:
             data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
