@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Callable, TypeVar
 
 import crochet
-from twisted.internet.defer import maybeDeferred
 from twisted.python import threadable
 
 from ._errors import SMTPError, SMTPTimeoutError
@@ -47,8 +46,9 @@ def isReactorThread() -> bool:
 @crochet.run_in_reactor
 def _inReactor(function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     # Decorated once: crochet's decorator costs several microseconds to
-    # build, which per call was a sizeable part of a blocking send.
-    return maybeDeferred(function, *args, **kwargs)
+    # build, which per call was a sizeable part of a blocking send.  crochet
+    # runs this through maybeDeferred itself.
+    return function(*args, **kwargs)
 
 
 def blockingCall(
