@@ -335,12 +335,18 @@ class RawClient:
 def raw():
     """
     C{raw(port)} opens a L{RawClient}; all are closed at teardown.
+    C{raw(port, ehlo="name")} also reads the 220 greeting and has EHLO
+    answered 250 before handing the client over.
     """
     clients: list[RawClient] = []
 
-    def connect(port: int, timeout: float = 10.0) -> RawClient:
+    def connect(port: int, timeout: float = 10.0, ehlo: str | None = None) -> RawClient:
         client = RawClient(port, timeout)
         clients.append(client)
+        if ehlo is not None:
+            greeting = client.reply()
+            assert greeting.code == 220, greeting
+            client.expect(f"EHLO {ehlo}", 250)
         return client
 
     yield connect

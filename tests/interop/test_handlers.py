@@ -92,9 +92,7 @@ async def test_failing_handler_answers_451_and_session_goes_on(serve, raw, recor
     server = await serve(handlers={name: failOnce(kind, getattr(recorder, name))})
 
     def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.expect("EHLO fail.test", 250)
+        client = raw(server.port, ehlo="fail.test")
         if name == "onMailFrom":
             first = [client.command("MAIL FROM:<sender@example.org>")] + transaction(client)
         elif name == "onRcptTo":
@@ -127,9 +125,7 @@ async def test_failing_onlogin_answers_454(serve, raw, loggedFailures):
     server = await serve(allowInsecureAuth=True, handlers={"onLogin": onLogin})
 
     def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.expect("EHLO login.test", 250)
+        client = raw(server.port, ehlo="login.test")
         failed = client.command("AUTH PLAIN " + base64.b64encode(b"\0user\0pw").decode())
         noop = client.command("NOOP")
         client.expect("QUIT", 221)
@@ -170,9 +166,7 @@ async def test_smtperror_sets_the_reply(serve, raw, recorder, loggedFailures, ki
     server = await serve(handlers={"onRcptTo": onRcptTo, "onReceive": onReceive})
 
     def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.expect("EHLO err.test", 250)
+        client = raw(server.port, ehlo="err.test")
         client.expect("MAIL FROM:<a@example.org>", 250)
         refused = client.command("RCPT TO:<nobody@example.net>")
         client.expect("RCPT TO:<somebody@example.net>", 250)
@@ -212,9 +206,7 @@ async def test_decisions_by_return_value_and_by_attribute(serve, raw, recorder):
     server = await serve(handlers={"onMailFrom": onMailFrom, "onRcptTo": onRcptTo, "onReceive": onReceive})
 
     def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.expect("EHLO decide.test", 250)
+        client = raw(server.port, ehlo="decide.test")
         out = [
             client.command("MAIL FROM:<deny@example.org>"),
             client.command("MAIL FROM:<>"),
@@ -443,9 +435,7 @@ async def test_script_handlers_run_in_the_thread_pool(serve, raw, recorder, logg
     assert server.onRcptTo == os.path.join(HANDLERS, "rcpt_policy.py")
 
     def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.expect("EHLO script.test", 250)
+        client = raw(server.port, ehlo="script.test")
         client.expect("MAIL FROM:<a@example.org>", 250)
         out = [client.command(f"RCPT TO:<{r}>") for r in ("one@allowed.test", "x@other.test", "nobody@allowed.test", "crash@allowed.test", "two@allowed.test")]
         out.append(client.command("DATA"))
@@ -486,9 +476,7 @@ async def test_package_module_function_handlers(serve, raw, recorder, monkeypatc
     assert server.onRcptTo == "infsmtp_interop_policy.rules:onRcptTo"
 
     def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.expect("EHLO module.test", 250)
+        client = raw(server.port, ehlo="module.test")
         out = [
             client.command("MAIL FROM:<spammer@example.org>"),
             client.command("MAIL FROM:<a@example.org>"),

@@ -285,9 +285,7 @@ async def test_starttls_command_injection(serve, raw, recorder, assertServed, lo
     server = await serve(tls=True)
 
     def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.expect("EHLO victim.test", 250)
+        client = raw(server.port, ehlo="victim.test")
         client.send(b"STARTTLS\r\nEHLO evil.test\r\nMAIL FROM:<evil@attacker.test>\r\nRSET\r\n")
         ready = client.reply()
         client.startTLS(certificateAuthority.certFile)
@@ -471,9 +469,7 @@ async def test_too_many_recipients(serve, raw, recorder, assertServed, loggedFai
     server = await serve(maxRecipients=3)
 
     def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.expect("EHLO rcpt.test", 250)
+        client = raw(server.port, ehlo="rcpt.test")
         client.expect("MAIL FROM:<a@example.org>", 250)
         codes = [client.command(f"RCPT TO:<r{n}@example.net>") for n in range(5)]
         client.expect("DATA", 354)
@@ -665,9 +661,7 @@ async def test_three_failed_logins(serve, raw, recorder, assertServed, loggedFai
     server = await serve(tls=True, handlers={"onLogin": login})
 
     def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.expect("EHLO guess.test", 250)
+        client = raw(server.port, ehlo="guess.test")
         client.expect("STARTTLS", 220)
         client.startTLS(certificateAuthority.certFile)
         client.expect("EHLO guess.test", 250)
@@ -703,9 +697,7 @@ async def test_tls_client_that_never_closes_is_cut_off(serve, raw, recorder, ass
     server = await serve(tls=True, timeout=0.5, maxConnections=1, maxAuthFailures=1, handlers={"onLogin": login})
 
     def run():
-        client = raw(server.port)
-        assert client.reply().code == 220
-        client.expect("EHLO holder.test", 250)
+        client = raw(server.port, ehlo="holder.test")
         client.expect("STARTTLS", 220)
         client.startTLS(certificateAuthority.certFile)
         client.expect("EHLO holder.test", 250)
