@@ -32,8 +32,7 @@ def _idlePlainTCP(transport: Any) -> bool:
     A plain TCP transport, still open, with nothing queued to send.
     """
     return (
-        type(transport) in _PLAIN_TCP
-        and not transport.TLS
+        isPlainTCP(transport)
         and transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnected

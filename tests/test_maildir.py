@@ -199,6 +199,15 @@ async def test_smtpDeliveryAndLogLine(tmp_path, serveMaildir, logEvents):
         assert part in text
 
 
+def obstruct(folder) -> None:
+    """
+    Put a file where a Maildir folder should be, so nothing can be written
+    into it.
+    """
+    os.rmdir(folder)
+    folder.write_text("in the way")
+
+
 @pytest_twisted.ensureDeferred
 async def test_writeFailureAnswers451(tmp_path, serveMaildir):
     """
@@ -207,8 +216,7 @@ async def test_writeFailureAnswers451(tmp_path, serveMaildir):
     """
     maildir = tmp_path / "Maildir"
     server = await serveMaildir(MaildirDelivery(str(maildir)))
-    os.rmdir(maildir / "tmp")
-    (maildir / "tmp").write_text("in the way")
+    obstruct(maildir / "tmp")
     code, _ = await inThread(sendExpectingError, server.port)
     assert code == 451
     assert os.listdir(maildir / "new") == []
@@ -227,8 +235,7 @@ async def test_failedLinkLeavesNothingBehind(tmp_path, serveMaildir):
     """
     maildir = tmp_path / "Maildir"
     server = await serveMaildir(MaildirDelivery(str(maildir)))
-    os.rmdir(maildir / "new")
-    (maildir / "new").write_text("in the way")
+    obstruct(maildir / "new")
     code, _ = await inThread(sendExpectingError, server.port)
     assert code == 451
     assert os.listdir(maildir / "tmp") == []
