@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import pytest
@@ -929,10 +930,18 @@ async def test_blockingCallTimeoutLeavesNoStrayWakeup():
     def never():
         return Deferred(lambda d: cancelled.append(True))
 
+    answered = threading.Event()
+
     def late():
-        # Answers after the caller gave up.
+        # Answers after the caller gave up (and its call was cancelled).
         d = Deferred()
-        reactor.callLater(0.1, d.callback, "late")
+
+        def answer():
+            if not d.called:
+                d.callback("late")
+            answered.set()
+
+        reactor.callLater(0.1, answer)
         return d
 
     def run():
@@ -942,7 +951,7 @@ async def test_blockingCallTimeoutLeavesNoStrayWakeup():
                 blockingCall("x()", "y()", function, timeout=0.02)
             except SMTPTimeoutError as e:
                 outcomes.append(str(e))
-        time.sleep(0.2)  # The late answer has come and gone.
+        assert answered.wait(10)  # The late answer has come and gone.
         outcomes += [blockingCall("x()", "y()", succeed, n) for n in range(3)]
         return outcomes
 
