@@ -13,11 +13,21 @@ and it waits for the header forever.  This one:
   or sends anything but a header first.
 
 L{ProxyHeaderParser} is the sans-I/O part: bytes in, a L{ProxyHeader} out.
+
+The header is peer-supplied text that ends up in the EHLO reply, the
+C{Received:} header and the log, so it is checked field by field against
+the grammar of HAProxy's C{proxy-protocol.txt} and nothing else passes:
+addresses made only of the characters their textual form allows (no scope
+ids, no whitespace, no control characters), ports in ASCII decimal without
+leading zeros, single spaces, CRLF and never a bare CR or LF.  Version 2
+TLVs must fit in the header and UNIX paths must be printable.  Error
+messages quote the peer's bytes with C{repr}, cut short.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +46,35 @@ V1_PREFIX = b"PROXY "
 V1_MAX = 107
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V2_FIXED = struct.Struct("!BBH")  # version/command, family/transport, length
+_V2_TLV = struct.Struct("!BH")  # type, length of the value
+#: The address block of each v2 family: 2 addresses (+ 2 ports for IP).
+_V2_ADDRESS_SIZE = {1: 12, 2: 36, 3: 216}
+
+# A v1 line is US-ASCII text; printable bytes only, so that a bare CR or
+# LF, a NUL or an ESC is refused wherever it appears.
+_V1_FORBIDDEN = re.compile(rb"[^\x20-\x7e]")
+# What the textual forms may contain, checked before ipaddress sees them:
+# ipaddress accepts an IPv6 scope id ("%" and then anything, LF included).
+_ADDRESS_TEXT = {
+    4: re.compile(rb"[0-9.]{7,15}"),
+    6: re.compile(rb"[0-9A-Fa-f:.]{2,45}"),
+}
+_PORT_TEXT = re.compile(rb"0|[1-9][0-9]{0,4}")
+# UNIX paths are shown in logs and replies: printable ASCII, no spaces.
+_UNIX_PATH = re.compile(rb"[\x21-\x7e]*")
+#: How much of a peer's bytes an error message quotes.
+QUOTE_MAX = 40
+
+
+def _quote(text: bytes) -> str:
+    """
+    C{text} as an error message may show it: escaped by C{repr} (no line
+    breaks or control characters reach the log) and cut to L{QUOTE_MAX}
+    bytes.
+    """
+    if len(text) > QUOTE_MAX:
+        return f"{bytes(text[:QUOTE_MAX])!r}..."
+    return repr(bytes(text))
 
 
 class ProxyHeaderError(ValueError):
@@ -60,81 +99,120 @@ class ProxyHeader:
 
 
 def _port(text: bytes) -> int:
-    if not text.isdigit() or len(text) > 5 or (len(text) > 1 and text.startswith(b"0")):
-        raise ProxyHeaderError(f"bad port {text!r}")
-    value = int(text)
-    if value > 65535:
-        raise ProxyHeaderError(f"bad port {text!r}")
-    return value
+    # Decimal, no leading zeros (the spec forbids them: octal confusion).
+    if _PORT_TEXT.fullmatch(text) is None or int(text) > 65535:
+        raise ProxyHeaderError(f"bad port {_quote(text)}")
+    return int(text)
+
+
+def _address(text: bytes, version: int) -> str:
+    """
+    The address C{text} of IP C{version} in its canonical form.
+    """
+    if _ADDRESS_TEXT[version].fullmatch(text) is None:
+        raise ProxyHeaderError(f"bad IPv{version} address {_quote(text)}")
+    # ipaddress refuses leading zeros in a dotted quad (octal confusion)
+    # since Python 3.9.5, as the spec does.
+    factory = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    try:
+        return str(factory(text.decode("ascii")))
+    except ValueError:
+        raise ProxyHeaderError(f"bad IPv{version} address {_quote(text)}") from None
+
+
+def _refuseByte(line: bytes, position: int) -> None:
+    raise ProxyHeaderError(f"byte {_quote(line[position : position + 1])} in PROXY v1 header {_quote(line)}")
 
 
 def parseV1(line: bytes) -> ProxyHeader:
     """
     Parse a version 1 header line, CRLF excluded
     (C{PROXY TCP4 192.0.2.1 198.51.100.2 56324 25}).
+
+    C{PROXY UNKNOWN} may be followed by anything printable, which the spec
+    says to ignore; C{TCP4} and C{TCP6} lines must match the grammar
+    exactly.
     """
+    forbidden = _V1_FORBIDDEN.search(line)
+    if forbidden is not None:
+        _refuseByte(line, forbidden.start())
     parts = line.split(b" ")
     if parts[0] != b"PROXY" or len(parts) < 2:
-        raise ProxyHeaderError("not a PROXY v1 header")
+        raise ProxyHeaderError(f"not a PROXY v1 header: {_quote(line)}")
     family = parts[1]
     if family == b"UNKNOWN":
         return ProxyHeader(None, None)
     if family not in (b"TCP4", b"TCP6") or len(parts) != 6:
-        raise ProxyHeaderError(f"bad PROXY v1 header {line[:V1_MAX]!r}")
-    try:
-        source = ipaddress.ip_address(parts[2].decode("ascii"))
-        destination = ipaddress.ip_address(parts[3].decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise ProxyHeaderError(f"bad address in PROXY v1 header {line!r}") from None
+        raise ProxyHeaderError(f"bad PROXY v1 header {_quote(line)}")
     version = 4 if family == b"TCP4" else 6
-    if source.version != version or destination.version != version:
-        raise ProxyHeaderError(f"{family.decode()} with an IPv{source.version} address")
     address = IPv4Address if version == 4 else IPv6Address
     return ProxyHeader(
-        address("TCP", str(source), _port(parts[4])),
-        address("TCP", str(destination), _port(parts[5])),
+        address("TCP", _address(parts[2], version), _port(parts[4])),
+        address("TCP", _address(parts[3], version), _port(parts[5])),
     )
+
+
+def _checkTLVs(data: bytes) -> None:
+    # The values are ignored, but a header whose TLVs do not add up to its
+    # length is not one the proxy wrote.
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < _V2_TLV.size:
+            raise ProxyHeaderError("truncated TLV in PROXY v2 header")
+        _, length = _V2_TLV.unpack_from(data, offset)
+        offset += _V2_TLV.size + length
+        if offset > len(data):
+            raise ProxyHeaderError("TLV runs past the end of the PROXY v2 header")
+
+
+def _unixPath(field: bytes) -> bytes:
+    # NUL-terminated and NUL-padded; what follows the first NUL (padding,
+    # or the name of an abstract socket) is ignored.
+    path = field.split(b"\0", 1)[0]
+    if _UNIX_PATH.fullmatch(path) is None:
+        raise ProxyHeaderError(f"bad UNIX path in PROXY v2 header {_quote(path)}")
+    return path
 
 
 def parseV2(command: int, family: int, body: bytes) -> ProxyHeader:
     """
-    Parse the address block of a version 2 header (TLVs after it are
-    ignored).
+    Parse the address block of a version 2 header and check the framing of
+    the TLVs after it (their values are ignored).
 
     @param command: the low nibble of byte 13 (0 LOCAL, 1 PROXY).
     @param family: byte 14 (address family and transport).
+    @param body: the C{length} bytes after the fixed part.
     """
     if command == 0:
         return ProxyHeader(None, None)  # LOCAL: the proxy's own health check
     if command != 1:
         raise ProxyHeaderError(f"unknown PROXY v2 command {command}")
     addressFamily, transport = family >> 4, family & 0x0F
+    if addressFamily > 3 or transport > 2:
+        raise ProxyHeaderError(f"unknown PROXY v2 address family/transport 0x{family:02x}")
     if addressFamily == 0:
+        # UNSPEC: the spec says to ignore the block, whose layout it leaves
+        # open; the connection's own addresses stand.
         return ProxyHeader(None, None)
     if transport != 1:
         raise ProxyHeaderError("PROXY v2 header for a non-stream transport")
+    size = _V2_ADDRESS_SIZE[addressFamily]
+    if len(body) < size:
+        raise ProxyHeaderError(f"short PROXY v2 address block ({len(body)} bytes, family 0x{family:02x})")
+    _checkTLVs(body[size:])
     if addressFamily == 1:
-        if len(body) < 12:
-            raise ProxyHeaderError("short PROXY v2 IPv4 address block")
-        src, dst, sport, dport = struct.unpack("!4s4sHH", body[:12])
+        src, dst, sport, dport = struct.unpack_from("!4s4sHH", body)
         return ProxyHeader(
             IPv4Address("TCP", str(ipaddress.IPv4Address(src)), sport),
             IPv4Address("TCP", str(ipaddress.IPv4Address(dst)), dport),
         )
     if addressFamily == 2:
-        if len(body) < 36:
-            raise ProxyHeaderError("short PROXY v2 IPv6 address block")
-        src, dst, sport, dport = struct.unpack("!16s16sHH", body[:36])
+        src, dst, sport, dport = struct.unpack_from("!16s16sHH", body)
         return ProxyHeader(
             IPv6Address("TCP", str(ipaddress.IPv6Address(src)), sport),
             IPv6Address("TCP", str(ipaddress.IPv6Address(dst)), dport),
         )
-    if addressFamily == 3:
-        if len(body) < 216:
-            raise ProxyHeaderError("short PROXY v2 UNIX address block")
-        src, dst = body[:108].split(b"\0", 1)[0], body[108:216].split(b"\0", 1)[0]
-        return ProxyHeader(UNIXAddress(src), UNIXAddress(dst))
-    raise ProxyHeaderError(f"unknown PROXY v2 address family {addressFamily}")
+    return ProxyHeader(UNIXAddress(_unixPath(body[:108])), UNIXAddress(_unixPath(body[108:216])))
 
 
 class ProxyHeaderParser:
@@ -147,11 +225,12 @@ class ProxyHeaderParser:
         (ProxyHeader(source=IPv4Address(...), ...), b'EHLO')
 
     The buffer is bounded: a v1 header is at most 107 bytes, a v2 header
-    says its own length.
+    says its own length (at most 64 KiB), and it grows in place so that a
+    header sent a byte at a time costs O(bytes), not a copy per byte.
     """
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
 
     def feed(self, data: bytes) -> tuple[ProxyHeader, bytes] | None:
         """
@@ -162,22 +241,29 @@ class ProxyHeaderParser:
         @raise ProxyHeaderError: the connection does not start with a
             valid header.
         """
-        buffer = self._buffer = self._buffer + data
+        buffer = self._buffer
+        buffer += data
         if buffer.startswith(V2_SIGNATURE[:1]) and V2_SIGNATURE.startswith(buffer[:12]):
             return self._v2(buffer)
         if V1_PREFIX.startswith(buffer[:6]):
             return self._v1(buffer)
-        raise ProxyHeaderError("the connection did not start with a PROXY header")
+        raise ProxyHeaderError(f"the connection did not start with a PROXY header: {_quote(buffer)}")
 
-    def _v1(self, buffer: bytes) -> tuple[ProxyHeader, bytes] | None:
+    def _v1(self, buffer: bytearray) -> tuple[ProxyHeader, bytes] | None:
         end = buffer.find(b"\r\n", 0, V1_MAX)
-        if end < 0:
-            if len(buffer) >= V1_MAX:
-                raise ProxyHeaderError("PROXY v1 header longer than 107 bytes")
-            return None
-        return parseV1(buffer[:end]), buffer[end + 2 :]
+        if end >= 0:
+            return parseV1(bytes(buffer[:end])), bytes(buffer[end + 2 :])
+        if len(buffer) >= V1_MAX:
+            raise ProxyHeaderError(f"PROXY v1 header longer than {V1_MAX} bytes: {_quote(buffer)}")
+        # The spec asks to abort as soon as possible: a bare LF (or any
+        # other byte no header holds) is refused now rather than after the
+        # timeout.  Only a CR that may be the start of the CRLF can wait.
+        forbidden = _V1_FORBIDDEN.search(buffer)
+        if forbidden is not None and not (forbidden.start() == len(buffer) - 1 and buffer.endswith(b"\r")):
+            _refuseByte(bytes(buffer), forbidden.start())
+        return None
 
-    def _v2(self, buffer: bytes) -> tuple[ProxyHeader, bytes] | None:
+    def _v2(self, buffer: bytearray) -> tuple[ProxyHeader, bytes] | None:
         fixed = len(V2_SIGNATURE) + _V2_FIXED.size
         if len(buffer) < fixed:
             return None
@@ -186,8 +272,8 @@ class ProxyHeaderParser:
             raise ProxyHeaderError(f"unknown PROXY protocol version {versionCommand >> 4}")
         if len(buffer) < fixed + length:
             return None
-        header = parseV2(versionCommand & 0x0F, family, buffer[fixed : fixed + length])
-        return header, buffer[fixed + length :]
+        header = parseV2(versionCommand & 0x0F, family, bytes(buffer[fixed : fixed + length]))
+        return header, bytes(buffer[fixed + length :])
 
 
 @implementer(IHandshakeListener)
