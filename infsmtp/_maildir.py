@@ -10,8 +10,15 @@ C{new/}, and C{mailbox.Maildir} (or any MUA) reads the result.
 
 The handler answers only once the file and the C{new/} directory entry
 are on disk (C{fsync}), so the C{250} the client gets means the message
-survives a crash.  Any failure fails the handler, which the server answers
-with a temporary C{451}: the client keeps the message and retries.
+survives a crash.  When the disk refuses (full, read-only, gone: any
+L{OSError}) the client is answered C{451 4.3.0}, keeps the message and
+retries; nothing is left in C{tmp/} or C{new/}, and one line is logged,
+not a traceback: a full disk fails every message the same way.  Any
+other exception is a bug, and the server logs it with its traceback.
+
+A crash between the write and the link leaves a file in C{tmp/}; as the
+Maildir rules say, such files are removed once they are 36 hours old,
+here when the delivery is created (that is, at startup).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import errno
 import itertools
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
@@ -35,6 +43,10 @@ from ._session import Session
 log = Logger(namespace="infsmtp.maildir")
 
 _SUBFOLDERS = ("tmp", "new", "cur")
+#: Files in C{tmp/} older than this (seconds) are a crashed delivery's.
+STALE_AFTER = 36 * 3600
+#: The reply to a message the disk would not take.
+_DISK_REFUSED = (451, "4.3.0 Error processing message, try again later")
 
 
 def _safeHostname(name: str) -> str:
@@ -102,10 +114,14 @@ class MaildirDelivery:
     The blocking file work runs in a thread pool (the reactor's unless one
     is given) so that a slow disk does not hold up other sessions.
 
+    Creating it removes what crashed deliveries left in C{tmp/} (see
+    L{removeStaleFiles}).
+
     @param path: the Maildir folder; created (with C{tmp/}, C{new/},
         C{cur/}) when missing.
     @param threadPool: the pool the writes run in (default: the reactor's).
-    @param reactor: the reactor (default: the global one).
+    @param reactor: the reactor (default: the global one); its
+        C{seconds()} is the clock that dates C{tmp/} files.
     @raise SMTPError: when C{path} cannot be a Maildir (e.g. it is a file).
     """
 
@@ -119,6 +135,54 @@ class MaildirDelivery:
         # next() on a count is atomic under the GIL: no two deliveries of
         # this process share a sequence number, whichever thread runs them.
         self._sequence = itertools.count(1)
+        # Here rather than at the first message: twistd and .tac files both
+        # create the delivery once, at startup, which is when the Maildir
+        # rules ask for it, and no message pays for it.
+        self.removeStaleFiles()
+
+    def removeStaleFiles(self) -> int:
+        """
+        Remove the files in C{tmp/} that were last changed more than 36
+        hours ago: deliveries that crashed before the link into C{new/}
+        (the Maildir rules).  C{new/} and C{cur/} are never touched.
+        Blocking; one line is logged when anything was removed or could
+        not be.
+
+        @return: how many files were removed.
+        """
+        tmp = os.path.join(self.path, "tmp")
+        cutoff = self._reactor.seconds() - STALE_AFTER
+        removed = 0
+        failed: list[str] = []
+        try:
+            entries = list(os.scandir(tmp))
+        except OSError as e:
+            log.error("Maildir {maildir}: cannot look for stale files in tmp/: {error}", maildir=self.path, error=e)
+            return 0
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+                # The change time too: a tool may set a file's mtime back
+                # (to the message's date) before moving it into new/, but
+                # nothing sets the ctime back.
+                if not stat.S_ISREG(info.st_mode) or max(info.st_mtime, info.st_ctime) >= cutoff:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue  # another process's delivery finished or cleaned it
+            except OSError as e:
+                failed.append(e.strerror or str(e))
+                continue
+            removed += 1
+        if removed or failed:
+            # A file we may not remove is worth an operator's look.
+            (log.warn if failed else log.info)(
+                "Maildir {maildir}: removed {removed} files left in tmp/ for over 36 hours{problem}",
+                maildir=self.path,
+                removed=removed,
+                problem=f" ({len(failed)} could not be removed: {failed[0]})" if failed else "",
+            )
+        return removed
 
     def __call__(self, session: Session) -> Deferred:
         """
@@ -129,6 +193,7 @@ class MaildirDelivery:
         # pieces, never loaded whole (msgFile is valid until we answer).
         content = localLineEndings(f"Return-Path: <{session.mailFrom}>\n".encode(), session.msgFile)
         facts = session.deliveryFacts()
+        queueId = session.queueId
         pool = self._threadPool or self._reactor.getThreadPool()
         d = deferToThreadPool(self._reactor, pool, self.deliver, content)
 
@@ -138,18 +203,26 @@ class MaildirDelivery:
                 "{size} bytes, TLS {tls}, stored in Maildir as {key}",
                 key=key,
                 maildir=self.path,
+                queueId=queueId,
                 **facts,
             )
             return True
 
         def failed(failure: Any) -> Any:
+            if not failure.check(OSError):
+                return failure  # a bug: the server logs it, traceback and all
+            # The disk said no: one line, and a reply of our own, so that
+            # the server does not log a traceback for each message a full
+            # disk refuses.
             log.error(
-                "session {sessionId} from {client}: cannot store the message in {maildir}: {error}",
+                "session {sessionId} from {client}: cannot store message {queueId} "
+                "(<{sender}> -> {recipients}, {size} bytes) in Maildir {maildir}: {error}",
                 maildir=self.path,
-                error=failure.getErrorMessage(),
+                queueId=queueId,
+                error=str(failure.value),
                 **facts,
             )
-            return failure
+            raise SMTPError(*_DISK_REFUSED)
 
         return d.addCallbacks(delivered, failed)
 
@@ -173,12 +246,13 @@ class MaildirDelivery:
 
         @return: the message's key (its file name in C{new/}).
         @raise OSError: when it could not be stored; nothing is left in
-            C{tmp/} then.
+            C{tmp/} or C{new/} then.
         """
         name = self.uniqueName()
         tmpPath = os.path.join(self.path, "tmp", name)
         newPath = os.path.join(self.path, "new", name)
         fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        linked = False
         try:
             try:
                 for piece in [content] if isinstance(content, bytes) else content:
@@ -199,17 +273,24 @@ class MaildirDelivery:
                 # No hard links here (some network and FUSE file systems):
                 # rename is atomic too, it just cannot refuse to overwrite.
                 os.rename(tmpPath, newPath)
+            linked = True
+            _fsyncDirectory(os.path.join(self.path, "new"))
         except BaseException:
-            try:
-                os.unlink(tmpPath)
-            except OSError:
-                pass
+            # The client is told to retry: a copy left in new/ (its entry
+            # not known to be on disk) would be delivered twice.
+            for leftover in (tmpPath, newPath) if linked else (tmpPath,):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
             raise
         try:
             os.unlink(tmpPath)
-        except FileNotFoundError:
-            pass  # renamed
-        _fsyncDirectory(os.path.join(self.path, "new"))
+        except OSError:
+            # Renamed; or the message is safely in new/ and the client must
+            # not be told to send it again: the removal of stale tmp/
+            # files takes the name away later.
+            pass
         return name
 
     def __repr__(self) -> str:

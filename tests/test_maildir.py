@@ -1,12 +1,15 @@
 """
 L{MaildirDelivery}: the Maildir rules, the reply only after the file is on
-disk, 451 on a write failure, and no stall of other sessions while a disk
-is slow.  A real L{Server} on loopback, smtplib in worker threads, and the
+disk, 451 and one log line on a write failure (a full disk, made to fail
+for real by L{FullDisk}) with nothing left behind, stale C{tmp/} files
+removed at startup (on a L{Clock}), and no stall of other sessions while
+a disk is slow.  A real L{Server} on loopback, smtplib in worker threads, and the
 stdlib's C{mailbox.Maildir} as the independent reader.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import mailbox
 import os
@@ -20,10 +23,11 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from infsmtp import Server, Session, SMTPError
+from infsmtp import Server, Session, SMTPError, _maildir
 from infsmtp._maildir import MaildirDelivery, localLineEndings, prepareMaildir
 
 WAIT = 20.0
@@ -191,8 +195,6 @@ async def test_smtpDeliveryAndLogLine(tmp_path, serveMaildir, logEvents):
     assert event["client"].startswith("127.0.0.1:")
     asReceived = stored[len(b"Return-Path: <alice@example.org>\n") :].replace(b"\n", b"\r\n")
     assert event["size"] == len(asReceived)
-    from twisted.logger import formatEvent
-
     text = formatEvent(event)
     assert "\n" not in text
     for part in (f"session {event['sessionId']}", "127.0.0.1:", "<alice@example.org>", "TLS no", key):
@@ -311,3 +313,298 @@ def tempfile_with(data: bytes):
     f.write(data)
     f.seek(0)
     return f
+
+
+# A full disk: one line per message, 451, nothing left behind ----------------
+
+
+class FullDisk:
+    """
+    Make the writes into a Maildir's tmp/ fail with ENOSPC after C{allow}
+    successful writes, the way a disk that fills up mid-message does.
+    Only descriptors opened under C{tmp/} fail: the reactor's own writes
+    (its waker pipe) go on.
+    """
+
+    def __init__(self, monkeypatch, maildir, allow: int = 1) -> None:
+        self.tmp = os.path.join(str(maildir), "tmp") + os.sep
+        self.allow = allow
+        self.fds: set[int] = set()
+        self.partial: list[str] = []
+        realOpen, realWrite = os.open, os.write
+
+        def open_(path, flags, *args, **kwargs):
+            fd = realOpen(path, flags, *args, **kwargs)
+            if str(path).startswith(self.tmp):
+                self.fds.add(fd)
+                self.partial.append(str(path))
+            return fd
+
+        def write(fd, data):
+            if fd in self.fds:
+                if self.allow <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                self.allow -= 1
+            return realWrite(fd, data)
+
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(os, "write", write)
+
+
+def problems(events: list[dict]) -> list[dict]:
+    """
+    The events worth an operator's attention: warnings and worse, and
+    anything with a traceback.
+    """
+    return [e for e in events if e.get("log_failure") is not None or e.get("log_level", LogLevel.info) >= LogLevel.warn]
+
+
+@pytest_twisted.ensureDeferred
+async def test_fullDiskOneLinePerMessage(tmp_path, serveMaildir, logEvents, monkeypatch):
+    """
+    A disk that fills up mid-message: each failed message is answered 451
+    4.3.0 and logged once, in one line naming the session, the queue id and
+    the error (no traceback); its partial file is gone from tmp/ and
+    nothing reached new/.  Once there is room again the retry is stored.
+    """
+    maildir = tmp_path / "Maildir"
+    delivery = MaildirDelivery(str(maildir))
+    queueIds: list[str] = []
+
+    def recordingDelivery(session):
+        queueIds.append(session.queueId)
+        return delivery(session)
+
+    server = await serveMaildir(recordingDelivery)
+    disk = FullDisk(monkeypatch, maildir, allow=1)  # the Return-Path goes in, the body does not
+    del logEvents[:]
+    for _ in range(3):
+        code, text = await inThread(sendExpectingError, server.port)
+        assert (code, text[:5]) == (451, b"4.3.0")
+    assert len(disk.partial) == 3  # a file was started each time...
+    assert os.listdir(maildir / "tmp") == [] and os.listdir(maildir / "new") == []  # ...and removed
+
+    lines = problems(logEvents)
+    assert len(lines) == 3, [formatEvent(e) for e in lines]
+    for event, queueId in zip(lines, queueIds, strict=True):
+        assert event["log_namespace"] == "infsmtp.maildir"
+        text = formatEvent(event)
+        assert "\n" not in text
+        assert queueId and f"message {queueId} " in text
+        assert f"session {event['sessionId']} from 127.0.0.1:" in text
+        assert "No space left on device" in text and "<alice@example.org> -> <bob@example.net>" in text
+
+    disk.allow = 10**9
+    assert await inThread(send, server.port) == {}
+    assert len(os.listdir(maildir / "new")) == 1
+
+
+@pytest.mark.parametrize("where", ["fsync", "link"])
+def test_diskFailureLeavesNothingBehind(tmp_path, monkeypatch, where):
+    """
+    Wherever the disk fails (the file's fsync, the link into new/) the
+    OSError comes out of deliver() and neither tmp/ nor new/ keeps a copy.
+    """
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, where, refuse)
+    with pytest.raises(OSError, match="No space left"):
+        delivery.deliver(b"Subject: hi\n\nbody\n")
+    assert os.listdir(tmp_path / "Maildir" / "tmp") == []
+    assert os.listdir(tmp_path / "Maildir" / "new") == []
+
+
+def test_nameCollisionKeepsTheOtherMessage(tmp_path, monkeypatch):
+    """
+    Should a name already be in new/, the link fails and the message there
+    stays as it was: only our own tmp/ file is removed.
+    """
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+    (tmp_path / "Maildir" / "new" / "taken").write_bytes(b"Subject: first\n")
+    monkeypatch.setattr(delivery, "uniqueName", lambda: "taken")
+    with pytest.raises(FileExistsError):
+        delivery.deliver(b"Subject: second\n")
+    assert (tmp_path / "Maildir" / "new" / "taken").read_bytes() == b"Subject: first\n"
+    assert os.listdir(tmp_path / "Maildir" / "tmp") == []
+
+
+def test_unsyncedNewEntryRemoved(tmp_path, monkeypatch):
+    """
+    When the new/ directory cannot be flushed, the client will be told to
+    retry, so the message is taken out of new/ again: no duplicate.
+    """
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+
+    def refuse(path):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(_maildir, "_fsyncDirectory", refuse)
+    with pytest.raises(OSError, match="Input/output error"):
+        delivery.deliver(b"Subject: hi\n\nbody\n")
+    assert os.listdir(tmp_path / "Maildir" / "tmp") == []
+    assert os.listdir(tmp_path / "Maildir" / "new") == []
+
+
+def test_tmpNameLeftOnceStoredIsNoFailure(tmp_path, monkeypatch):
+    """
+    Once the message is in new/ and flushed, failing to remove its tmp/
+    name is not a failure: a 451 would have the client send it twice.
+    """
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+    realUnlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.sep + "tmp" + os.sep in str(path):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return realUnlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    key = delivery.deliver(b"Subject: hi\n\nbody\n")
+    assert os.listdir(tmp_path / "Maildir" / "new") == [key]
+
+
+def storingSession() -> Session:
+    session = Session(7, "192.0.2.1", 4000, lambda: None)
+    session.mailFrom, session.rcptTo = "a@b.test", ["c@d.test"]
+    session._setMessage(b"Subject: hi\r\n\r\nbody\r\n")
+    return session
+
+
+@pytest_twisted.ensureDeferred
+async def test_handlerTurnsOSErrorInto451(tmp_path, monkeypatch, logEvents):
+    """
+    The handler answers an OSError itself (451 4.3.0, one line logged)
+    and passes any other exception on as it is: that is a bug, which the
+    server logs with its traceback.
+    """
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+
+    def noRoom(content):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(delivery, "deliver", noRoom)
+    del logEvents[:]
+    with pytest.raises(SMTPError) as caught:
+        await delivery(storingSession()).addTimeout(WAIT, reactor)
+    assert (caught.value.code, caught.value.text) == (451, "4.3.0 Error processing message, try again later")
+    assert len(problems(logEvents)) == 1
+
+    def bug(content):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(delivery, "deliver", bug)
+    del logEvents[:]
+    with pytest.raises(ZeroDivisionError):
+        await delivery(storingSession()).addTimeout(WAIT, reactor)
+    assert problems(logEvents) == []  # the server's traceback is the one line
+
+
+# Stale files in tmp/ ----------------------------------------------------------
+
+
+HOUR = 3600
+
+
+def changed(path) -> float:
+    # The time removeStaleFiles dates a file by.
+    info = os.stat(path)
+    return max(info.st_mtime, info.st_ctime)
+
+
+def test_staleTmpFilesRemovedAtStartup(tmp_path, logEvents):
+    """
+    Creating the delivery removes tmp/ files last changed more than 36
+    hours ago, exactly: at 35h59m they stay, at 36h01m they go, with one
+    log line giving the count.  new/ and cur/ are never touched, nor a
+    folder in tmp/.
+    """
+    maildir = tmp_path / "Maildir"
+    prepareMaildir(str(maildir))
+    crashed = [maildir / "tmp" / f"123.M1P{n}.host" for n in range(3)]
+    delivered = [maildir / "new" / "100.M1P1.host", maildir / "cur" / "100.M1P2.host:2,S"]
+    for path in crashed + delivered:
+        path.write_bytes(b"Subject: half\n")
+    (maildir / "tmp" / "folder").mkdir()
+    everything = crashed + delivered + [maildir / "tmp" / "folder"]
+    clock = Clock()
+
+    clock.rightNow = max(changed(p) for p in everything) + 35 * HOUR + 59 * 60
+    del logEvents[:]
+    assert MaildirDelivery(str(maildir), reactor=clock)
+    assert all(p.exists() for p in everything)
+    assert [e for e in logEvents if e.get("log_namespace") == "infsmtp.maildir"] == []  # nothing to say
+
+    clock.rightNow = min(changed(p) for p in everything) + 36 * HOUR + 60
+    MaildirDelivery(str(maildir), reactor=clock)
+    assert not any(p.exists() for p in crashed)
+    assert all(p.exists() for p in delivered) and (maildir / "tmp" / "folder").is_dir()
+    [event] = [e for e in logEvents if e.get("log_namespace") == "infsmtp.maildir"]
+    assert event["removed"] == 3
+    assert formatEvent(event) == f"Maildir {maildir}: removed 3 files left in tmp/ for over 36 hours"
+
+
+def test_staleAgeCountsTheChangeTime(tmp_path):
+    """
+    A file whose mtime was set back (tools date a message before moving it
+    into new/) but that was changed recently is not stale.
+    """
+    maildir = tmp_path / "Maildir"
+    prepareMaildir(str(maildir))
+    dated = maildir / "tmp" / "dated"
+    dated.write_bytes(b"Subject: from 2001\n")
+    os.utime(dated, (1e9, 1e9))
+    clock = Clock()
+    clock.rightNow = os.stat(dated).st_ctime + 35 * HOUR + 59 * 60
+    MaildirDelivery(str(maildir), reactor=clock)
+    assert dated.exists()
+
+
+def test_staleFileThatCannotBeRemoved(tmp_path, monkeypatch, logEvents):
+    """
+    A stale file that cannot be removed is counted in the one log line,
+    one that another process removed first is not counted at all, and the
+    delivery is created all the same.
+    """
+    maildir = tmp_path / "Maildir"
+    prepareMaildir(str(maildir))
+    for name in ("stuck", "gone", "raced"):
+        (maildir / "tmp" / name).write_bytes(b"x")
+    realUnlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if str(path).endswith("stuck"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        if str(path).endswith("raced"):
+            realUnlink(path)
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return realUnlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    clock = Clock()
+    clock.rightNow = changed(maildir / "tmp" / "stuck") + 37 * HOUR
+    del logEvents[:]
+    delivery = MaildirDelivery(str(maildir), reactor=clock)
+    assert os.listdir(maildir / "tmp") == ["stuck"]
+    [event] = [e for e in logEvents if e.get("log_namespace") == "infsmtp.maildir"]
+    assert formatEvent(event).endswith("removed 1 files left in tmp/ for over 36 hours (1 could not be removed: Permission denied)")
+    assert event["log_level"] == LogLevel.warn
+    assert delivery.removeStaleFiles() == 0
+
+
+def test_unreadableTmpIsLoggedNotFatal(tmp_path, monkeypatch, logEvents):
+    """
+    When tmp/ cannot be listed the delivery is created all the same (the
+    first message will say what is wrong), with one error line.
+    """
+    def refuse(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    del logEvents[:]
+    MaildirDelivery(str(tmp_path / "Maildir"))
+    [event] = [e for e in logEvents if e.get("log_namespace") == "infsmtp.maildir"]
+    assert event["log_level"] == LogLevel.error
+    assert "cannot look for stale files in tmp/: [Errno 13] Permission denied" in formatEvent(event)
