@@ -10,8 +10,14 @@ overridden where it is wrong or slow:
   line through C{LineOnlyReceiver}, and DATA is framed over whole buffers;
 - while a handler's Deferred is pending, later input waits (the transport is
   paused), so pipelined replies come in order (twisted#8126);
-- replies are queued and written in one write per batch of input;
-- a failing handler answers 4xx, never 550, so no mail is lost to a bug;
+- replies are queued and written in one write per batch of input, and the
+  protocol is the transport's producer: a client that does not read its
+  replies is no longer read from (nor are its buffered commands run) until
+  it does;
+- a failing, late or wrongly written handler answers 4xx, never 550 and
+  never an acceptance, so no mail is lost to a bug;
+- deadlines hold per command line and, in DATA, per byte (a minimum rate):
+  a byte now and then does not keep a session;
 - STARTTLS forgets everything, input pipelined behind it included.
 
 Policy never lives here: every decision is a handler's (L{_handlers}), and
@@ -28,6 +34,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.logger import Logger
@@ -42,16 +49,20 @@ from ._wire import (
     BARE_NEWLINE,
     LINE_TOO_LONG,
     LINE_TOO_LONG_IN_DATA,
+    MAX_NUMBER_DIGITS,
     TOO_BIG,
     CommandLineFramer,
     DataFramer,
     PathSyntaxError,
     SpoolSink,
     cachedReply,
+    decodeText,
     defaultEnhancedCode,
     formatReply,
+    hasControl,
     parseCommand,
     parseMailArguments,
+    parseNumber,
 )
 from ._writenow import closesAtOnce, isPlainTCP, writeNow
 
@@ -90,11 +101,62 @@ _METHODS = {
 
 # The temporary replies for a failing handler: (code, enhanced, text).
 _TRY_AGAIN = (451, "4.3.0", "Temporary failure, try again later")
+_CONNECT_TRY_AGAIN = (421, "4.3.0", "Temporary failure, try again later")
+
+#: The session field each handler decides through.
+_DECISIONS = {
+    "onConnect": "accept",
+    "onLogin": "authenticated",
+    "onMailFrom": "accept",
+    "onRcptTo": "accept",
+    "onReceive": "received",
+}
+
+#: Replies queued before they are sent regardless of the batch: bounds the
+#: output of one read full of pipelined commands.
+MAX_QUEUED_REPLIES = 64
+
+
+class _TimedOut:
+    """
+    The outcome of a handler that did not answer within its deadline.
+    """
+
+
+_TIMED_OUT = _TimedOut()
+
+
+class _Pending:
+    """
+    A handler's decision not made yet: what to do with it once it is.
+    """
+
+    __slots__ = ("name", "apply", "temporary", "then", "synchronous", "timer", "deferred")
+
+    def __init__(
+        self,
+        name: str,
+        apply: Callable[[Any], None],
+        temporary: tuple[int, str, str],
+        then: Callable[[], None] | None,
+    ) -> None:
+        self.name = name
+        self.apply = apply
+        self.temporary = temporary
+        self.then = then
+        self.synchronous = True
+        self.timer: Any = None
+        self.deferred: Deferred | None = None
 
 # The replies of every transaction, formatted once.
 _SENDER_OK = formatReply(250, "Sender OK", "2.1.0")
 _RECIPIENT_OK = formatReply(250, "Recipient OK", "2.1.5")
 _GO_AHEAD = formatReply(354, "End data with <CR><LF>.<CR><LF>")
+
+
+def _shortRepr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @implementer(IHandshakeListener)
@@ -130,6 +192,14 @@ class ServerProtocol(smtp.ESMTP):
     _heloSafe = ""
     _flushQueued = False
     _batchWrites = False
+    _writeBlocked = False
+    _producing = False
+    _handshaking = False
+    #: The client address the server's limits counted this session under.
+    admittedFrom = ""
+    _pending: _Pending | None = None
+    _sink: SpoolSink | None = None
+    _delayed: Any = None
 
     def __init__(self, factory: "ServerFactory") -> None:
         super().__init__(contextFactory=factory.tlsOptions)
@@ -142,6 +212,11 @@ class ServerProtocol(smtp.ESMTP):
         self._handlers = factory.handlers
         self._framer = CommandLineFramer(settings.maxLineLength)
         self._out: list[bytes] = []
+        self._perByte = factory.secondsPerDataByte
+        # Read on every command: instance attributes are cheaper to read
+        # than the class's defaults.
+        self._busy = self._paused = self._writeBlocked = self._closing = self._mailStarted = False
+        self._dataFramer = self._lineHandler = self._sink = None
 
     # Connection life ------------------------------------------------------
 
@@ -155,23 +230,29 @@ class ServerProtocol(smtp.ESMTP):
                 setNoDelay(True)
             except OSError:
                 pass  # not a TCP socket after all
-        if not self.factory.admit(self):
-            self._reply(421, f"{self.factory.settings.hostname} Too many connections, try again later", "4.7.0")
+        peer = self.transport.getPeer()
+        ip = str(getattr(peer, "host", peer))
+        refusal = self.factory.admit(self, ip)
+        if refusal is not None:
+            self._reply(421, f"{self.factory.settings.hostname} {refusal}", "4.7.0", varies=True)
             self._close()
             return
-        peer = self.transport.getPeer()
+        # Twisted pauses its producer when the replies waiting to be sent
+        # pass its buffer size: see pauseProducing.
+        self.transport.registerProducer(self, True)
+        self._producing = True
         self.session = Session(
             self.factory.nextSessionId(),
-            str(getattr(peer, "host", peer)),
+            ip,
             int(getattr(peer, "port", 0) or 0),
             self._disconnectRequested,
         )
-        self.session.secure = ISSLTransport.providedBy(self.transport)
+        self.session.secure = self._handshaking = ISSLTransport.providedBy(self.transport)
         self._batchWrites = isPlainTCP(self.transport)
         self._started = True
         self._lastInput = self._seconds()
         self._armTimer(self.timeout)
-        self._decide("onConnect", self._afterConnect, (421, "4.3.0", "Temporary failure, try again later"))
+        self._decide("onConnect", self._afterConnect, _CONNECT_TRY_AGAIN)
         self._flush()
 
     def _afterConnect(self, result: Any) -> None:
@@ -192,6 +273,7 @@ class ServerProtocol(smtp.ESMTP):
             # Refused at connect (over maxConnections): no session; the 421
             # goes out now that TLS is up.
             return
+        self._handshaking = False
         self.session.secure = True
         try:
             self.session.tlsVersion = self.transport.getHandle().get_protocol_version_name()
@@ -201,19 +283,45 @@ class ServerProtocol(smtp.ESMTP):
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:
         self._open = False
         self._cancelTimer()
+        # Let go of everything the session held for the connection at once,
+        # not when the cyclic garbage collector happens to run: a session
+        # reset in DATA holds a buffer of up to the spool threshold and,
+        # beyond, an open spool file.
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.timer.active():
+            pending.timer.cancel()
+        delayed, self._delayed = self._delayed, None
+        if delayed is not None and delayed.active():
+            delayed.cancel()
+        self._dataFramer = None
+        self._releaseSink()
+        self._framer.clear()
+        self._out = []
+        self._lineHandler = None
         if self._started:
             self._started = False
+            session = self.session
             handler = self._handlers["onDisconnect"]
             if handler is not None:
-                d = callHandler(handler, self.session)
-                d.addErrback(
-                    lambda f: log.failure("onDisconnect handler failed for session {id}", f, id=self.session.id)
-                )
+                d = callHandler(handler, session)
+                d.addTimeout(self.factory.settings.handlerTimeout, self._clock)
+                d.addErrback(self._disconnectHandlerFailed, session.id)
                 # Releasing the last session fires stopListening()'s
                 # Deferred, which must wait for onDisconnect to finish.
-                d.addBoth(lambda _: self.factory.release(self))
+                d.addBoth(lambda _: (session._release(), self.factory.release(self)))
                 return
+            session._release()
         self.factory.release(self)
+
+    def _disconnectHandlerFailed(self, failure: Failure, sessionId: int) -> None:
+        if failure.check(defer.TimeoutError):
+            log.warn(
+                "onDisconnect handler did not finish within {deadline:g} seconds (session {id})",
+                deadline=self.factory.settings.handlerTimeout,
+                id=sessionId,
+            )
+        else:
+            log.failure("onDisconnect handler failed for session {id}", failure, id=sessionId)
 
     # Timeouts ------------------------------------------------------------------
     #
@@ -235,6 +343,14 @@ class ServerProtocol(smtp.ESMTP):
     def _timerFired(self, period: float) -> None:
         self._timer = None
         if not self._closing:
+            if self._busy:
+                # A handler is deciding (or a failed login is made to
+                # wait): the handler's own deadline applies, not the
+                # client's.
+                self._timer = self._clock.callLater(period, self._timerFired, period)
+                return
+            # _lastInput is when the client last completed something: a
+            # command line, or (in DATA) enough bytes at the minimum rate.
             idle = self._clock.seconds() - self._lastInput
             if idle < period:
                 self._timer = self._clock.callLater(period - idle, self._timerFired, period)
@@ -340,16 +456,71 @@ class ServerProtocol(smtp.ESMTP):
             self._armTimer(CLOSE_GRACE if not self.timeout else min(self.timeout, CLOSE_GRACE))
         self._lineHandler = None
         if self.transport is not None:
+            if self._producing:
+                # TLS waits for its producer to go before it closes.
+                self._producing = False
+                self.transport.unregisterProducer()
             self.transport.loseConnection()
+
+    # Backpressure (IPushProducer, registered on the transport) ----------
+
+    def pauseProducing(self) -> None:
+        """
+        The transport holds more unsent replies than its buffer size: the
+        client is not reading them.  Read nothing more from it, and run no
+        more of its buffered commands, until it does (a client that never
+        does is cut off by the deadline of its next command).
+        """
+        if self._handshaking:
+            # TLS holds the greeting until the handshake is done, and
+            # says so this way; reading on is what lets it finish.
+            return
+        self._writeBlocked = True
+        self._updateReading()
+
+    def resumeProducing(self) -> None:
+        """
+        The replies have drained: go on with the buffered commands, then
+        read again.
+        """
+        self._writeBlocked = False
+        if self._open and not self._closing:
+            self._process()
+
+    def stopProducing(self) -> None:
+        """
+        The connection is gone; L{connectionLost} does the cleaning.
+        """
+
+    def _updateReading(self) -> None:
+        """
+        Read from the transport unless a handler is deciding or the client
+        is not reading our replies.
+        """
+        hold = self._busy or self._writeBlocked
+        if hold != self._paused and self._open and not self._closing:
+            self._paused = hold
+            if hold:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     # Input ----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._lastInput = self._seconds()
+        now = self._seconds()
         if self._dataFramer is not None and not self._busy:
+            # In DATA, bytes buy time at the minimum data rate, never more
+            # than the timeout: a sender trickling a byte now and then runs
+            # out of time however often it sends.
+            credit = self._lastInput + len(data) * self._perByte
+            self._lastInput = credit if credit < now else now
             self._feedData(data)
+            if self._dataFramer is None:
+                # The end of data completes a record like a command line.
+                self._lastInput = now
             if self._framer.empty:
                 self._afterInput()
             else:
@@ -363,20 +534,34 @@ class ServerProtocol(smtp.ESMTP):
             and len(data) <= self._framer.maxLength + 1
             and self._framer.empty
             and not self._busy
+            and not self._writeBlocked
             and self._lineHandler is None
         ):
+            self._lastInput = now
             self._command(data[:-2] if data[-2:-1] == b"\r" else data[:-1])
             self._afterInput()
         else:
-            self._framer.feed(data)
+            # Only a completed line restarts the deadline: a line trickled
+            # in byte by byte must still end within the timeout.
+            framer = self._framer
+            lines = framer.lines
+            framer.feed(data)
             self._process()
+            if framer.lines != lines:
+                self._lastInput = now
 
     def _process(self) -> None:
         """
-        Act on buffered commands until one waits for a handler or the input
-        runs out.
+        Act on buffered commands until one waits for a handler, the client
+        stops reading our replies, or the input runs out.
         """
-        while not self._busy and not self._closing and self._dataFramer is None:
+        while not self._busy and not self._closing and self._dataFramer is None and not self._writeBlocked:
+            if len(self._out) >= MAX_QUEUED_REPLIES:
+                # A read full of pipelined commands: send what is queued
+                # now, which tells us (pauseProducing) whether the client
+                # reads it, rather than queueing a reply for every one.
+                self.flushNow()
+                continue
             line = self._framer.next()
             if line is None:
                 break
@@ -397,20 +582,18 @@ class ServerProtocol(smtp.ESMTP):
     def _afterInput(self) -> None:
         """
         Send the replies queued, and hold further input while a handler
-        has not answered.
+        has not answered or the client does not read.
         """
-        if self._busy and not self._paused and self._open:
-            self._paused = True
-            self.transport.pauseProducing()
+        if self._busy or self._paused:
+            self._updateReading()
         self._flush()
 
     def _wake(self) -> None:
         """
-        A handler answered after a delay: go on with the waiting input.
+        A handler answered after a delay: go on with the waiting input
+        (the client's deadline starts again: it was waiting for us).
         """
-        if self._paused and self._open:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._lastInput = self._seconds()
         self._process()
 
     def _command(self, line: bytes | object) -> None:
@@ -427,7 +610,17 @@ class ServerProtocol(smtp.ESMTP):
         if method is None:
             self._error(500, "Command unrecognized", "5.5.2")
             return
-        method(argument)
+        try:
+            method(argument)
+        except Exception:
+            # A bug of ours must not drop the session without a word (nor
+            # the replies queued before it): say so, and close cleanly.
+            log.failure(
+                "internal error on {verb} in session {id}", verb=verb.decode("ascii"), id=self.session.id
+            )
+            self._busy = False
+            self._reply(421, f"{self.factory.settings.hostname} Internal error, closing connection", "4.3.0")
+            self._close()
 
     def lookupMethod(self, command: bytes) -> Callable[[bytes], None] | None:
         name = _METHODS.get(command)
@@ -446,10 +639,13 @@ class ServerProtocol(smtp.ESMTP):
         Run the handler C{name} (or the default policy when none is set) and
         pass its result to C{apply}, which replies.  Input waits meanwhile.
 
-        A handler raising L{SMTPError} chooses the reply; any other failure
-        is logged and answered with the C{temporary} 4xx reply, so the
-        client retries and nothing is lost to a bug.  C{then} runs after the
-        reply, whichever it was.
+        Fail closed: the handler's result must be L{None} or a C{bool}, and
+        its decision field a C{bool}.  A handler raising L{SMTPError}
+        chooses the reply (a 2xx one accepts, with that text); anything
+        else (another exception, another result, no answer within the
+        handler deadline) is logged and answered with the C{temporary} 4xx
+        reply, so the client retries: nothing is lost to a bug, and nothing
+        is accepted by one.  C{then} runs after the reply, whichever it was.
         """
         handler = self._handlers[name]
         if handler is None:
@@ -463,58 +659,119 @@ class ServerProtocol(smtp.ESMTP):
         try:
             result = handler(self.session)
         except BaseException:
-            self._handlerFailed(Failure(), name, temporary, then, True)
+            self._decided(name, apply, temporary, then, Failure(), True)
             return
-        if type(result) is bool or result is None or not (isinstance(result, Deferred) or inspect.isawaitable(result)):
-            self._handlerSucceeded(result, apply, then, True)
+        if result is None or type(result) is bool or not (isinstance(result, Deferred) or inspect.isawaitable(result)):
+            self._decided(name, apply, temporary, then, result, True)
             return
-        synchronous = True
-        d = toDeferred(result)
-        d.addCallbacks(
-            lambda r: self._handlerSucceeded(r, apply, then, synchronous),
-            lambda f: self._handlerFailed(f, name, temporary, then, synchronous),
-        )
+        pending = self._pending = _Pending(name, apply, temporary, then)
+        settings = self.factory.settings
+        deadline = settings.receiveTimeout if name == "onReceive" else settings.handlerTimeout
+        pending.timer = self._clock.callLater(deadline, self._handlerTimedOut, pending, deadline)
+        d = pending.deferred = toDeferred(result)
+        d.addBoth(self._handlerAnswered, pending)
         d.addErrback(lambda f: log.failure("internal error after {handler}", f, handler=name))
-        synchronous = False
+        pending.synchronous = False
 
-    def _handlerSucceeded(
-        self, result: Any, apply: Callable[[Any], None], then: Callable[[], None] | None, synchronous: bool
-    ) -> None:
-        self._busy = False
-        if self._dropRequested:
-            self._drop()
-        elif self._open:
-            apply(result)
-            if then is not None:
-                then()
-            if not synchronous:
-                self._wake()
+    def _handlerAnswered(self, outcome: Any, pending: _Pending) -> None:
+        if self._pending is not pending:
+            return  # too late (answered 4xx already), or the client left
+        self._pending = None
+        if pending.timer.active():
+            pending.timer.cancel()
+        self._decided(pending.name, pending.apply, pending.temporary, pending.then, outcome, pending.synchronous)
 
-    def _handlerFailed(
+    def _handlerTimedOut(self, pending: _Pending, deadline: float) -> None:
+        if self._pending is not pending:
+            return
+        self._pending = None
+        log.warn(
+            "{handler} handler did not answer within {deadline:g} seconds (session {id}): answered {code}",
+            handler=pending.name,
+            deadline=deadline,
+            id=self.session.id,
+            code=pending.temporary[0],
+        )
+        self._decided(pending.name, pending.apply, pending.temporary, pending.then, _TIMED_OUT, False)
+        # Tell the handler (a coroutine gets CancelledError); its late
+        # outcome is ignored above.
+        assert pending.deferred is not None
+        pending.deferred.cancel()
+
+    def _decided(
         self,
-        failure: Failure,
         name: str,
+        apply: Callable[[Any], None],
         temporary: tuple[int, str, str],
         then: Callable[[], None] | None,
+        outcome: Any,
         synchronous: bool,
     ) -> None:
+        """
+        A handler's outcome (its result, a L{Failure} or L{_TIMED_OUT}):
+        reply accordingly.
+        """
         self._busy = False
         if self._dropRequested:
             self._drop()
             return
         if not self._open:
             return
-        if failure.check(SMTPError) and failure.value.code is not None:
-            error = failure.value
-            self._reply(error.code, error.text or "")
+        problem = None
+        if type(outcome) is bool:
+            apply(outcome)
+        elif outcome is None:
+            # The decision is the field the handler set, which must be a
+            # bool (a returned bool overrides it, so it is not looked at).
+            value = getattr(self.session, _DECISIONS[name])
+            if type(value) is bool:
+                apply(None)
+            else:
+                problem = f"set session.{_DECISIONS[name]} to {_shortRepr(value)}, not True or False"
+        elif isinstance(outcome, Failure) and outcome.check(SMTPError) and outcome.value.code is not None:
+            code, text = outcome.value.code, outcome.value.text or ""
+            if 200 <= code < 300:
+                # An acceptance with the handler's own words: every apply
+                # queues its positive reply first when told True, and that
+                # reply is replaced (rather than every apply asking whether
+                # to, on the path of every message).
+                queued = len(self._out)
+                apply(True)
+                if len(self._out) > queued:
+                    self._out[queued] = formatReply(code, text, defaultEnhancedCode(code))
+            elif 400 <= code < 600:
+                self._reply(code, text, varies=True)
+                if code == 421 or name == "onConnect":
+                    # 421 closes (RFC 5321 3.8); a refused greeting too.
+                    self._close()
+            else:
+                problem = f"raised SMTPError with code {code}, not a 2xx, 4xx or 5xx reply"
+        elif isinstance(outcome, Failure):
+            log.failure("{handler} handler failed for session {id}", outcome, handler=name, id=self.session.id)
+            self._temporary(temporary)
+        elif outcome is _TIMED_OUT:
+            self._temporary(temporary)
         else:
-            log.failure("{handler} handler failed for session {id}", failure, handler=name, id=self.session.id)
-            code, enhanced, text = temporary
-            self._reply(code, text, enhanced)
+            problem = f"returned {type(outcome).__name__} {_shortRepr(outcome)}, not None, True or False"
+        if problem is not None:
+            log.error(
+                "{handler} handler {problem} (session {id}): answered {code}",
+                handler=name,
+                problem=problem,
+                id=self.session.id,
+                code=temporary[0],
+            )
+            self._temporary(temporary)
         if then is not None:
             then()
         if not synchronous:
             self._wake()
+
+    def _temporary(self, temporary: tuple[int, str, str]) -> None:
+        code, enhanced, text = temporary
+        self._reply(code, text, enhanced)
+        if code == 421:
+            self._close()
 
     # Commands -------------------------------------------------------------
 
@@ -540,15 +797,30 @@ class ServerProtocol(smtp.ESMTP):
 
     def _resetTransaction(self) -> None:
         self._mailStarted = False
+        if self._sink is not None:
+            self._releaseSink()
         self.session._resetTransaction()
+
+    def _releaseSink(self) -> None:
+        """
+        The current message is no longer held: give its memory back to the
+        server's budget.
+        """
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.release()
 
     def _greet(self, argument: bytes, extended: bool) -> None:
         verb = "EHLO" if extended else "HELO"
         if not argument:
             self._error(501, f"Syntax: {verb} hostname", "5.5.4")
             return
+        helo = decodeText(argument)
+        if helo is None:
+            self._error(501, f"Syntax: {verb} hostname (control characters or bad UTF-8)", "5.5.2")
+            return
         self._resetTransaction()
-        self.session.helo = argument.decode("utf-8", "replace")
+        self.session.helo = helo
         self._ehlo = extended
         hostname = self.factory.settings.hostname
         if not extended:
@@ -619,10 +891,11 @@ class ServerProtocol(smtp.ESMTP):
         params = parsed.parameters
         for keyword, value in params.items():
             if keyword == "SIZE":
-                if value is None or not value.isdigit():
-                    self._error(501, "Syntax: SIZE=number", "5.5.4")
+                size = parseNumber(value)
+                if size is None:
+                    self._error(501, f"Syntax: SIZE=number (1 to {MAX_NUMBER_DIGITS} digits)", "5.5.4")
                     return
-                if settings.maxMessageSize and int(value) > settings.maxMessageSize:
+                if settings.maxMessageSize and size > settings.maxMessageSize:
                     self._reply(552, "Message size exceeds fixed maximum message size", "5.3.4")
                     return
             elif keyword == "BODY":
@@ -711,8 +984,8 @@ class ServerProtocol(smtp.ESMTP):
         self._messages += 1
         # The x keeps ids apart: session 0x1's message 0x11 and session
         # 0x11's message 0x1 would both end in "111" without it.
-        self._queueId = f"{self.factory.queuePrefix}{self.session.id:x}x{self._messages:x}"
-        sink = SpoolSink(settings.spoolThreshold)
+        self._queueId = self.session.queueId = f"{self.factory.queuePrefix}{self.session.id:x}x{self._messages:x}"
+        sink = self._sink = SpoolSink(settings.spoolThreshold, self.factory.memoryBudget)
         if settings.receivedHeader:
             sink.write(self._receivedHeader(self._queueId))
         self._dataFramer = DataFramer(sink, settings.maxMessageSize or None, settings.maxDataLineLength)
@@ -816,6 +1089,7 @@ class ServerProtocol(smtp.ESMTP):
         self.session.helo = ""
         self._ehlo = False
         self.session.authenticated = False
+        self._handshaking = True
         self.transport.startTLS(self.factory.tlsOptions)
 
     # AUTH (RFC 4954) ---------------------------------------------------------
@@ -835,6 +1109,16 @@ class ServerProtocol(smtp.ESMTP):
             return
         if self._mailStarted:
             self._error(503, "Error: AUTH not permitted during a mail transaction", "5.5.1")
+            return
+        if self.factory.limits.authBlocked(self.session.ip):
+            self._reply(
+                421,
+                f"{self.factory.settings.hostname} Too many authentication failures from {self.session.ip}, "
+                "try again later",
+                "4.7.0",
+                varies=True,
+            )
+            self._close()
             return
         parts = argument.split()
         if not parts or len(parts) > 2:
@@ -902,20 +1186,48 @@ class ServerProtocol(smtp.ESMTP):
         except UnicodeDecodeError:
             self._error(501, "Credentials are not UTF-8", "5.5.2")
             return
+        if hasControl(user):
+            self._error(501, "Control character in user name", "5.5.2")
+            return
         session = self.session
         session.username, session.password = user, secret
         session.authenticated = False
+        self._decide(
+            "onLogin", self._loginDecided, (454, "4.7.0", "Temporary authentication failure"), self._forgetPassword
+        )
 
-        def apply(result: Any) -> None:
-            if isinstance(result, bool):
-                session.authenticated = result
-            if session.authenticated:
-                self._reply(235, "Authentication successful", "2.7.0")
-                return
-            self._authFailures += 1
-            self._reply(535, "Authentication credentials invalid", "5.7.8")
-            if self._authFailures >= self.factory.settings.maxAuthFailures:
-                self._reply(421, f"{self.factory.settings.hostname} Too many authentication failures", "4.7.0")
-                self._close()
+    def _loginDecided(self, result: Any) -> None:
+        session = self.session
+        if isinstance(result, bool):
+            session.authenticated = result
+        if session.authenticated:
+            self._reply(235, "Authentication successful", "2.7.0")
+            return
+        self._authFailures += 1
+        delay = self.factory.limits.authFailed(session.ip)
+        if delay <= 0:
+            self._loginRefused()
+            return
+        # A tarpit: the 535 waits, longer with each failure of this client
+        # (across its connections), and so does everything pipelined after.
+        self._busy = True
+        self._delayed = self._clock.callLater(delay, self._loginRefusedLater)
 
-        self._decide("onLogin", apply, (454, "4.7.0", "Temporary authentication failure"))
+    def _loginRefusedLater(self) -> None:
+        self._delayed = None
+        self._busy = False
+        if self._dropRequested:
+            self._drop()
+            return
+        self._loginRefused()
+        self._wake()
+
+    def _loginRefused(self) -> None:
+        self._reply(535, "Authentication credentials invalid", "5.7.8")
+        if self._authFailures >= self.factory.settings.maxAuthFailures:
+            self._reply(421, f"{self.factory.settings.hostname} Too many authentication failures", "4.7.0")
+            self._close()
+
+    def _forgetPassword(self) -> None:
+        # The password is for onLogin only.
+        self.session.password = ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,6 +30,7 @@ from ._blocking import blockingCall
 from ._enums import TLSVersion
 from ._errors import SMTPError, SMTPTLSError
 from ._handlers import HandlerSpec, adaptHandler
+from ._limits import ClientLimits, MemoryBudget, parseNetworks
 from ._protocol import ServerProtocol
 from ._tls import serverTLSOptions
 
@@ -68,6 +70,9 @@ class ServerSettings:
     requireAuth: bool
     receivedHeader: bool
     spoolThreshold: int | None
+    minDataRate: int
+    handlerTimeout: float
+    receiveTimeout: float
 
 
 class ServerFactory(smtp.SMTPFactory):
@@ -87,6 +92,10 @@ class ServerFactory(smtp.SMTPFactory):
         self.clock = clock
         self.domain = settings.hostname
         self.sessions: set[ServerProtocol] = set()
+        self.limits = server._clientLimits(clock)
+        self.memoryBudget = MemoryBudget(server.messageMemoryLimit)
+        #: Seconds of deadline a byte of DATA buys (the minimum data rate).
+        self.secondsPerDataByte = 1 / settings.minDataRate if settings.minDataRate else float("inf")
         self.queuePrefix = os.urandom(3).hex().upper()
         #: EHLO's extension lines, formatted, by (secure, AUTH offered).
         self.extensionReplies: dict[tuple[bool, bool], bytes] = {}
@@ -134,17 +143,27 @@ class ServerFactory(smtp.SMTPFactory):
     def nextSessionId(self) -> int:
         return next(self.server._sessionIds)
 
-    def admit(self, protocol: ServerProtocol) -> bool:
+    def admit(self, protocol: ServerProtocol, ip: str) -> str | None:
         """
-        Count a new connection in; C{False} when it is over the limit.
+        Count a new connection from C{ip} in.
+
+        @return: L{None} when admitted (L{release} must follow), else why
+            not, for the 421 reply.
         """
+        refusal = self.limits.connect(ip)
+        if refusal is not None:
+            return refusal
         if len(self.sessions) >= self.server.maxConnections:
-            return False
+            self.limits.disconnect(ip)
+            return "Too many connections, try again later"
         self.sessions.add(protocol)
-        return True
+        protocol.admittedFrom = ip
+        return None
 
     def release(self, protocol: ServerProtocol) -> None:
-        self.sessions.discard(protocol)
+        if protocol in self.sessions:
+            self.sessions.remove(protocol)
+            self.limits.disconnect(protocol.admittedFrom)
         if not self.sessions:
             waiting, self._allGone = self._allGone, []
             for d in waiting:
@@ -156,6 +175,29 @@ class ServerFactory(smtp.SMTPFactory):
         d: defer.Deferred = defer.Deferred()
         self._allGone.append(d)
         return d
+
+
+#: What a hostname in replies may be: printable, no spaces.
+_HOSTNAME = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _checkCount(name: str, value: Any, least: int, most: int | None, alternative: str = "") -> None:
+    if type(value) is not int or value < least or (most is not None and value > most):
+        wanted = f"an integer from {least} to {most}" if most is not None else f"an integer of at least {least}"
+        raise ValueError(f"{name} must be {wanted}{' ' + alternative if alternative else ''}, not {value!r}")
+
+
+def _checkSeconds(name: str, value: Any, positive: bool) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value != value  # NaN
+        or value == float("inf")
+        or value < 0
+        or (positive and value == 0)
+    ):
+        wanted = "a positive number of seconds" if positive else "a number of seconds, 0 or more"
+        raise ValueError(f"{name} must be {wanted}, not {value!r}")
 
 
 class _ProtocolSpelling:
@@ -211,7 +253,8 @@ class Server(service.Service):
     @param verifyCertificate: the default of L{setCertificate}'s C{verify}.
     @param port: the TCP port; C{0} picks a free one (see C{server.port}
         once listening).
-    @param maxConnections: simultaneous sessions; more are answered 421.
+    @param maxConnections: simultaneous sessions; more are answered 421
+        4.7.0.
     @param poolSize: threads running script handlers.
     @param minProtocol: the lowest TLS version accepted.
     @param maxProtocol: the highest TLS version accepted.
@@ -229,7 +272,36 @@ class Server(service.Service):
         L{None} for no limit.
     @param maxErrors: client errors per session before 421 and close.
     @param maxAuthFailures: failed logins per session before 421 and close.
-    @param timeout: idle seconds before 421 and close (RFC 5321 4.5.3.2).
+    @param timeout: seconds a client has to complete each command line
+        (however its bytes trickle in) before 421 4.4.2 and close (RFC 5321
+        4.5.3.2); a session waiting for its next command is closed after as
+        long.
+    @param minDataRate: bytes per second a message must come in at, on
+        average, in DATA (Postfix's C{smtpd_min_data_rate}): each byte
+        extends the deadline by C{1/minDataRate} seconds, never beyond
+        C{timeout} from now.  0: any byte counts as progress.
+    @param maxConnectionsPerClient: simultaneous sessions from one client
+        (an IPv4 address, or an IPv6 /64); more are answered 421 4.7.0.
+        0: no limit.
+    @param maxConnectionRate: connections one client may open per minute
+        (refused ones count too); more are answered 421 4.7.0.  0: no
+        limit.
+    @param maxAuthFailuresPerClient: failed logins from one client, across
+        its connections, within about ten minutes, after which its AUTH is
+        answered 421 4.7.0.  0: no limit.
+    @param authFailureDelay: seconds the 535 of a client's first failed
+        login waits, doubling with each further failure (up to 30 s); 0:
+        no wait.
+    @param trustedNetworks: CIDR strings (C{"10.0.0.0/8"}) whose clients
+        the per-client limits do not apply to.  Loopback is not trusted
+        unless listed.
+    @param handlerTimeout: seconds a handler (but C{onReceive}) may take to
+        answer; then the client gets the handler's 4xx and the late answer
+        is ignored.
+    @param receiveTimeout: the same for C{onReceive}.
+    @param messageMemoryLimit: bytes of messages all sessions together may
+        hold in memory (being received, or waiting for C{onReceive});
+        beyond it messages spool to temporary files.  L{None}: no limit.
     @param allowInsecureAuth: offer AUTH without TLS (tests, or a trusted
         local socket only).
     @param requireAuth: refuse MAIL (530) until AUTH succeeded.
@@ -280,6 +352,15 @@ class Server(service.Service):
         spoolThreshold: int | None = 8 * 1024 * 1024,
         backlog: int = 1024,
         shutdownGrace: float = 10,
+        minDataRate: int = 500,
+        maxConnectionsPerClient: int = 50,
+        maxConnectionRate: int = 600,
+        maxAuthFailuresPerClient: int = 30,
+        authFailureDelay: float = 1.0,
+        trustedNetworks: Any = (),
+        handlerTimeout: float = 60,
+        receiveTimeout: float = 300,
+        messageMemoryLimit: int | None = 256 * 1024 * 1024,
         reactor: Any = None,
     ) -> None:
         self.ssl = ssl
@@ -306,6 +387,16 @@ class Server(service.Service):
         self.spoolThreshold = spoolThreshold
         self.backlog = backlog
         self.shutdownGrace = shutdownGrace
+        self.minDataRate = minDataRate
+        self.maxConnectionsPerClient = maxConnectionsPerClient
+        self.maxConnectionRate = maxConnectionRate
+        self.maxAuthFailuresPerClient = maxAuthFailuresPerClient
+        self.authFailureDelay = authFailureDelay
+        self.trustedNetworks = trustedNetworks
+        self.handlerTimeout = handlerTimeout
+        self.receiveTimeout = receiveTimeout
+        self.messageMemoryLimit = messageMemoryLimit
+        self.checkSettings()
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
@@ -364,7 +455,65 @@ class Server(service.Service):
             self._pool = pool
         return self._pool
 
+    def checkSettings(self) -> None:
+        """
+        Check every setting, so that a server that could never work (or
+        would work wrongly: a data line limit too short to see the end of
+        data, a negative timeout) refuses to start instead.  Called by the
+        constructor and again when listening starts.
+
+        @raise ValueError: naming the first wrong setting and what it must
+            be.
+        """
+        counts = {
+            # name: (least value, most value or None)
+            "port": (0, 65535),
+            "maxConnections": (1, None),
+            "poolSize": (1, None),
+            "maxMessageSize": (0, None),
+            "maxRecipients": (1, None),
+            # RFC 5321 4.5.3.1.4 and .6: a server must take command lines of
+            # 512 octets and text lines of 1000.
+            "maxLineLength": (512, None),
+            "maxErrors": (1, None),
+            "maxAuthFailures": (1, None),
+            "backlog": (1, None),
+            "minDataRate": (0, None),
+            "maxConnectionsPerClient": (0, None),
+            "maxConnectionRate": (0, None),
+            "maxAuthFailuresPerClient": (0, None),
+        }
+        for name, (least, most) in counts.items():
+            _checkCount(name, getattr(self, name), least, most)
+        if self.maxDataLineLength is not None:
+            _checkCount("maxDataLineLength", self.maxDataLineLength, 1000, None, "or None")
+        for name in ("spoolThreshold", "messageMemoryLimit"):
+            if getattr(self, name) is not None:
+                _checkCount(name, getattr(self, name), 0, None, "or None")
+        for name in ("timeout", "handlerTimeout", "receiveTimeout"):
+            _checkSeconds(name, getattr(self, name), positive=True)
+        for name in ("shutdownGrace", "authFailureDelay"):
+            _checkSeconds(name, getattr(self, name), positive=False)
+        if self.minProtocol > self.maxProtocol:
+            raise ValueError(
+                f"minProtocol {self.minProtocol.name} is above maxProtocol {self.maxProtocol.name}"
+            )
+        if not isinstance(self.hostname, str) or not _HOSTNAME.fullmatch(self.hostname):
+            raise ValueError(f"hostname must be a name without spaces or control characters, not {self.hostname!r}")
+        self._trusted = parseNetworks(self.trustedNetworks)
+
+    def _clientLimits(self, clock: IReactorTime) -> ClientLimits:
+        return ClientLimits(
+            self.maxConnectionsPerClient,
+            self.maxConnectionRate,
+            self.maxAuthFailuresPerClient,
+            self.authFailureDelay,
+            self._trusted,
+            clock,
+        )
+
     def _settings(self) -> ServerSettings:
+        self.checkSettings()
         return ServerSettings(
             hostname=self.hostname,
             maxMessageSize=self.maxMessageSize,
@@ -378,6 +527,9 @@ class Server(service.Service):
             requireAuth=self.requireAuth,
             receivedHeader=self.receivedHeader,
             spoolThreshold=self.spoolThreshold,
+            minDataRate=self.minDataRate,
+            handlerTimeout=self.handlerTimeout,
+            receiveTimeout=self.receiveTimeout,
         )
 
     def _tlsForSessions(self) -> Any:

@@ -44,33 +44,63 @@ class Session:
     @ivar received: set in C{onReceive}: C{True} answers 250, C{False} 554.
     @ivar mailParameters: the ESMTP parameters of the current MAIL command
         (keyword -> value or L{None}).
+    @ivar queueId: the id of the current message, told to the client in
+        C{250 ... queued as}; set from DATA on.
     @ivar data: a dict for the handlers' own state, kept for the session.
+        (Other attributes cannot be added: setting a misspelt one raises
+        L{AttributeError}.)
     """
 
-    # Immutable starting values live on the class: a session stores only
-    # what changes (one is built per connection).
-    helo = ""
-    secure = False
-    tlsVersion = ""
-    username = ""
-    password = ""
-    authenticated = False
-    address = ""
-    accept = True
-    mailFrom = ""
-    received = True
-    _msg: bytes | None = b""
-    _message: EmailMessage | None = None
-    _msgFile: IO[bytes] | None = None
+    # Slots, not a __dict__: a misspelt decision (C{session.accepted =
+    # False}) raises AttributeError, which answers 4xx, instead of being
+    # silently ignored while the real C{accept} stays True.  A handler's own
+    # state goes in C{data}.
+    __slots__ = (
+        "id",
+        "ip",
+        "port",
+        "_disconnect",
+        "helo",
+        "secure",
+        "tlsVersion",
+        "username",
+        "password",
+        "authenticated",
+        "address",
+        "accept",
+        "mailFrom",
+        "rcptTo",
+        "mailParameters",
+        "received",
+        "queueId",
+        "data",
+        "_msg",
+        "_message",
+        "_msgFile",
+    )
 
     def __init__(self, id: int, ip: str, port: int, disconnect: Callable[[], None]) -> None:
         self.id = id
         self.ip = ip
         self.port = port
         self._disconnect = disconnect
-        self.mailParameters: dict[str, str | None] = {}
+        self.helo = ""
+        self.secure = False
+        self.tlsVersion = ""
+        self.username = ""
+        self.password = ""
+        self.authenticated = False
+        self.address = ""
+        self.accept = True
+        self.mailFrom = ""
         self.rcptTo: list[str] = []
+        self.mailParameters: dict[str, str | None] = {}
+        self.received = True
+        self.queueId = ""
         self.data: dict[str, Any] = {}
+        self._msg: bytes | None = b""
+        self._message: EmailMessage | None = None
+        self._msgFile: IO[bytes] | None = None
 
     def disconnect(self) -> None:
         """
@@ -147,6 +177,7 @@ class Session:
         self._message = None
 
     def _resetTransaction(self) -> None:
+        self.queueId = ""
         self.mailFrom = ""
         self.mailParameters = {}
         self.rcptTo = []
@@ -169,5 +200,20 @@ class Session:
             "tls": "yes" if self.secure else "no",
         }
 
+    def _release(self) -> None:
+        """
+        The connection is gone: close the spool file and let go of the
+        protocol, so that the session holds nothing once its handlers are
+        done with it.
+        """
+        self._resetTransaction()
+        self._disconnect = _gone
+
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.ip}:{self.port} helo={self.helo!r}>"
+
+
+def _gone() -> None:
+    """
+    C{session.disconnect()} once the connection is gone: nothing to do.
+    """

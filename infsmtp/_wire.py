@@ -18,7 +18,7 @@ import functools
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 CRLF = b"\r\n"
 
@@ -54,6 +54,9 @@ class CommandLineFramer:
         self._buffer = bytearray()
         self._searched = 0
         self._discarding = False
+        #: Lines (long ones included) taken so far: the protocol's per-line
+        #: deadline restarts when this moves.
+        self.lines = 0
 
     def feed(self, data: bytes) -> None:
         """
@@ -81,6 +84,7 @@ class CommandLineFramer:
             self._searched = len(buf)
             return None
         self._searched = 0
+        self.lines += 1
         if self._discarding or end > self.maxLength:
             self._discarding = False
             del buf[: end + 1]
@@ -130,29 +134,64 @@ class MessageSink(Protocol):
     def write(self, data: bytes) -> None: ...
 
 
+#: Bytes a L{SpoolSink} takes from its budget at a time.
+BUDGET_BLOCK = 16384
+
+
 class SpoolSink:
     """
     A L{MessageSink} that keeps a message in memory up to C{threshold}
     bytes (no limit when L{None}) and moves it to an anonymous temporary
     file beyond, so that a 100 MB message costs disk, not memory.
+
+    With a C{budget} (see L{infsmtp._limits.MemoryBudget}: C{take(n)} and
+    C{give(n)}), the bytes held in memory are also taken from it, and the
+    message moves to a file as soon as the budget is spent: the memory of
+    all sessions' messages together stays bounded.  L{release} gives the
+    bytes back; call it when the message is no longer held.
     """
 
-    def __init__(self, threshold: int | None) -> None:
+    def __init__(self, threshold: int | None, budget: Any = None) -> None:
         self.threshold = threshold
         self.size = 0
         self._chunks: list[bytes] = []
         self._file: IO[bytes] | None = None
+        self._budget = budget
+        self._held = 0
 
     def write(self, data: bytes) -> None:
-        self.size += len(data)
+        size = self.size = self.size + len(data)
         if self._file is not None:
             self._file.write(data)
             return
+        if size > self._held and self._budget is not None:
+            # Taken in blocks, so that a small message asks the budget once.
+            more = size - self._held
+            if more < BUDGET_BLOCK:
+                more = BUDGET_BLOCK
+            if not self._budget.take(more):
+                self._spool()
+                self._file.write(data)  # type: ignore[union-attr]
+                return
+            self._held += more
         self._chunks.append(data)
-        if self.threshold is not None and self.size > self.threshold:
-            self._file = tempfile.TemporaryFile(prefix="infsmtp-")
-            self._file.writelines(self._chunks)
-            self._chunks = []
+        if self.threshold is not None and size > self.threshold:
+            self._spool()
+
+    def _spool(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="infsmtp-")
+        self._file.writelines(self._chunks)
+        self._chunks = []
+        self.release()
+
+    def release(self) -> None:
+        """
+        Give the memory held back to the budget (the bytes themselves go
+        when the last reference to them does).
+        """
+        if self._held:
+            self._budget.give(self._held)
+            self._held = 0
 
     @property
     def spooled(self) -> bool:
@@ -365,12 +404,58 @@ _DOT_ATOM = rb"%s+(?:\.%s+)*" % (_ATEXT, _ATEXT)
 _QUOTED = rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\x20-\x7e])*"'
 _LOCAL = rb"(?:%s|%s)" % (_DOT_ATOM, _QUOTED)
 _LABEL = rb"[A-Za-z0-9\x80-\xff](?:[A-Za-z0-9\x80-\xff-]*[A-Za-z0-9\x80-\xff])?"
-_DOMAIN = rb"(?:%s(?:\.%s)*|\[[^\[\]\\\s]+\])" % (_LABEL, _LABEL)
+# A domain literal holds RFC 5321's dcontent only: printable ASCII but
+# brackets and backslash, so no control character (NUL, ESC, DEL) or space.
+_DOMAIN = rb"(?:%s(?:\.%s)*|\[[\x21-\x5a\x5e-\x7e]+\])" % (_LABEL, _LABEL)
 _MAILBOX = re.compile(rb"(%s)@(%s)" % (_LOCAL, _DOMAIN))
 _SOURCE_ROUTE = re.compile(rb"@%s(?:,@%s)*:" % (_DOMAIN, _DOMAIN))
 
 #: RFC 5321 4.5.3.1.3: a path is at most 256 octets including the brackets.
 MAX_PATH = 256
+
+#: C0 and C1 control characters and DEL, in decoded text: never part of an
+#: address, a name or a parameter (they would reach handlers, headers and
+#: logs as terminal escapes or line breaks).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def hasControl(text: str) -> bool:
+    """
+    Whether C{text} holds a control character (C0, DEL or C1).
+    """
+    return _CONTROL.search(text) is not None
+
+
+def decodeText(raw: bytes) -> str | None:
+    """
+    C{raw} as UTF-8 text without control characters, or L{None} when it is
+    not valid UTF-8 or holds one.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if _CONTROL.search(text) is not None:
+        return None
+    return text
+
+
+#: The longest number the server reads from the wire (SIZE: 20 digits hold
+#: any 64-bit count).
+MAX_NUMBER_DIGITS = 20
+
+
+def parseNumber(text: str | None) -> int | None:
+    """
+    A count from the wire: 1 to L{MAX_NUMBER_DIGITS} ASCII digits, else
+    L{None}.  (C{str.isdigit} alone accepts C{"²"}, which C{int} refuses.)
+
+    >>> parseNumber("1024"), parseNumber("²"), parseNumber("")
+    (1024, None, None)
+    """
+    if text is None or not (0 < len(text) <= MAX_NUMBER_DIGITS) or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 
 def parsePath(text: bytes, allowEmpty: bool, allowPostmaster: bool = False) -> str:
@@ -401,9 +486,13 @@ def parsePath(text: bytes, allowEmpty: bool, allowPostmaster: bool = False) -> s
     if not _MAILBOX.fullmatch(inner):
         raise PathSyntaxError("bad mailbox syntax")
     try:
-        return inner.decode("utf-8")
+        address = inner.decode("utf-8")
     except UnicodeDecodeError:
         raise PathSyntaxError("mailbox is not UTF-8") from None
+    if not inner.isascii() and _CONTROL.search(address) is not None:
+        # The byte patterns keep C0 and DEL out; UTF-8 can still spell C1.
+        raise PathSyntaxError("control character in mailbox")
+    return address
 
 
 def _splitPath(argument: bytes) -> tuple[bytes, bytes]:
@@ -434,6 +523,9 @@ def _splitPath(argument: bytes) -> tuple[bytes, bytes]:
 
 
 _KEYWORD = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*")
+#: RFC 5321 esmtp-value (printable ASCII but "=" and space), plus UTF-8
+#: octets (RFC 6531).
+_VALUE = re.compile(rb"[\x21-\x3c\x3e-\x7e\x80-\xff]+")
 
 
 def parseMailArguments(
@@ -457,14 +549,21 @@ def parseMailArguments(
     if rest and not rest.startswith(b" "):
         raise PathSyntaxError("parameters must follow the path after a space")
     parameters: dict[str, str | None] = {}
-    for item in rest.split():
+    # Split on spaces only: a tab, NUL or any other control character is
+    # not a separator, so it lands in a keyword or value and is refused.
+    for item in rest.split(b" ") if rest else ():
+        if not item:
+            continue
         keyword, eq, value = item.partition(b"=")
-        if not _KEYWORD.fullmatch(keyword) or (eq and not value):
+        if not _KEYWORD.fullmatch(keyword) or (eq and not _VALUE.fullmatch(value)):
             raise PathSyntaxError("bad parameter syntax")
-        try:
-            parameters[keyword.decode("ascii").upper()] = value.decode("utf-8") if eq else None
-        except UnicodeDecodeError:
-            raise PathSyntaxError("parameter value is not UTF-8") from None
+        if eq:
+            text = decodeText(value)
+            if text is None:
+                raise PathSyntaxError("parameter value is not UTF-8 text")
+            parameters[keyword.decode("ascii").upper()] = text
+        else:
+            parameters[keyword.decode("ascii").upper()] = None
     return MailArguments(address, parameters)
 
 

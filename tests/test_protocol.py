@@ -311,10 +311,10 @@ def test_data_over_limit_is_discarded():
 
 
 def test_long_data_line_stays_in_data():
-    server = makeServer(maxDataLineLength=100)
+    server = makeServer(maxDataLineLength=1000)
     h = session(server)
     h.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
-    assert h.send(b"x" * 500 + b"\r\nMAIL FROM:<evil@x.test>\r\n") == []
+    assert h.send(b"x" * 5000 + b"\r\nMAIL FROM:<evil@x.test>\r\n") == []
     assert h.send(b".\r\n") == [b"500 5.5.2 Line too long in message data"]
 
 
@@ -391,7 +391,8 @@ def b64(data: bytes) -> bytes:
 
 @pytest.fixture
 def authServer():
-    server = makeServer(allowInsecureAuth=True)
+    # The tarpit (authFailureDelay) has tests of its own, in test_limits.
+    server = makeServer(allowInsecureAuth=True, authFailureDelay=0)
     server.onLogin = lambda s: (s.username, s.password) == ("alice", "s3cret")
     return server
 
