@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import inspect
 import os
 import pstats
 import sys
@@ -53,7 +54,12 @@ MESSAGE = [b"MAIL FROM:<bench@example.org>\r\n", b"RCPT TO:<rcpt@example.org>\r\
 def infsmtpFactory():
     from infsmtp import Server
 
-    server = Server(port=0, interface="127.0.0.1", hostname="sink.test")
+    # The per-client limits on, as in a real deployment, but set so high
+    # that one loopback client is never refused: their bookkeeping counts.
+    limits = {"maxConnectionsPerClient": 1_000_000, "maxConnectionRate": 1_000_000_000}
+    if "maxConnectionRate" not in inspect.signature(Server).parameters:
+        limits = {}  # an older infsmtp, measured for a before/after
+    server = Server(port=0, interface="127.0.0.1", hostname="sink.test", **limits)
     server.onReceive = lambda session: True
     return server.buildFactory()
 
@@ -106,12 +112,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--pending", type=int, default=20, help="other sessions' timers in the heap")
     parser.add_argument("--profile", choices=sorted(CASES), help="cProfile infsmtp in this case instead")
+    parser.add_argument("--once", choices=sorted(CASES),
+                        help="run infsmtp in this case once, untimed (for valgrind, see bench/README.md)")
     options = parser.parse_args()
 
     # Timers far in the future, like other sessions' idle timeouts.
     for i in range(options.pending):
         reactor.callLater(3600 + i / 1000, lambda: None)
     reactor.runUntilCurrent()
+
+    if options.once:
+        factory = infsmtpFactory()
+        if options.messages:
+            CASES[options.once](factory, options.messages)
+        return
 
     if options.profile:
         factory = infsmtpFactory()

@@ -116,6 +116,8 @@ def twistdInfsmtp(port: int, workers: int) -> list[str]:
         twistd, "-n", "--pidfile=", "--logfile", os.devnull, "infsmtp",
         "--listen", f"tcp:{port}:interface=127.0.0.1", "--handlers", "sinks/accept.py",
         "--max-connections", "5000", "--workers", str(workers),
+        # On, but never reached by smtp-source (one client), as in sinks/.
+        "--max-connections-per-client", "1000000", "--max-connection-rate", "1000000000",
     ]
 
 

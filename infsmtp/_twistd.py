@@ -105,6 +105,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["min-tls", None, "1.2", "Lowest TLS version accepted: 1.0, 1.1, 1.2 or 1.3."],
         ["max-tls", None, "1.3", "Highest TLS version accepted: 1.0, 1.1, 1.2 or 1.3."],
         ["max-connections", None, 1000, "Simultaneous sessions; more are answered 421.", int],
+        ["max-connections-per-client", None, 50, "Simultaneous sessions from one client (IPv4 address or IPv6 /64); more are answered 421 4.7.0. 0: no limit.", int],
+        ["max-connection-rate", None, 600, "Connections one client may open per minute; more are answered 421 4.7.0. 0: no limit.", int],
+        ["max-auth-failures-per-client", None, 30, "Failed logins from one client within about 10 minutes before its AUTH is answered 421 4.7.0. 0: no limit.", int],
+        ["auth-failure-delay", None, 1.0, "Seconds a failed login's 535 waits, doubling with each failure of the client (up to 30). 0: none.", float],
+        ["min-data-rate", None, 500, "Bytes per second a message must average in DATA. 0: any byte is progress.", int],
+        ["handler-timeout", None, 60.0, "Seconds a handler (but onReceive) may take before the client is answered 4xx.", float],
+        ["receive-timeout", None, 300.0, "Seconds onReceive (the delivery) may take before the client is answered 451.", float],
+        ["message-memory", None, 256 * 1024**2, "Bytes of messages all sessions may hold in memory; beyond, messages spool to disk.", _size],
         ["max-message-size", None, 32 * 1024**2, "Largest message accepted, advertised in SIZE.", _size],
         ["max-recipients", None, 1000, "Recipients per message; more are answered 452.", int],
         ["timeout", None, 300.0, "Idle seconds before a session is closed with 421.", float],
@@ -122,6 +130,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["trusted"] = []
         self["inherit-fd"] = []
         self.authErrors: list[str] = []
 
@@ -130,6 +139,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["listen"].append(endpoint)
 
     opt_l = opt_listen
+
+    def opt_trusted(self, network: str) -> None:
+        """Network (CIDR) whose clients the per-client limits do not apply to, repeatable: --trusted 127.0.0.0/8."""
+        self["trusted"].append(network)
 
     def opt_inherit_fd(self, fd: str) -> None:
         """Internal, set by --workers: listen on this inherited descriptor instead of --listen."""
@@ -446,6 +459,40 @@ def _relayDelivery(options: Options) -> Any:
     )
 
 
+#: Server parameter -> the option that sets it, for error messages.
+_OPTION_NAMES = {
+    "maxConnections": "--max-connections",
+    "poolSize": "--pool-size",
+    "maxMessageSize": "--max-message-size",
+    "maxRecipients": "--max-recipients",
+    "timeout": "--timeout",
+    "shutdownGrace": "--grace",
+    "maxConnectionsPerClient": "--max-connections-per-client",
+    "maxConnectionRate": "--max-connection-rate",
+    "maxAuthFailuresPerClient": "--max-auth-failures-per-client",
+    "authFailureDelay": "--auth-failure-delay",
+    "trusted network": "--trusted",
+    "minDataRate": "--min-data-rate",
+    "handlerTimeout": "--handler-timeout",
+    "receiveTimeout": "--receive-timeout",
+    "messageMemoryLimit": "--message-memory",
+    "minProtocol": "--min-tls",
+    "maxProtocol": "--max-tls",
+    "hostname": "--hostname",
+}
+
+
+def _optionSpelling(message: str) -> str:
+    """
+    A L{Server} setting error, with the option's name for the parameter's.
+    """
+    name = message.split(" ", 1)[0]
+    if message.startswith("trusted network"):
+        name = "trusted network"
+    option = _OPTION_NAMES.get(name)
+    return option + message[len(name) :] if option else message
+
+
 def buildServer(options: Options) -> Server:
     """
     The L{Server} the options describe, handlers and delivery included.
@@ -462,26 +509,34 @@ def buildServer(options: Options) -> Server:
         raise ConfigurationError("--implicit-tls needs --cert and --key")
     if options["relay"] and options["maildir"]:
         raise ConfigurationError("--relay and --maildir are exclusive: a message is either forwarded or stored")
-    for name in ("max-connections", "max-recipients", "pool-size"):
-        if options[name] < 1:
-            raise ConfigurationError(f"--{name} must be at least 1")
-
-    server = Server(
-        ssl=bool(options["cert"]),
-        maxConnections=options["max-connections"],
-        poolSize=options["pool-size"],
-        minProtocol=_tlsVersion(options, "min-tls"),
-        maxProtocol=_tlsVersion(options, "max-tls"),
-        implicitTls=bool(options["implicit-tls"]),
-        hostname=options["hostname"],
-        maxMessageSize=options["max-message-size"],
-        maxRecipients=options["max-recipients"],
-        timeout=options["timeout"],
-        allowInsecureAuth=bool(options["allow-insecure-auth"]),
-        requireAuth=bool(options["require-auth"]),
-        receivedHeader=not options["no-received-header"],
-        shutdownGrace=options["grace"],
-    )
+    try:
+        server = Server(
+            ssl=bool(options["cert"]),
+            maxConnections=options["max-connections"],
+            poolSize=options["pool-size"],
+            minProtocol=_tlsVersion(options, "min-tls"),
+            maxProtocol=_tlsVersion(options, "max-tls"),
+            implicitTls=bool(options["implicit-tls"]),
+            hostname=options["hostname"],
+            maxMessageSize=options["max-message-size"],
+            maxRecipients=options["max-recipients"],
+            timeout=options["timeout"],
+            allowInsecureAuth=bool(options["allow-insecure-auth"]),
+            requireAuth=bool(options["require-auth"]),
+            receivedHeader=not options["no-received-header"],
+            shutdownGrace=options["grace"],
+            maxConnectionsPerClient=options["max-connections-per-client"],
+            maxConnectionRate=options["max-connection-rate"],
+            maxAuthFailuresPerClient=options["max-auth-failures-per-client"],
+            authFailureDelay=options["auth-failure-delay"],
+            trustedNetworks=options["trusted"],
+            minDataRate=options["min-data-rate"],
+            handlerTimeout=options["handler-timeout"],
+            receiveTimeout=options["receive-timeout"],
+            messageMemoryLimit=options["message-memory"],
+        )
+    except ValueError as e:
+        raise ConfigurationError(_optionSpelling(str(e))) from None
     if options["cert"]:
         try:
             server.setCertificate(options["cert"], options["key"], options["root"])
