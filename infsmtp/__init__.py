@@ -13,6 +13,7 @@ from ._errors import (
     SMTPAuthenticationError,
     SMTPConnectError,
     SMTPError,
+    SMTPProtocolError,
     SMTPRecipientsRefused,
     SMTPTimeoutError,
     SMTPTLSError,
@@ -37,5 +38,6 @@ __all__ = [
     "SMTPTimeoutError",
     "SMTPTLSError",
     "SMTPAuthenticationError",
+    "SMTPProtocolError",
     "SMTPRecipientsRefused",
 ]

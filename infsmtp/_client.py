@@ -153,6 +153,8 @@ class AsyncClient:
             than :attr:`timeout`.
         :raises SMTPTLSError: on a bad certificate, a failed handshake, or no
             STARTTLS offered for ``startTls`` (never falls back to plaintext).
+        :raises SMTPProtocolError: when the server's replies are malformed or
+            over the client's limits (see :mod:`infsmtp._clientprotocol`).
         """
         return self._run(self._connect)
 

@@ -12,6 +12,9 @@ The client's protocol: one SMTP session, driven command by command.
 Replies are matched to commands in order, which is what makes pipelining
 (RFC 2920) simple: a group of commands goes out in one write, and the group's
 replies fill the Deferreds queued for them.
+
+The server is not trusted: its replies are bounded (:data:`MAX_REPLY_LINE`,
+:data:`MAX_REPLY_LINES`, :data:`MAX_REPLY_SIZE`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ._errors import (
     SMTPAuthenticationError,
     SMTPConnectError,
     SMTPError,
+    SMTPProtocolError,
     SMTPRecipientsRefused,
     SMTPTimeoutError,
     SMTPTLSError,
@@ -50,6 +54,22 @@ CHUNK_SIZE = 65536
 #: Give up a SASL exchange that asks for more rounds than any mechanism we
 #: speak needs.
 MAX_SASL_ROUNDS = 5
+
+#: The longest reply line accepted, in bytes, its line ending included.
+#: RFC 5321 (4.5.3.1.5) sets 512; smtplib's and aiosmtplib's 8192 leaves
+#: room for servers that ignore it and still bounds what a broken one can
+#: make us hold.
+MAX_REPLY_LINE = 8192
+
+#: The most lines one reply may have.  An EHLO reply, the longest in
+#: practice, has a few dozen; a server sending ``250-`` lines forever is cut
+#: off here instead of filling the client's memory.
+MAX_REPLY_LINES = 1000
+
+#: The most bytes one reply may have, each line counted with a CRLF:
+#: bounds a reply of long lines, which :data:`MAX_REPLY_LINES` alone would let
+#: reach 8 MB.
+MAX_REPLY_SIZE = 65536
 
 
 @dataclass(frozen=True)
@@ -84,38 +104,54 @@ class ReplyParser:
     >>> parser.feed(b"250-mx.example.org"), parser.feed(b"250 SIZE 1000")
     (None, Reply(code=250, lines=('mx.example.org', 'SIZE 1000')))
 
-    :meth:`feed` raises :class:`SMTPError` for a line that is not a reply
-    line, or whose code differs from the previous lines of its reply.
+    :meth:`feed` raises :class:`SMTPProtocolError` for a line that is not a
+    reply line, whose code differs from the previous lines of its reply, or
+    that makes its reply longer than :data:`MAX_REPLY_LINES` lines or
+    :data:`MAX_REPLY_SIZE` bytes.  The length of each line is the framing's
+    business (:data:`MAX_REPLY_LINE`).
     """
 
     def __init__(self) -> None:
         self._code: int | None = None
         self._lines: list[str] = []
+        # The bytes of the reply so far, each line counted with a CRLF.
+        self._size = 0
 
     def feed(self, line: bytes) -> Reply | None:
         """
         Add one line; return the reply it completes, if any.
         """
-        # One look-up checks the code's digits and the separator after it.
+        # One look-up checks the code's digits and the separator after it:
+        # a code is exactly three ASCII digits, never anything int() takes.
         kind = _REPLY_PREFIXES.get(line[:4])
         if kind is None:
-            raise SMTPError(f"malformed reply line from the server: {line[:80]!r}")
+            raise SMTPProtocolError(f"malformed reply line from the server: {line[:80]!r}")
         code, last = kind
         text = line[4:].decode("utf-8", "replace")
         if self._code is None:
             if last:
+                # A one-line reply, the usual case: bounded by the line limit.
                 return Reply(code, (text,))
         elif code != self._code:
-            raise SMTPError(
+            raise SMTPProtocolError(
                 f"reply line with code {code} inside a reply with code {self._code}"
             )
-        self._lines.append(text)
+        # Checked before the line is kept: never more than the limits held.
+        lines = self._lines
+        if len(lines) >= MAX_REPLY_LINES:
+            raise SMTPProtocolError(f"the server's reply has more than {MAX_REPLY_LINES} lines")
+        size = self._size + len(line) + 2
+        if size > MAX_REPLY_SIZE:
+            raise SMTPProtocolError(f"the server's reply is longer than {MAX_REPLY_SIZE} bytes")
+        lines.append(text)
+        self._size = size
         if not last:
             self._code = code
             return None
-        reply = Reply(code, tuple(self._lines))
+        reply = Reply(code, tuple(lines))
         self._code = None
         self._lines = []
+        self._size = 0
         return reply
 
 
@@ -308,6 +344,9 @@ class ESMTPSessionClient(ESMTPClient):
     # Twisted's SMTPClient logs every line when debug is on: never do that.
     debug = False
 
+    #: The longest reply line, its line ending included.
+    MAX_LENGTH = MAX_REPLY_LINE
+
     def __init__(self, heloName: str, timeout: float) -> None:
         super().__init__(secret=None, identity=_checkArgument(heloName, "heloName"))
         self.timeout = timeout
@@ -348,6 +387,10 @@ class ESMTPSessionClient(ESMTPClient):
                 pass
 
     def dataReceived(self, data: bytes) -> None:
+        if self._failure is not None:
+            # Aborted: a TLS transport may still hand over what it had
+            # decrypted, which nothing would read.
+            return
         if self._buffer:
             data = self._buffer + data
         lines = data.split(b"\n")
@@ -356,7 +399,8 @@ class ESMTPSessionClient(ESMTPClient):
         parser, waiting, limit = self._parser, self._waiting, self.MAX_LENGTH
         progress = False
         for line in lines:
-            if len(line) > limit:
+            # `line` lacks its LF: with it, at most `limit` bytes.
+            if len(line) >= limit:
                 self.lineLengthExceeded(line)
                 return
             if line[-1:] == b"\r":
@@ -387,13 +431,19 @@ class ESMTPSessionClient(ESMTPClient):
                 # After STARTTLS's 220 whatever follows came in plaintext
                 # and is dropped; after a failure nothing matters.
                 return
-        if len(rest) > limit:
+        if len(rest) >= limit:
+            # No LF yet, and one would make the line too long: no need to
+            # hold more of it.
             self.lineLengthExceeded(rest)
         elif progress and waiting:
             self._armTimer()
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._abort(SMTPError("the server sent a line longer than %d bytes" % self.MAX_LENGTH))
+        # What is left of the line is never read: do not hold it either.
+        self._buffer = b""
+        self._abort(
+            SMTPProtocolError(f"the server sent a reply line longer than {self.MAX_LENGTH} bytes")
+        )
 
     def _armTimer(self) -> None:
         """

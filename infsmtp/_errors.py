@@ -63,6 +63,13 @@ class SMTPAuthenticationError(SMTPError):
     """
 
 
+class SMTPProtocolError(SMTPError):
+    """
+    The server broke the protocol: a malformed reply, or one over the
+    client's limits on reply lines and reply size.  The connection is closed.
+    """
+
+
 class SMTPRecipientsRefused(SMTPError):
     """
     The server refused every recipient.

@@ -32,10 +32,14 @@ from infsmtp import (
     Client,
     EncryptMode,
     SMTPError,
+    SMTPProtocolError,
     SMTPTimeoutError,
     SMTPTLSError,
 )
 from infsmtp._clientprotocol import (
+    MAX_REPLY_LINE,
+    MAX_REPLY_LINES,
+    MAX_REPLY_SIZE,
     DotStuffer,
     ESMTPSessionClient,
     Reply,
@@ -176,10 +180,93 @@ def test_replyParserRejectsJunkWithSMTPError(line):
         pass
 
 
-@pytest.mark.parametrize("line", [b"", b"25", b"abc hello", b"250x", b"650 no", b"2500 x"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"", b"25", b"abc hello", b"250x", b"650 no", b"2500 x", b"199 x", b"560 x", b"260 x",
+        b" 250 x", b"+250 x", b"0250 x",
+        # Unicode digits, which str.isdigit() and int() would take.
+        "\N{SUPERSCRIPT TWO}50 x".encode(), "\uff12\uff15\uff10 x".encode(), "\u0662\u0665\u0660 x".encode(),
+    ],
+)
 def test_replyParserRejectsMalformedLines(line):
-    with pytest.raises(SMTPError):
+    """
+    A reply code is exactly three ASCII digits, 2yz to 5yz.
+    """
+    with pytest.raises(SMTPProtocolError):
         ReplyParser().feed(line)
+
+
+def test_replyLimitsAreTheDocumentedOnes():
+    assert (MAX_REPLY_LINE, MAX_REPLY_LINES, MAX_REPLY_SIZE) == (8192, 1000, 65536)
+
+
+def feedReply(parser: ReplyParser, lines: list[bytes]) -> Reply | None:
+    """
+    Feed ``lines`` (texts) as one reply with code 250; return the result
+    of the last line.
+    """
+    result = None
+    for i, text in enumerate(lines):
+        separator = b" " if i == len(lines) - 1 else b"-"
+        result = parser.feed(b"250" + separator + text)
+        if i < len(lines) - 1:
+            assert result is None
+    return result
+
+
+@pytest.mark.parametrize("count", [MAX_REPLY_LINES - 1, MAX_REPLY_LINES])
+def test_replyParserTakesUpToMaxReplyLines(count):
+    reply = feedReply(ReplyParser(), [b"x"] * count)
+    assert reply is not None and len(reply.lines) == count
+
+
+def test_replyParserRefusesOneLineMoreThanMaxReplyLines():
+    parser = ReplyParser()
+    for _ in range(MAX_REPLY_LINES):
+        assert parser.feed(b"250-x") is None
+    with pytest.raises(SMTPProtocolError, match="more than %d lines" % MAX_REPLY_LINES):
+        parser.feed(b"250 x")
+    # What it held stays at the limit.
+    assert len(parser._lines) == MAX_REPLY_LINES
+
+
+def linesOfSize(total: int, count: int = 20) -> list[bytes]:
+    """
+    ``count`` reply line texts whose lines ("250-" + text + CRLF) add up to
+    ``total`` bytes.
+    """
+    each, extra = divmod(total - count * 6, count)
+    return [b"y" * (each + (extra if i == count - 1 else 0)) for i in range(count)]
+
+
+@pytest.mark.parametrize("total", [MAX_REPLY_SIZE - 1, MAX_REPLY_SIZE])
+def test_replyParserTakesUpToMaxReplySize(total):
+    lines = linesOfSize(total)
+    assert sum(len(b"250-" + line + b"\r\n") for line in lines) == total
+    reply = feedReply(ReplyParser(), lines)
+    assert reply is not None and len(reply.lines) == len(lines)
+
+
+def test_replyParserRefusesOneByteMoreThanMaxReplySize():
+    parser = ReplyParser()
+    lines = linesOfSize(MAX_REPLY_SIZE + 1)
+    with pytest.raises(SMTPProtocolError, match="longer than %d bytes" % MAX_REPLY_SIZE):
+        feedReply(parser, lines)
+    assert parser._size <= MAX_REPLY_SIZE
+
+
+def test_replyParserLimitsHoldForEachReply():
+    """
+    Two replies each at the line limit, and together over the size limit,
+    are two good replies: the counts start again with each reply.
+    """
+    parser = ReplyParser()
+    text = b"z" * 40
+    assert 2 * MAX_REPLY_LINES * (len(text) + 6) > MAX_REPLY_SIZE
+    for _ in range(2):
+        reply = feedReply(parser, [text] * MAX_REPLY_LINES)
+        assert reply is not None and len(reply.lines) == MAX_REPLY_LINES
 
 
 def test_replyParserRejectsCodeChangeInsideReply():
@@ -441,11 +528,11 @@ def fromCoroutine(coroutine):
     return Deferred.fromCoroutine(coroutine)
 
 
-def session(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n", timeout=5.0):
+def session(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SIZE 100\r\n", timeout=5.0, transportFactory=RecordingTransport):
     clock = task.Clock()
     protocol = ESMTPSessionClient("client.example.org", timeout)
     protocol.callLater = clock.callLater
-    transport = RecordingTransport()
+    transport = transportFactory()
     transport.protocol = protocol
     protocol.makeConnection(transport)
     protocol.dataReceived(b"220 mx ready\r\n")
@@ -563,6 +650,20 @@ def test_commandInjectionRefused():
     assert failure.check(SMTPError) and transport.writes == []
 
 
+def failureOf(d: Deferred) -> BaseException:
+    """
+    The exception ``d`` has already failed with.
+    """
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures, f"expected a failure, got {d.result!r}"
+    return failures[0].value
+
+
+# Addresses that would put a parameter, a command or garbage on the wire,
+# the first and last character of each refused range among them.
+
+
 def test_authFallsBackToNextMechanismAndStopsOn535():
     """
     A mechanism the server refuses (504) gives way to the next; bad
@@ -613,6 +714,77 @@ def test_loginAndCramMD5Exchanges():
     assert transport.writes[-1] == base64.b64encode(b"me " + digest) + b"\r\n"
     protocol.dataReceived(b"235 ok\r\n")
     assert result.result is True
+
+
+# ------------------------------------------------ protocol, hostile server
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+def test_replyLineOfMaxReplyLineBytesIsRead(ending):
+    protocol, transport, _ = session()
+    result = fromCoroutine(protocol.verify("ann"))
+    line = b"250 " + b"v" * (MAX_REPLY_LINE - 4 - len(ending)) + ending
+    assert len(line) == MAX_REPLY_LINE
+    protocol.dataReceived(line)
+    assert result.result == "v" * (MAX_REPLY_LINE - 4 - len(ending))
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+def test_replyLineOneByteOverMaxReplyLineAborts(ending):
+    protocol, transport, _ = session()
+    result = fromCoroutine(protocol.verify("ann"))
+    protocol.dataReceived(b"250-first\r\n250 " + b"v" * (MAX_REPLY_LINE - 3 - len(ending)) + ending)
+    error = failureOf(result)
+    assert isinstance(error, SMTPProtocolError)
+    assert str(error) == f"the server sent a reply line longer than {MAX_REPLY_LINE} bytes"
+    assert transport.disconnected
+
+
+def test_unfinishedReplyLineIsHeldWhileItsLineFeedCanStillFit():
+    protocol, transport, _ = session()
+    result = fromCoroutine(protocol.verify("ann"))
+    partial = b"250 " + b"v" * (MAX_REPLY_LINE - 5)
+    protocol.dataReceived(partial[:100])
+    protocol.dataReceived(partial[100:])
+    assert not result.called and not transport.disconnected
+    protocol.dataReceived(b"\n")
+    assert result.result == "v" * (MAX_REPLY_LINE - 5)
+
+
+def test_unfinishedReplyLineAbortsOnceItsLineFeedCannotFit():
+    protocol, transport, _ = session()
+    result = fromCoroutine(protocol.verify("ann"))
+    protocol.dataReceived(b"250 " + b"v" * (MAX_REPLY_LINE - 5))
+    assert not transport.disconnected
+    protocol.dataReceived(b"v")
+    assert isinstance(failureOf(result), SMTPProtocolError)
+    # What is left of the line is dropped, not held until the close.
+    assert transport.disconnected and protocol._buffer == b""
+
+
+class TCPLikeTransport(RecordingTransport):
+    """
+    Reports an abort only when the test says, as TCP does on the reactor's
+    next iteration.
+    """
+
+    def abortConnection(self):
+        StringTransport.abortConnection(self)
+
+
+def test_nothingIsReadAfterAnAbort():
+    """
+    Between the abort and the connection's end, what the transport still
+    hands over answers nothing.
+    """
+    protocol, transport, _ = session(transportFactory=TCPLikeTransport)
+    result = fromCoroutine(protocol.verify("ann"))
+    protocol.dataReceived(b"junk\r\n")
+    assert transport.disconnected and not result.called
+    protocol.dataReceived(b"250 ann is here\r\n")
+    assert not result.called
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert isinstance(failureOf(result), SMTPProtocolError)
 
 
 # ----------------------------------------------------------------------- TLS
