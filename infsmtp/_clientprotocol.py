@@ -14,7 +14,8 @@ Replies are matched to commands in order, which is what makes pipelining
 replies fill the Deferreds queued for them.
 
 The server is not trusted: its replies are bounded (:data:`MAX_REPLY_LINE`,
-:data:`MAX_REPLY_LINES`, :data:`MAX_REPLY_SIZE`).
+:data:`MAX_REPLY_LINES`, :data:`MAX_REPLY_SIZE`) and the numbers it gives are
+read only when they are what RFC 5321 and RFC 1870 allow.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ MAX_REPLY_LINES = 1000
 #: bounds a reply of long lines, which :data:`MAX_REPLY_LINES` alone would let
 #: reach 8 MB.
 MAX_REPLY_SIZE = 65536
+
+#: RFC 1870: the SIZE limit is at most 20 digits.
+MAX_SIZE_DIGITS = 20
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,25 @@ def parseExtensions(reply: Reply) -> dict[str, str]:
             parameters = extensions[keyword] + " " + parameters
         extensions[keyword] = " ".join(parameters.split())
     return extensions
+
+
+def sizeLimit(extensions: dict[str, str]) -> int | None:
+    """
+    The message size limit that the SIZE extension announces, or ``None``
+    when there is none: no SIZE, ``SIZE`` without a number or with 0 (RFC
+    1870: no fixed limit), or a value that is not 1 to 20 ASCII digits.  A
+    malformed value is a limit the client cannot know, not an error: the
+    server still refuses what is too big for it.
+
+    >>> sizeLimit({"SIZE": "1000"}), sizeLimit({"SIZE": "\N{SUPERSCRIPT TWO}"})
+    (1000, None)
+    """
+    value = extensions.get("SIZE")
+    # isdigit() alone takes "\N{SUPERSCRIPT TWO}", which int() refuses, and
+    # int() refuses more than 4300 digits: check length and ASCII first.
+    if value and len(value) <= MAX_SIZE_DIGITS and value.isascii() and value.isdigit():
+        return int(value) or None
+    return None
 
 
 class DotStuffer:
@@ -351,6 +374,8 @@ class ESMTPSessionClient(ESMTPClient):
         super().__init__(secret=None, identity=_checkArgument(heloName, "heloName"))
         self.timeout = timeout
         self.extensions: dict[str, str] = {}
+        # What the SIZE of `extensions` allows, when it is readable.
+        self._sizeLimit: int | None = None
         self.authenticated = False
         self._parser = ReplyParser()
         # What waits for replies, in the order of the commands sent: (how
@@ -576,14 +601,19 @@ class ESMTPSessionClient(ESMTPClient):
         """
         reply = await self.command(b"EHLO " + self.identity)
         if reply.code == 250:
-            self.extensions = parseExtensions(reply)
+            self._announced(parseExtensions(reply))
             return self.extensions
         if reply.code >= 500:
             reply = await self.command(b"HELO " + self.identity)
             if reply.code == 250:
-                self.extensions = {}
+                self._announced({})
                 return self.extensions
         raise SMTPConnectError(reply.code, reply.text)
+
+    def _announced(self, extensions: dict[str, str]) -> None:
+        # The size limit is read once, not for every message.
+        self.extensions = extensions
+        self._sizeLimit = sizeLimit(extensions)
 
     async def startTLS(self, creator: object) -> dict[str, str]:
         """
@@ -607,7 +637,7 @@ class ESMTPSessionClient(ESMTPClient):
         # injected by someone on the path (the STARTTLS injection attack).
         self.clearLineBuffer()
         self._parser = ReplyParser()
-        self.extensions = {}
+        self._announced({})
         self.transport.startTLS(creator)
         return reply
 
@@ -810,8 +840,8 @@ class ESMTPSessionClient(ESMTPClient):
         extensions = self.extensions
         parameters = []
         if "SIZE" in extensions and message.size is not None:
-            limit = extensions["SIZE"]
-            if limit.isdigit() and 0 < int(limit) < message.size:
+            limit = self._sizeLimit
+            if limit is not None and limit < message.size:
                 raise SMTPError(
                     552,
                     f"the message ({message.size} bytes) is over the server's "

@@ -330,6 +330,25 @@ async def test_replyOneOverALimitFails(hostileServer, count, longest, total, err
 # ------------------------------------------------------- numbers and text
 
 
+@pytest.mark.parametrize(
+    "size",
+    ["\N{SUPERSCRIPT TWO}".encode(), "\N{CIRCLED DIGIT ONE}".encode(), b"9" * 5000, b"0" * 20 + b"1"],
+    ids=["superscript", "circled", "5000-digits", "21-digits"],
+)
+@pytest_twisted.ensureDeferred
+async def test_malformedSizeIsIgnored(hostileServer, size):
+    """
+    A SIZE that is not 1 to 20 ASCII digits announces no limit the client
+    can read: the message goes out (with its SIZE parameter), no exception.
+    """
+    port, received = hostileServer({b"EHLO": b"250-hostile.test\r\n250-PIPELINING\r\n250 SIZE " + size + b"\r\n"})
+    c = client(port)
+    await bounded(c.connect())
+    assert await bounded(c.sendStream(io.BytesIO(MESSAGE), "a@example.org", ["b@example.org"])) == {}
+    await bounded(c.disconnect())
+    assert b"MAIL FROM:<a@example.org> SIZE=%d" % len(MESSAGE) in received
+
+
 # ------------------------------------------------------------ 421 and close
 
 

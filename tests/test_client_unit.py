@@ -47,6 +47,7 @@ from infsmtp._clientprotocol import (
     XOAUTH2Authenticator,
     parseExtensions,
     redact,
+    sizeLimit,
 )
 from infsmtp._clienttls import (
     OP_ALLOW_UNSAFE_LEGACY_RENEGOTIATION,
@@ -278,6 +279,30 @@ def test_replyParserRejectsCodeChangeInsideReply():
 
 def test_replyWithoutText():
     assert ReplyParser().feed(b"250") == Reply(250, ("",))
+
+
+@pytest.mark.parametrize(
+    "value, limit",
+    [
+        ("1000", 1000),
+        ("0", None),  # RFC 1870: no fixed limit.
+        ("", None),
+        ("00000000000000000010", 10),  # 20 digits, the most RFC 1870 allows.
+        ("000000000000000000010", None),  # 21.
+        ("9" * 5000, None),  # More digits than int() takes.
+        ("\N{SUPERSCRIPT TWO}", None),
+        ("1\N{SUPERSCRIPT TWO}", None),
+        ("\uff11\uff10", None),  # Fullwidth digits.
+        ("\u0661\u0660", None),  # Arabic-Indic digits.
+        ("-5", None),
+        ("+5", None),
+        ("1_000", None),
+        ("10 20", None),
+    ],
+)
+def test_sizeLimitTakesOnlyWhatRFC1870Allows(value, limit):
+    assert sizeLimit({"SIZE": value}) == limit
+    assert sizeLimit({}) is None
 
 
 def test_parseExtensions():
@@ -785,6 +810,26 @@ def test_nothingIsReadAfterAnAbort():
     assert not result.called
     protocol.connectionLost(Failure(ConnectionDone()))
     assert isinstance(failureOf(result), SMTPProtocolError)
+
+
+@pytest.mark.parametrize("size", ["\N{SUPERSCRIPT TWO}".encode(), b"9" * 5000, b"000000000000000000010", b"-1", b"1e3"])
+def test_malformedSizeIsIgnored(size):
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SIZE " + size + b"\r\n")
+    protocol.sendMessage("a@x", ["b@x"], small(b"x" * 101))
+    assert transport.writes[0].startswith(b"MAIL FROM:<a@x> SIZE=101\r\nRCPT TO:<b@x>")
+
+
+def test_messageOfExactlyTheSizeLimitGoesOut():
+    protocol, transport, _ = session()
+    protocol.sendMessage("a@x", ["b@x"], small(b"x" * 100))
+    assert transport.writes[0].startswith(b"MAIL FROM:<a@x> SIZE=100\r\n")
+
+
+def test_sizeLimitOfTwentyDigitsHolds():
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SIZE 00000000000000000100\r\n")
+    error = failureOf(protocol.sendMessage("a@x", ["b@x"], small(b"x" * 101)))
+    assert isinstance(error, SMTPError) and error.code == 552
+    assert transport.writes == []
 
 
 # ----------------------------------------------------------------------- TLS
