@@ -31,7 +31,7 @@ from twisted.internet.protocol import Factory
 from twisted.mail.smtp import DNSNAME
 
 from ._blocking import blockingCall
-from ._clientprotocol import ESMTPSessionClient
+from ._clientprotocol import ESMTPSessionClient, heloArgument
 from ._clienttls import clientTLSOptions
 from ._enums import AuthMode, EncryptMode, EnumAttribute
 from ._envelope import outgoingFromMessage, outgoingFromStream
@@ -155,12 +155,18 @@ class AsyncClient:
             STARTTLS offered for ``startTls`` (never falls back to plaintext).
         :raises SMTPProtocolError: when the server's replies are malformed or
             over the client's limits (see :mod:`infsmtp._clientprotocol`).
+        :raises SMTPError: when :attr:`heloName` is empty or holds a space or
+            a control character.
         """
         return self._run(self._connect)
 
     async def _connect(self) -> None:
         if self.connected:
             raise SMTPError("already connected: call disconnect() first")
+        heloName = self.heloName
+        # Checked before connecting: a bad name is the caller's mistake, not
+        # a connection failure, and nothing goes on the wire.
+        heloArgument(heloName)
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
@@ -178,7 +184,6 @@ class AsyncClient:
         endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=seconds)
         if mode == EncryptMode.sslTls:
             endpoint = wrapClientTLS(tls, endpoint)
-        heloName = self.heloName
         factory = Factory.forProtocol(lambda: ESMTPSessionClient(heloName, seconds))
         attempt = endpoint.connect(factory)
         # The endpoint's own timeout does not cover name resolution.
@@ -212,7 +217,9 @@ class AsyncClient:
 
         :returns: ``True`` when the server accepted the credentials (at once
             for ``AuthMode.none``), ``False`` when it refused them (535).
-        :raises SMTPAuthenticationError: when no usable mechanism is offered.
+        :raises SMTPAuthenticationError: when no usable mechanism is offered,
+            or :attr:`username` or :attr:`password` holds a control character
+            (checked before anything is sent).
         """
         return self._run(self._authenticate)
 
@@ -238,7 +245,10 @@ class AsyncClient:
         :returns: the refused recipients, address -> (code, text); empty
             when all were accepted.
         :raises SMTPRecipientsRefused: when every recipient was refused.
-        :raises SMTPError: when the message was refused.
+        :raises SMTPError: when the message was refused; before anything is
+            sent, when an address is empty (a recipient) or holds a space,
+            ``<``, ``>`` or a control character, which would inject
+            parameters or commands.
         """
         return self._run(self._sendFile, fileName, sender, recipients)
 
@@ -296,7 +306,8 @@ class AsyncClient:
         Ask the server about a user name or address (VRFY).
 
         :returns: the reply text for 250, 251 and 252.
-        :raises SMTPError: for any other reply.
+        :raises SMTPError: for any other reply; before sending, when
+            ``username`` is empty or holds a space or a control character.
         """
         return self._run(self._verify, username)
 

@@ -15,12 +15,16 @@ replies fill the Deferreds queued for them.
 
 The server is not trusted: its replies are bounded (:data:`MAX_REPLY_LINE`,
 :data:`MAX_REPLY_LINES`, :data:`MAX_REPLY_SIZE`) and the numbers it gives are
-read only when they are what RFC 5321 and RFC 1870 allow.
+read only when they are what RFC 5321 and RFC 1870 allow.  What the client
+sends is checked the same way: an address, a name or a credential that could
+put a parameter, a command or a SASL field of its own on the wire is refused
+before anything is sent.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Sequence
@@ -326,22 +330,101 @@ def redact(text: str, secrets: Iterable[bytes | str]) -> str:
     return text
 
 
-def _checkArgument(value: str, what: str) -> bytes:
-    # A CR or LF inside an argument would smuggle in a command of its own.
-    if "\r" in value or "\n" in value:
-        raise SMTPError(f"{what} contains a line break: {value!r}")
+# What may not appear in an argument of a command: a control character
+# (NUL, CR and LF included) or a space would end the argument early and
+# smuggle in a parameter, a command, or garbage; Unicode spaces and line
+# separators (all in \s) are refused alike, for servers that split
+# decoded text.
+_SPACE_OR_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\s]")
+
+# In a path, angle brackets as well: "x@y.z> NOTIFY=SUCCESS" would close the
+# path and add a parameter.  This refuses quoted local parts with spaces,
+# which RFC 5321 (4.1.2) advises against.
+_UNSAFE_IN_PATH = re.compile(r"[\x00-\x1f<>\x7f-\x9f\s]")
+
+# In credentials, which go out base64-encoded, spaces are harmless; a NUL
+# would add a PLAIN field and a ^A an XOAUTH2 one.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+# Bound once: on the path of every command, an attribute look-up costs
+# as much as the search of a short address.
+_findSpaceOrControl = _SPACE_OR_CONTROL.search
+_findUnsafeInPath = _UNSAFE_IN_PATH.search
+
+
+def _checkArgument(
+    value: str, what: str, findUnsafe: Callable[[str], re.Match[str] | None] = _findSpaceOrControl
+) -> bytes:
+    """
+    ``value`` encoded for the wire, or an :class:`SMTPError` naming it when
+    ``findUnsafe`` finds a character in it.
+    """
+    bad = findUnsafe(value)
+    if bad is not None:
+        raise _unsafeArgument(value, what, bad)
     return value.encode("utf-8")
 
 
-def _path(address: str) -> bytes:
+def _unsafeArgument(value: str, what: str, bad: re.Match[str]) -> SMTPError:
+    return SMTPError(f"{what} {_shown(value)} contains {_describeCharacter(bad.group())}")
+
+
+def _shown(value: str) -> str:
+    # An address may come from a message's headers: do not quote a huge one.
+    shown = repr(value)
+    return shown if len(shown) <= 200 else shown[:200] + "..."
+
+
+def _describeCharacter(character: str) -> str:
+    if character == " ":
+        return "a space"
+    if character in "<>":
+        return repr(character)
+    return f"the control or space character U+{ord(character):04X}"
+
+
+def _path(address: str, what: str) -> bytes:
     """
     ``<address>`` for MAIL FROM and RCPT TO; ``address`` may already have
-    its angle brackets.
+    its angle brackets.  ``what`` names it in errors.
     """
     address = address.strip()
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
-    return b"<" + _checkArgument(address, "address") + b">"
+    bad = _findUnsafeInPath(address)
+    if bad is not None:
+        raise _unsafeArgument(address, what, bad)
+    return b"<" + address.encode("utf-8") + b">"
+
+
+def heloArgument(heloName: str) -> bytes:
+    """
+    ``heloName`` as sent after EHLO or HELO.
+
+    :raises SMTPError: when it is empty or holds a space or a control
+        character.
+    """
+    if not heloName:
+        raise SMTPError("heloName is empty")
+    return _checkArgument(heloName, "heloName")
+
+
+def checkCredentials(username: str, password: str) -> None:
+    """
+    Refuse credentials that would change the SASL message they go into.
+
+    :raises SMTPAuthenticationError: when the username or the password holds
+        a control character (a NUL adds a PLAIN field, a ^A an XOAUTH2 one,
+        and a password read from a file may end with its newline).  The
+        password is never quoted.
+    """
+    bad = _CONTROL.search(username)
+    if bad is not None:
+        raise SMTPAuthenticationError(f"username {_shown(username)} contains {_describeCharacter(bad.group())}")
+    bad = _CONTROL.search(password)
+    if bad is not None:
+        raise SMTPAuthenticationError(f"the password contains {_describeCharacter(bad.group())}")
 
 
 class ESMTPSessionClient(ESMTPClient):
@@ -371,7 +454,7 @@ class ESMTPSessionClient(ESMTPClient):
     MAX_LENGTH = MAX_REPLY_LINE
 
     def __init__(self, heloName: str, timeout: float) -> None:
-        super().__init__(secret=None, identity=_checkArgument(heloName, "heloName"))
+        super().__init__(secret=None, identity=heloArgument(heloName))
         self.timeout = timeout
         self.extensions: dict[str, str] = {}
         # What the SIZE of `extensions` allows, when it is readable.
@@ -651,10 +734,13 @@ class ESMTPSessionClient(ESMTPClient):
         :returns: ``True`` when the server accepted the credentials, ``False``
             when it answered 535 (bad credentials).
         :raises SMTPAuthenticationError: when the server offers none of
-            ``mechanisms``, or every one failed for another reason.
+            ``mechanisms``, or every one failed for another reason; before
+            anything is sent, when a credential holds a control character
+            (:func:`checkCredentials`).
         """
         if self.authenticated:
             return True
+        checkCredentials(username, password)
         offered = set(self.extensions.get("AUTH", "").upper().split())
         usable = [m.upper() for m in mechanisms if m.upper() in offered and m.upper() in MECHANISMS]
         if not usable:
@@ -718,17 +804,20 @@ class ESMTPSessionClient(ESMTPClient):
         :returns: a Deferred firing with the refused recipients, address ->
             (code, text).
         :raises SMTPRecipientsRefused: when every recipient was refused.
-        :raises SMTPError: when the sender, DATA or the message was refused,
-            or the message is over the server's SIZE limit (checked before
-            sending anything).
+        :raises SMTPError: when the sender, DATA or the message was refused;
+            before sending anything, when the message is over the server's
+            SIZE limit or an address could inject (a space, ``<``, ``>`` or
+            a control character; an empty recipient).
         """
         try:
             if not recipients:
                 raise SMTPError("no recipients")
-            mail = b"MAIL FROM:" + (_path(sender) if sender else b"<>") + self._mailParameters(
-                sender, recipients, message
-            )
-            rcpts = [b"RCPT TO:" + _path(r) for r in recipients]
+            mail = b"MAIL FROM:" + (_path(sender, "sender address") if sender else b"<>")
+            rcpts = [b"RCPT TO:" + _path(r, "recipient address") for r in recipients]
+            if b"RCPT TO:<>" in rcpts:
+                # The null path is a sender's only.
+                raise SMTPError("a recipient address is empty")
+            mail += self._mailParameters(sender, recipients, message)
         except SMTPError as e:
             return _failed(e)
         if "PIPELINING" not in self.extensions:
@@ -894,9 +983,12 @@ class ESMTPSessionClient(ESMTPClient):
         Send VRFY.
 
         :returns: the reply text for 250, 251 and 252.
-        :raises SMTPError: for any other reply.
+        :raises SMTPError: for any other reply; before anything is sent, when
+            ``address`` is empty or holds a space or a control character.
         """
-        argument = _checkArgument(address, "address")
+        if not address:
+            raise SMTPError("nothing to verify: the argument is empty")
+        argument = _checkArgument(address, "VRFY argument")
         if not address.isascii() and "SMTPUTF8" in self.extensions:
             argument += b" SMTPUTF8"
         reply = await self.command(b"VRFY " + argument)

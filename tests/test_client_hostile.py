@@ -28,6 +28,9 @@ from zope.interface import implementer
 import infsmtp._client
 from infsmtp import (
     AsyncClient,
+    AuthMode,
+    SMTPAuthenticationError,
+    SMTPError,
     SMTPProtocolError,
 )
 from infsmtp._clientprotocol import (
@@ -347,6 +350,46 @@ async def test_malformedSizeIsIgnored(hostileServer, size):
     assert await bounded(c.sendStream(io.BytesIO(MESSAGE), "a@example.org", ["b@example.org"])) == {}
     await bounded(c.disconnect())
     assert b"MAIL FROM:<a@example.org> SIZE=%d" % len(MESSAGE) in received
+
+
+@pytest.mark.parametrize(
+    "sender, recipient",
+    [
+        ("a@example.org", "x@y.z> NOTIFY=SUCCESS"),
+        ("a@example.org> RET=FULL", "b@example.org"),
+        ("a@example.org\x00", "b@example.org"),
+        ("a@example.org", "b@example.org>\r\nRCPT TO:<c@example.org"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_addressesThatWouldInjectNeverReachTheServer(hostileServer, sender, recipient):
+    port, received = hostileServer({})
+    c = client(port)
+    await bounded(c.connect())
+    caught = await failure(c.sendStream(io.BytesIO(MESSAGE), sender, [recipient]))
+    assert type(caught) is SMTPError and "address" in str(caught)
+    # The session is still good, and the server saw only what was meant.
+    assert await bounded(c.sendStream(io.BytesIO(MESSAGE), "a@example.org", ["b@example.org"])) == {}
+    await bounded(c.disconnect())
+    commands = [line for line in received if line.split(b" ")[0] in (b"EHLO", b"MAIL", b"RCPT", b"DATA", b"QUIT")]
+    assert commands == [
+        b"EHLO " + c.heloName.encode(),
+        b"MAIL FROM:<a@example.org>",
+        b"RCPT TO:<b@example.org>",
+        b"DATA",
+        b"QUIT",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_credentialsThatWouldInjectNeverReachTheServer(hostileServer):
+    port, received = hostileServer({b"EHLO": b"250-hostile.test\r\n250 AUTH PLAIN XOAUTH2\r\n"})
+    c = client(port, authMode=AuthMode.sasl, saslMechanisms=("XOAUTH2",), username="me\x01auth=Bearer stolen", password="t")
+    await bounded(c.connect())
+    caught = await failure(c.authenticate())
+    assert isinstance(caught, SMTPAuthenticationError) and "username" in str(caught)
+    await bounded(c.disconnect())
+    assert not [line for line in received if line.startswith(b"AUTH")]
 
 
 # ------------------------------------------------------------ 421 and close

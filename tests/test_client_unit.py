@@ -22,7 +22,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
@@ -31,6 +31,7 @@ from infsmtp import (
     AuthMode,
     Client,
     EncryptMode,
+    SMTPAuthenticationError,
     SMTPError,
     SMTPProtocolError,
     SMTPTimeoutError,
@@ -45,6 +46,7 @@ from infsmtp._clientprotocol import (
     Reply,
     ReplyParser,
     XOAUTH2Authenticator,
+    heloArgument,
     parseExtensions,
     redact,
     sizeLimit,
@@ -687,6 +689,172 @@ def failureOf(d: Deferred) -> BaseException:
 
 # Addresses that would put a parameter, a command or garbage on the wire,
 # the first and last character of each refused range among them.
+INJECTING_ADDRESSES = [
+    "x@y.z> NOTIFY=SUCCESS",
+    "x@y.z>",
+    "<x@y.z",
+    "a<b@x",
+    "a b@x",
+    "a@x\x00",
+    "a\r\nRSET\r\n@x",
+    "a\n@x",
+    "a\x01@x",
+    "a\t@x",
+    "a\x1f@x",
+    "a\x7f@x",
+    "a\x80@x",
+    "a\x9f@x",
+    "a\xa0@x",  # No-break space.
+    "a\u2028@x",
+    "a\u3000@x",  # Ideographic space.
+]
+
+
+@pytest.mark.parametrize("address", INJECTING_ADDRESSES)
+@pytest.mark.parametrize("role", ["sender", "recipient", "second recipient"])
+def test_addressesThatWouldInjectAreRefusedBeforeAnythingIsSent(address, role):
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n")
+    if role == "sender":
+        result = protocol.sendMessage(address, ["b@x"], small())
+    else:
+        recipients = [address] if role == "recipient" else ["b@x", address]
+        result = protocol.sendMessage("a@x", recipients, small())
+    error = failureOf(result)
+    assert type(error) is SMTPError
+    what = "sender" if role == "sender" else "recipient"
+    assert f"{what} address {address!r} contains" in str(error)
+    assert transport.writes == []
+
+
+@pytest.mark.parametrize(
+    "address, path",
+    [
+        ("a!~@x", b"<a!~@x>"),
+        ("<a@x>", b"<a@x>"),
+        (" a@x ", b"<a@x>"),
+        ("a+tag@[127.0.0.1]", b"<a+tag@[127.0.0.1]>"),
+        ('"a.b"@x', b'<"a.b"@x>'),
+        ("\xa1\xfc@x", "<\xa1\xfc@x>".encode()),
+    ],
+)
+def test_addressesWithoutUnsafeCharactersGoOut(address, path):
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n")
+    protocol.sendMessage(address, [address], small())
+    commands = transport.writes[0].split(b"\r\n")
+    assert commands[0].split(b" ")[1] == b"FROM:" + path
+    assert commands[1] == b"RCPT TO:" + path
+
+
+@pytest.mark.parametrize(
+    "address, description",
+    [
+        ("a b@x", "a space"),
+        ("x@y>", "'>'"),
+        ("a<b@x", "'<'"),
+        ("a\x00@x", "the control or space character U+0000"),
+        ("a\u3000@x", "the control or space character U+3000"),
+    ],
+)
+def test_refusalNamesTheCharacter(address, description):
+    protocol, transport, _ = session()
+    error = failureOf(protocol.sendMessage("a@x", [address], small()))
+    assert str(error) == f"recipient address {address!r} contains {description}"
+
+
+def test_refusalQuotesAtMost200CharactersOfTheAddress():
+    protocol, transport, _ = session()
+    address = "a" * 300 + " @x"
+    error = failureOf(protocol.sendMessage(address, ["b@x"], small()))
+    assert str(error) == f"sender address {repr(address)[:200]}... contains a space"
+
+
+@pytest.mark.parametrize("sender", ["", "<>"])
+def test_nullSenderIsAllowed(sender):
+    protocol, transport, _ = session()
+    protocol.sendMessage(sender, ["b@x"], small())
+    assert transport.writes[0].startswith(b"MAIL FROM:<> SIZE=17\r\nRCPT TO:<b@x>\r\n")
+
+
+@pytest.mark.parametrize("recipient", ["", "<>", " "])
+def test_emptyRecipientRefused(recipient):
+    protocol, transport, _ = session()
+    error = failureOf(protocol.sendMessage("a@x", ["b@x", recipient], small()))
+    assert type(error) is SMTPError and "recipient address is empty" in str(error)
+    assert transport.writes == []
+
+
+@pytest.mark.parametrize("argument", ["", "a b", "ann\r\nRSET", "ann\x00", "ann\x7f", "ann\u2028"])
+def test_verifyRefusesArgumentsThatWouldInject(argument):
+    protocol, transport, _ = session()
+    error = failureOf(fromCoroutine(protocol.verify(argument)))
+    assert type(error) is SMTPError
+    assert (f"VRFY argument {argument!r} contains" if argument else "argument is empty") in str(error)
+    assert transport.writes == []
+
+
+def test_verifyTakesAnAddressInAngleBrackets():
+    protocol, transport, _ = session()
+    result = fromCoroutine(protocol.verify("<ann@x>"))
+    assert transport.writes == [b"VRFY <ann@x>\r\n"]
+    protocol.dataReceived(b"250 Ann <ann@x>\r\n")
+    assert result.result == "Ann <ann@x>"
+
+
+@pytest.mark.parametrize(
+    "name", ["", "mx example", "mx\r\nRSET", "mx\x00", "mx\t", "mx\x1f", "mx\x7f", "mx\x80", "mx\x9f", "mx\xa0", "mx\u2029"]
+)
+def test_heloNameThatWouldInjectIsRefused(name):
+    with pytest.raises(SMTPError, match="heloName"):
+        heloArgument(name)
+    with pytest.raises(SMTPError, match="heloName"):
+        ESMTPSessionClient(name, 5)
+
+
+@pytest.mark.parametrize("name", ["mx.example.org", "[127.0.0.1]", "[IPv6:::1]", "mx!~<>\xa1"])
+def test_heloNameGoesOut(name):
+    assert heloArgument(name) == name.encode()
+
+
+def test_connectWithABadHeloNameFailsBeforeConnecting():
+    reactor = MemoryReactorClock()
+    client = AsyncClient(reactor)
+    client.host = "127.0.0.1"
+    client.heloName = "mx\r\nRSET"
+    error = failureOf(client.connect())
+    assert type(error) is SMTPError and "heloName 'mx\\r\\nRSET' contains" in str(error)
+    assert reactor.tcpClients == []
+
+
+@pytest.mark.parametrize(
+    "mechanism, username, password, shown",
+    [
+        ("PLAIN", "me\x00admin", "pw", "username 'me\\x00admin'"),
+        ("XOAUTH2", "me\x01auth=Bearer stolen", "token", "username 'me\\x01auth=Bearer stolen'"),
+        ("LOGIN", "me\x7f", "pw", "username 'me\\x7f'"),
+        ("LOGIN", "me\x9f", "pw", "username 'me\\x9f'"),
+        ("LOGIN", "me\u2028", "pw", "username 'me\\u2028'"),
+        ("LOGIN", "me\u2029", "pw", "username 'me\\u2029'"),
+        ("LOGIN", "me\x80", "pw", "username 'me\\x80'"),
+        ("PLAIN", "me", "s3cret\x00more", "the password"),
+        ("XOAUTH2", "me", "t0ken\x01auth=Bearer other", "the password"),
+        ("LOGIN", "me", "s3cret\n", "the password"),
+        ("LOGIN", "me", "s3cret\x1f", "the password"),
+    ],
+)
+def test_credentialsThatWouldChangeTheSASLMessageAreRefused(mechanism, username, password, shown):
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250 AUTH PLAIN LOGIN XOAUTH2\r\n")
+    error = failureOf(fromCoroutine(protocol.authenticate([mechanism], username, password)))
+    assert isinstance(error, SMTPAuthenticationError) and str(error).startswith(shown)
+    assert password.rstrip() not in str(error) and "more" not in str(error) and "other" not in str(error)
+    assert transport.writes == []
+
+
+def test_credentialsWithSpacesGoOut():
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250 AUTH PLAIN\r\n")
+    result = fromCoroutine(protocol.authenticate(["PLAIN"], "John Smith\xa0", "a pass~phrase"))
+    assert transport.writes == [b"AUTH PLAIN " + base64.b64encode("\0John Smith\xa0\0a pass~phrase".encode()) + b"\r\n"]
+    protocol.dataReceived(b"235 ok\r\n")
+    assert result.result is True
 
 
 def test_authFallsBackToNextMechanismAndStopsOn535():
