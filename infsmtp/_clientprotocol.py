@@ -581,9 +581,11 @@ class ESMTPSessionClient(ESMTPClient):
         error = self._failure = self._failure or self._lostError(reason)
         waiting, self._waiting = self._waiting, deque()
         self._gathered = []
+        # Closed before anyone hears of it: what a failure's callbacks do
+        # (the user's included) sees `connected` false.
+        watchers, self._lostWatchers = self._lostWatchers or [], None
         for _, _, onFailure in waiting:
             onFailure(error)
-        watchers, self._lostWatchers = self._lostWatchers or [], None
         for watcher in watchers:
             watcher.callback(None)
 

@@ -980,6 +980,17 @@ def test_nothingIsReadAfterAnAbort():
     assert isinstance(failureOf(result), SMTPProtocolError)
 
 
+def test_connectionIsClosedForWhoeverHearsOfItsLoss():
+    """
+    The failure's callbacks (the user's code) see ``connected`` false.
+    """
+    protocol, transport, _ = session()
+    seen = []
+    fromCoroutine(protocol.verify("ann")).addErrback(lambda _: seen.append(protocol.connected))
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert seen == [False]
+
+
 @pytest.mark.parametrize("size", ["\N{SUPERSCRIPT TWO}".encode(), b"9" * 5000, b"000000000000000000010", b"-1", b"1e3"])
 def test_malformedSizeIsIgnored(size):
     protocol, transport, _ = session(ehlo=b"250-mx\r\n250-PIPELINING\r\n250 SIZE " + size + b"\r\n")
