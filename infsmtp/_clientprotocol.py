@@ -14,11 +14,12 @@ Replies are matched to commands in order, which is what makes pipelining
 replies fill the Deferreds queued for them.
 
 The server is not trusted: its replies are bounded (:data:`MAX_REPLY_LINE`,
-:data:`MAX_REPLY_LINES`, :data:`MAX_REPLY_SIZE`) and the numbers it gives are
-read only when they are what RFC 5321 and RFC 1870 allow.  What the client
-sends is checked the same way: an address, a name or a credential that could
-put a parameter, a command or a SASL field of its own on the wire is refused
-before anything is sent.
+:data:`MAX_REPLY_LINES`, :data:`MAX_REPLY_SIZE`), the numbers it gives are
+read only when they are what RFC 5321 and RFC 1870 allow, and its text
+reaches an error message only redacted, escaped and cut
+(:func:`quoteServerText`).  What the client sends is checked the same way:
+an address, a name or a credential that could put a parameter, a command or
+a SASL field of its own on the wire is refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ MAX_REPLY_LINES = 1000
 #: reach 8 MB.
 MAX_REPLY_SIZE = 65536
 
+#: The most characters of a server's text quoted in an error message.
+MAX_QUOTED_TEXT = 1000
+
 #: RFC 1870: the SIZE limit is at most 20 digits.
 MAX_SIZE_DIGITS = 20
 
@@ -117,9 +121,13 @@ class ReplyParser:
     that makes its reply longer than :data:`MAX_REPLY_LINES` lines or
     :data:`MAX_REPLY_SIZE` bytes.  The length of each line is the framing's
     business (:data:`MAX_REPLY_LINE`).
+
+    :param secrets: what to keep out of error messages that quote the
+        server (a list the owner may add to later, see :func:`redact`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, secrets: Sequence[str] = ()) -> None:
+        self._secrets = secrets
         self._code: int | None = None
         self._lines: list[str] = []
         # The bytes of the reply so far, each line counted with a CRLF.
@@ -133,7 +141,8 @@ class ReplyParser:
         # a code is exactly three ASCII digits, never anything int() takes.
         kind = _REPLY_PREFIXES.get(line[:4])
         if kind is None:
-            raise SMTPProtocolError(f"malformed reply line from the server: {line[:80]!r}")
+            quoted = quoteServerText(line.decode("utf-8", "replace"), self._secrets)
+            raise SMTPProtocolError(f'malformed reply line from the server: "{quoted}"')
         code, last = kind
         text = line[4:].decode("utf-8", "replace")
         if self._code is None:
@@ -330,6 +339,35 @@ def redact(text: str, secrets: Iterable[bytes | str]) -> str:
     return text
 
 
+# Characters that would let server text rewrite a log or a terminal: C0
+# (but LF, which joins the lines of a reply), DEL, C1, and the Unicode line
+# and paragraph separators.
+_UNSAFE_TEXT = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def quoteServerText(text: str, secrets: Iterable[bytes | str] = ()) -> str:
+    """
+    A server's ``text`` made fit for an error message: the ``secrets`` it
+    echoes replaced by ``***`` (:func:`redact`), control characters escaped
+    as Python would show them, and cut to :data:`MAX_QUOTED_TEXT` characters.
+
+    >>> quoteServerText("535 no\\x1b[2J for me:s3cret", [b"s3cret"])
+    '535 no\\\\x1b[2J for me:***'
+    """
+    # Redacted first, so that neither escaping nor the cut can leave part
+    # of a secret behind.
+    text = redact(text, secrets)
+    if _UNSAFE_TEXT.search(text) is not None:
+        text = _UNSAFE_TEXT.sub(_escape, text)
+    if len(text) > MAX_QUOTED_TEXT:
+        text = text[:MAX_QUOTED_TEXT] + f"... ({len(text) - MAX_QUOTED_TEXT} more characters)"
+    return text
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
 # What may not appear in an argument of a command: a control character
 # (NUL, CR and LF included) or a space would end the argument early and
 # smuggle in a parameter, a command, or garbage; Unicode spaces and line
@@ -460,7 +498,10 @@ class ESMTPSessionClient(ESMTPClient):
         # What the SIZE of `extensions` allows, when it is readable.
         self._sizeLimit: int | None = None
         self.authenticated = False
-        self._parser = ReplyParser()
+        # The credentials sent in this session, and their encodings: kept
+        # out of every error message that quotes the server.
+        self._secrets: list[str] = []
+        self._parser = ReplyParser(self._secrets)
         # What waits for replies, in the order of the commands sent: (how
         # many replies, called with the reply or with the list of them when
         # several, called with an SMTPError if the session fails first).
@@ -591,14 +632,20 @@ class ESMTPSessionClient(ESMTPClient):
 
     def _lostError(self, reason: Failure | None) -> SMTPError:
         if reason is not None and reason.check(SSL.Error, VerificationError):
-            return SMTPTLSError(f"TLS failed: {_describeTLSFailure(reason.value)}")
+            return SMTPTLSError(f"TLS failed: {self._quote(_describeTLSFailure(reason.value))}")
         if self._unsolicited is not None:
             return SMTPConnectError(
                 self._unsolicited.code,
-                "the server closed the connection: " + self._unsolicited.text,
+                "the server closed the connection: " + self._quote(self._unsolicited.text),
             )
         detail = reason.getErrorMessage() if reason is not None else "closed"
         return SMTPConnectError(f"the connection to the server was lost ({detail})")
+
+    def _quote(self, text: str) -> str:
+        """
+        Server ``text`` for an error message (:func:`quoteServerText`).
+        """
+        return quoteServerText(text, self._secrets)
 
     def _abort(self, error: SMTPError) -> None:
         if self._failure is None:
@@ -676,7 +723,7 @@ class ESMTPSessionClient(ESMTPClient):
         """
         greeting = await self._greeting
         if greeting.code != 220:
-            raise SMTPConnectError(greeting.code, greeting.text)
+            raise SMTPConnectError(greeting.code, self._quote(greeting.text))
         return greeting
 
     async def ehlo(self) -> dict[str, str]:
@@ -693,7 +740,7 @@ class ESMTPSessionClient(ESMTPClient):
             if reply.code == 250:
                 self._announced({})
                 return self.extensions
-        raise SMTPConnectError(reply.code, reply.text)
+        raise SMTPConnectError(reply.code, self._quote(reply.text))
 
     def _announced(self, extensions: dict[str, str]) -> None:
         # The size limit is read once, not for every message.
@@ -717,11 +764,11 @@ class ESMTPSessionClient(ESMTPClient):
 
     def _switchToTLS(self, reply: Reply, creator: object) -> Reply:
         if reply.code != 220:
-            raise SMTPTLSError(reply.code, reply.text)
+            raise SMTPTLSError(reply.code, self._quote(reply.text))
         # Whatever came with the 220 was sent before TLS and may have been
         # injected by someone on the path (the STARTTLS injection attack).
         self.clearLineBuffer()
-        self._parser = ReplyParser()
+        self._parser = ReplyParser(self._secrets)
         self._announced({})
         self.transport.startTLS(creator)
         return reply
@@ -753,30 +800,30 @@ class ESMTPSessionClient(ESMTPClient):
             )
         user = username.encode("utf-8")
         secret = password.encode("utf-8")
-        sent: list[bytes] = [secret]
+        self._secrets.append(password)
         last: Reply | None = None
         for name in usable:
             factory, initial = MECHANISMS[name]
-            last = await self._saslExchange(factory(user), secret, initial, sent)
+            last = await self._saslExchange(factory(user), secret, initial, self._secrets)
             if last.code == 235:
                 self.authenticated = True
                 return True
             if last.code == 535:
                 return False
         assert last is not None
-        raise SMTPAuthenticationError(last.code, redact(last.text, sent))
+        raise SMTPAuthenticationError(last.code, self._quote(last.text))
 
     async def _saslExchange(
         self,
         mechanism: IClientAuthentication,
         secret: bytes,
         initial: bool,
-        sent: list[bytes],
+        sent: list[str],
     ) -> Reply:
         command = b"AUTH " + mechanism.getName()
         if initial:
             response = base64.b64encode(mechanism.challengeResponse(secret, b""))
-            sent.append(response)
+            sent.append(response.decode("ascii"))
             # RFC 4954: "=" stands for an empty initial response.
             command += b" " + (response or b"=")
         reply = await self.command(command)
@@ -792,7 +839,7 @@ class ESMTPSessionClient(ESMTPClient):
                 await self.command(b"*")
                 return Reply(501, ("the server sent a malformed or endless SASL challenge",))
             response = base64.b64encode(mechanism.challengeResponse(secret, challenge))
-            sent.append(response)
+            sent.append(response.decode("ascii"))
             reply = await self.command(response)
         return reply
 
@@ -857,7 +904,7 @@ class ESMTPSessionClient(ESMTPClient):
     ) -> None:
         mailReply, rcptReplies, dataReply = replies[0], replies[1:-1], replies[-1]
         if mailReply.code == 250 and dataReply.code == 354 and message.rest is None:
-            refused = _refused(recipients, rcptReplies)
+            refused = self._refused(recipients, rcptReplies)
             if len(refused) < len(recipients):
                 self._inTransaction = True
 
@@ -866,7 +913,7 @@ class ESMTPSessionClient(ESMTPClient):
                     if reply.code == 250:
                         result.callback(refused)
                     else:
-                        result.errback(SMTPError(reply.code, f"message refused: {reply.text}"))
+                        result.errback(SMTPError(reply.code, f"message refused: {self._quote(reply.text)}"))
 
                 # The whole message and its end in one write: one round trip.
                 self._await(1, final, result.errback)
@@ -907,8 +954,8 @@ class ESMTPSessionClient(ESMTPClient):
         if mailReply.code != 250:
             if dataReply is not None and dataReply.code == 354:
                 await self._endData(b".\r\n")
-            raise SMTPError(mailReply.code, f"sender {sender!r} refused: {mailReply.text}")
-        refused = _refused(recipients, rcptReplies)
+            raise SMTPError(mailReply.code, f"sender {sender!r} refused: {self._quote(mailReply.text)}")
+        refused = self._refused(recipients, rcptReplies)
         if len(refused) == len(recipients):
             if dataReply is not None and dataReply.code == 354:
                 # A server that let DATA through anyway gets an empty message
@@ -919,11 +966,20 @@ class ESMTPSessionClient(ESMTPClient):
         if dataReply is None:
             dataReply = await self.command(b"DATA")
         if dataReply.code != 354:
-            raise SMTPError(dataReply.code, f"DATA refused: {dataReply.text}")
+            raise SMTPError(dataReply.code, f"DATA refused: {self._quote(dataReply.text)}")
         final = await self._transmit(message)
         if final.code != 250:
-            raise SMTPError(final.code, f"message refused: {final.text}")
+            raise SMTPError(final.code, f"message refused: {self._quote(final.text)}")
         return refused
+
+    def _refused(self, recipients: Sequence[str], replies: list[Reply]) -> dict[str, tuple[int, str]]:
+        """
+        The refused recipients, address -> (code, reply text), from the
+        replies to RCPT, one per command sent.
+        """
+        quote = self._quote
+        # One reply per RCPT sent; never raise here over a count (no strict=).
+        return {r: (reply.code, quote(reply.text)) for r, reply in zip(recipients, replies) if reply.code not in (250, 251)}  # noqa: B905
 
     def _mailParameters(
         self, sender: str, recipients: Sequence[str], message: OutgoingMessage
@@ -996,7 +1052,7 @@ class ESMTPSessionClient(ESMTPClient):
         reply = await self.command(b"VRFY " + argument)
         if reply.code in (250, 251, 252):
             return reply.text
-        raise SMTPError(reply.code, reply.text)
+        raise SMTPError(reply.code, self._quote(reply.text))
 
     def quit(self) -> Deferred[None]:
         """
@@ -1081,11 +1137,6 @@ def _failed(error: Exception) -> Deferred:
     d: Deferred = Deferred()
     d.errback(error)
     return d
-
-
-def _refused(recipients: Sequence[str], replies: list[Reply]) -> dict[str, tuple[int, str]]:
-    # One reply per RCPT sent; never raise here over a count (no strict=).
-    return {r: (reply.code, reply.text) for r, reply in zip(recipients, replies) if reply.code not in (250, 251)}  # noqa: B905
 
 
 def _describeTLSFailure(error: BaseException) -> str:

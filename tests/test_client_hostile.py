@@ -12,6 +12,7 @@ holds of a reply never passes the limits of
 
 from __future__ import annotations
 
+import base64
 import io
 import tracemalloc
 from typing import Callable, Union
@@ -34,6 +35,7 @@ from infsmtp import (
     SMTPProtocolError,
 )
 from infsmtp._clientprotocol import (
+    MAX_QUOTED_TEXT,
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
     MAX_REPLY_SIZE,
@@ -390,6 +392,60 @@ async def test_credentialsThatWouldInjectNeverReachTheServer(hostileServer):
     assert isinstance(caught, SMTPAuthenticationError) and "username" in str(caught)
     await bounded(c.disconnect())
     assert not [line for line in received if line.startswith(b"AUTH")]
+
+
+PASSWORD = "correct horse battery staple"
+
+
+def echoPlain(server: HostileServer) -> None:
+    # The AUTH line and the password, without a reply code.
+    server.transport.write(b"you said " + server.received[-1] + b" " + PASSWORD.encode() + b"\r\n")
+
+
+def echoLogin(server: HostileServer) -> None:
+    # Ask for the user name and the password, then echo the answer, decoded
+    # too, without a reply code.
+    prompts = [b"334 VXNlcm5hbWU6\r\n", b"334 UGFzc3dvcmQ6\r\n"]
+
+    def lineReceived(line: bytes) -> None:
+        server.received.append(line)
+        if prompts:
+            server.transport.write(prompts.pop(0))
+        else:
+            server.transport.write(b"you said " + line + b" (" + base64.b64decode(line) + b")\r\n")
+
+    server.lineReceived = lineReceived
+    lineReceived(b"(AUTH LOGIN)")
+
+
+@pytest.mark.parametrize("mechanism, action", [("PLAIN", echoPlain), ("LOGIN", echoLogin)])
+@pytest_twisted.ensureDeferred
+async def test_serverEchoingTheAuthExchangeCannotLeakCredentials(hostileServer, mechanism, action):
+    """
+    A malformed reply that echoes the AUTH exchange is quoted in the
+    error without the password or its encodings.
+    """
+    port, _ = hostileServer({b"EHLO": b"250-hostile.test\r\n250 AUTH PLAIN LOGIN\r\n", b"AUTH": action})
+    c = client(port, authMode=AuthMode.sasl, saslMechanisms=(mechanism,), username="me", password=PASSWORD)
+    await bounded(c.connect())
+    caught = await failure(c.authenticate())
+    assert isinstance(caught, SMTPProtocolError), caught
+    text = str(caught)
+    assert text.startswith('malformed reply line from the server: "you said ')
+    for secret in (PASSWORD, base64.b64encode(PASSWORD.encode()), base64.b64encode(b"\0me\0" + PASSWORD.encode())):
+        assert (secret if isinstance(secret, str) else secret.decode()) not in text
+    assert not c.connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_longMalformedReplyIsQuotedShort(hostileServer):
+    port, _ = hostileServer({b"VRFY": b"\x1b[2J" + b"z" * (MAX_REPLY_LINE - 10) + b"\r\n"})
+    c = client(port)
+    await bounded(c.connect())
+    caught = await failure(c.verify("ann"))
+    assert isinstance(caught, SMTPProtocolError)
+    assert "\x1b" not in str(caught) and "\\x1b[2J" in str(caught)
+    assert len(str(caught)) < MAX_QUOTED_TEXT + 100
 
 
 # ------------------------------------------------------------ 421 and close

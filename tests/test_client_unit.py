@@ -32,12 +32,14 @@ from infsmtp import (
     Client,
     EncryptMode,
     SMTPAuthenticationError,
+    SMTPConnectError,
     SMTPError,
     SMTPProtocolError,
     SMTPTimeoutError,
     SMTPTLSError,
 )
 from infsmtp._clientprotocol import (
+    MAX_QUOTED_TEXT,
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
     MAX_REPLY_SIZE,
@@ -48,6 +50,7 @@ from infsmtp._clientprotocol import (
     XOAUTH2Authenticator,
     heloArgument,
     parseExtensions,
+    quoteServerText,
     redact,
     sizeLimit,
 )
@@ -272,6 +275,23 @@ def test_replyParserLimitsHoldForEachReply():
         assert reply is not None and len(reply.lines) == MAX_REPLY_LINES
 
 
+def test_replyParserMalformedLineIsQuotedRedactedAndCut():
+    """
+    A server that echoes the AUTH exchange in a malformed line does not put
+    the credentials into the error, nor its control characters, nor all of
+    a long line.
+    """
+    secrets: list[str] = []
+    parser = ReplyParser(secrets)
+    secrets.append("s3cret")  # Added after the parser was made.
+    line = b"x" * (MAX_QUOTED_TEXT - 10) + b"s3cret\x1b" + b"y" * 3000
+    with pytest.raises(SMTPProtocolError) as caught:
+        parser.feed(line)
+    text = str(caught.value)
+    assert "s3c" not in text and "\x1b" not in text and "\\x1b" in text
+    assert len(text) < MAX_QUOTED_TEXT + 100
+
+
 def test_replyParserRejectsCodeChangeInsideReply():
     parser = ReplyParser()
     assert parser.feed(b"250-one") is None
@@ -460,6 +480,33 @@ def test_outgoingFromMessageStripsBccAndLeavesTheOriginal():
 
 
 # ------------------------------------------------------------------- credentials
+
+
+def test_quoteServerTextEscapesControlsButKeepsLineBreaks():
+    text = "a\x00b\rc\td\x1be\x7ff\x85g\u2028h\u2029i\x0bj\nk\N{SNOWMAN} \\\x1f\x80\x9f~\xa0"
+    assert quoteServerText(text) == (
+        "a\\x00b\\rc\\td\\x1be\\x7ff\\x85g\\u2028h\\u2029i\\x0bj\nk\N{SNOWMAN} \\\\x1f\\x80\\x9f~\xa0"
+    )
+
+
+@pytest.mark.parametrize("extra", [-1, 0])
+def test_quoteServerTextKeepsUpToMaxQuotedText(extra):
+    assert MAX_QUOTED_TEXT == 1000
+    text = "w" * (MAX_QUOTED_TEXT + extra)
+    assert quoteServerText(text) == text
+
+
+def test_quoteServerTextCutsLongerText():
+    quoted = quoteServerText("w" * (MAX_QUOTED_TEXT + 1))
+    assert quoted == "w" * MAX_QUOTED_TEXT + "... (1 more characters)"
+
+
+def test_quoteServerTextRedactsBeforeCuttingAndEscaping():
+    # A secret across the cut, and one holding what escaping would change.
+    text = "w" * (MAX_QUOTED_TEXT - 2) + "s3cret and p\tw"
+    quoted = quoteServerText(text, [b"s3cret", "p\tw"])
+    assert quoted == "w" * (MAX_QUOTED_TEXT - 2) + "**... (9 more characters)"
+    assert quoteServerText("x p\tw", [b"s3cret", "p\tw"]) == "x ***"
 
 
 def test_redact():
@@ -1009,6 +1056,182 @@ def test_sizeLimitOfTwentyDigitsHolds():
     error = failureOf(protocol.sendMessage("a@x", ["b@x"], small(b"x" * 101)))
     assert isinstance(error, SMTPError) and error.code == 552
     assert transport.writes == []
+
+
+SECRET = "s3cret-pw"
+SECRET_BLOB = base64.b64encode(b"\0me\0" + SECRET.encode()).decode()
+HOSTILE = f"echo {SECRET} {SECRET_BLOB} \x1b[2J" + "y" * 2 * MAX_QUOTED_TEXT
+
+
+def assertQuotedSafely(text: str) -> None:
+    assert SECRET not in text and SECRET_BLOB not in text
+    assert "\x1b" not in text and "\\x1b[2J" in text
+    assert "y" * 100 in text and len(text) < MAX_QUOTED_TEXT + 100
+
+
+def hostileLine(code: bytes) -> bytes:
+    return code + b" " + HOSTILE.encode() + b"\r\n"
+
+
+def authenticatedSession(ehlo=b"250-mx\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n"):
+    protocol, transport, _ = session(ehlo=ehlo)
+    result = fromCoroutine(protocol.authenticate(["PLAIN"], "me", SECRET))
+    protocol.dataReceived(b"235 ok\r\n")
+    assert result.result is True
+    transport.writes.clear()
+    return protocol
+
+
+def senderRefused(protocol):
+    d = protocol.sendMessage("a@x", ["b@x"], small())
+    protocol.dataReceived(hostileLine(b"550") + b"503 no\r\n503 no\r\n")
+    return failureOf(d).text
+
+
+def allRecipientsRefused(protocol):
+    d = protocol.sendMessage("a@x", ["b@x"], small())
+    protocol.dataReceived(b"250 ok\r\n" + hostileLine(b"550") + b"554 no\r\n")
+    error = failureOf(d)
+    assert isinstance(error, SMTPRecipientsRefused)
+    return error.refused["b@x"][1]
+
+
+def someRecipientsRefused(protocol):
+    d = protocol.sendMessage("a@x", ["b@x", "c@x"], small())
+    protocol.dataReceived(b"250 ok\r\n250 ok\r\n" + hostileLine(b"550") + b"354 go\r\n250 ok\r\n")
+    return d.result["c@x"][1]
+
+
+def dataRefused(protocol):
+    d = protocol.sendMessage("a@x", ["b@x"], small())
+    protocol.dataReceived(b"250 ok\r\n250 ok\r\n" + hostileLine(b"554"))
+    return failureOf(d).text
+
+
+def messageRefused(protocol):
+    d = protocol.sendMessage("a@x", ["b@x"], small())
+    protocol.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n" + hostileLine(b"554"))
+    return failureOf(d).text
+
+
+def messageRefusedWithoutPipelining(protocol):
+    protocol.extensions.pop("PIPELINING")
+    d = protocol.sendMessage("a@x", ["b@x"], small())
+    for line in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n", hostileLine(b"554")):
+        protocol.dataReceived(line)
+    return failureOf(d).text
+
+
+def verifyRefused(protocol):
+    d = fromCoroutine(protocol.verify("ann"))
+    protocol.dataReceived(hostileLine(b"550"))
+    return failureOf(d).text
+
+
+def ehloRefused(protocol):
+    d = fromCoroutine(protocol.ehlo())
+    protocol.dataReceived(hostileLine(b"554"))
+    protocol.dataReceived(hostileLine(b"554"))
+    error = failureOf(d)
+    assert isinstance(error, SMTPConnectError)
+    return error.text
+
+
+def startTLSRefused(protocol):
+    d = fromCoroutine(protocol.startTLS(object()))
+    protocol.dataReceived(hostileLine(b"454"))
+    error = failureOf(d)
+    assert isinstance(error, SMTPTLSError)
+    return error.text
+
+
+def authRefused(protocol):
+    protocol.authenticated = False
+    d = fromCoroutine(protocol.authenticate(["PLAIN"], "me", SECRET))
+    protocol.dataReceived(hostileLine(b"454"))
+    error = failureOf(d)
+    assert isinstance(error, SMTPAuthenticationError)
+    return error.text
+
+
+def malformedReply(protocol):
+    d = fromCoroutine(protocol.verify("ann"))
+    protocol.dataReceived(HOSTILE.encode() + b"\r\n")
+    error = failureOf(d)
+    assert isinstance(error, SMTPProtocolError)
+    return error.text
+
+
+def closedWhileIdle(protocol):
+    protocol.dataReceived(hostileLine(b"421"))
+    protocol.connectionLost(Failure(ConnectionDone()))
+    error = failureOf(fromCoroutine(protocol.verify("ann")))
+    assert isinstance(error, SMTPConnectError) and error.code == 421
+    return error.text
+
+
+def tlsFailed(protocol):
+    d = fromCoroutine(protocol.verify("ann"))
+    protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", HOSTILE)])))
+    error = failureOf(d)
+    assert isinstance(error, SMTPTLSError)
+    return error.text
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        senderRefused,
+        allRecipientsRefused,
+        someRecipientsRefused,
+        dataRefused,
+        messageRefused,
+        messageRefusedWithoutPipelining,
+        verifyRefused,
+        ehloRefused,
+        startTLSRefused,
+        authRefused,
+        malformedReply,
+        closedWhileIdle,
+        tlsFailed,
+    ],
+)
+def test_serverTextInErrorsIsRedactedEscapedAndCut(scenario):
+    """
+    Wherever the server's text reaches an error (or the refused recipients),
+    the credentials it may echo are redacted, its control characters
+    escaped, and its length bounded.
+    """
+    assertQuotedSafely(scenario(authenticatedSession()))
+
+
+def test_malformedReplyAfterSTARTTLSIsRedactedToo():
+    """
+    The reply parser that STARTTLS starts afresh knows the secrets of an
+    AUTH that follows.
+    """
+    protocol, transport, _ = session(ehlo=b"250-mx\r\n250 STARTTLS\r\n")
+    started = fromCoroutine(protocol.startTLS(object()))
+    protocol.dataReceived(b"220 go ahead\r\n")
+    protocol.dataReceived(b"250-mx\r\n250 AUTH PLAIN\r\n")
+    assert started.result == {"AUTH": "PLAIN"}
+    result = fromCoroutine(protocol.authenticate(["PLAIN"], "me", SECRET))
+    protocol.dataReceived(HOSTILE.encode() + b"\r\n")
+    error = failureOf(result)
+    assert isinstance(error, SMTPProtocolError)
+    assertQuotedSafely(error.text)
+
+
+def test_refusedGreetingIsEscapedAndCut():
+    protocol = ESMTPSessionClient("client.example.org", 5)
+    transport = RecordingTransport()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    protocol.dataReceived(hostileLine(b"554"))
+    error = failureOf(fromCoroutine(protocol.whenGreeted()))
+    assert isinstance(error, SMTPConnectError)
+    assert "\x1b" not in error.text and "\\x1b[2J" in error.text
+    assert len(error.text) < MAX_QUOTED_TEXT + 100
 
 
 # ----------------------------------------------------------------------- TLS
