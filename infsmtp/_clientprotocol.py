@@ -633,10 +633,12 @@ class ESMTPSessionClient(ESMTPClient):
     def _lostError(self, reason: Failure | None) -> SMTPError:
         if reason is not None and reason.check(SSL.Error, VerificationError):
             return SMTPTLSError(f"TLS failed: {self._quote(_describeTLSFailure(reason.value))}")
-        if self._unsolicited is not None:
+        # The server's reason for closing: a 421 among the replies of a
+        # pipelined group cut short, else a reply sent while none was awaited.
+        closing = next((r for r in self._gathered if r.code == 421), self._unsolicited)
+        if closing is not None:
             return SMTPConnectError(
-                self._unsolicited.code,
-                "the server closed the connection: " + self._quote(self._unsolicited.text),
+                closing.code, "the server closed the connection: " + self._quote(closing.text)
             )
         detail = reason.getErrorMessage() if reason is not None else "closed"
         return SMTPConnectError(f"the connection to the server was lost ({detail})")

@@ -31,6 +31,7 @@ from infsmtp import (
     AsyncClient,
     AuthMode,
     SMTPAuthenticationError,
+    SMTPConnectError,
     SMTPError,
     SMTPProtocolError,
 )
@@ -451,3 +452,27 @@ async def test_longMalformedReplyIsQuotedShort(hostileServer):
 # ------------------------------------------------------------ 421 and close
 
 
+@pytest.mark.parametrize(
+    "script",
+    [
+        {b"MAIL": None, b"RCPT": None},
+        {b"MAIL": b"250 2.1.0 ok\r\n", b"RCPT": None},
+    ],
+    ids=["421-to-mail", "421-to-rcpt"],
+)
+@pytest_twisted.ensureDeferred
+async def test_421ToPipelinedCommandsThenCloseIsReported(hostileServer, script):
+    """
+    With PIPELINING, a server that answers 421 and closes before the group's
+    last reply: the client reports the 421 and its text, not a bare "the
+    connection was lost".
+    """
+    closing = lambda server: server.close(b"421 4.7.0 hostile.test closing, try later\r\n")  # noqa: E731
+    port, _ = hostileServer({**script, b"DATA": closing})
+    c = client(port)
+    await bounded(c.connect())
+    caught = await failure(c.sendStream(io.BytesIO(MESSAGE), "a@example.org", ["b@example.org"]))
+    assert isinstance(caught, SMTPConnectError), caught
+    assert caught.code == 421
+    assert caught.text == "the server closed the connection: 4.7.0 hostile.test closing, try later"
+    assert not c.connected

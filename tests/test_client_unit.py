@@ -1058,6 +1058,35 @@ def test_sizeLimitOfTwentyDigitsHolds():
     assert transport.writes == []
 
 
+@pytest.mark.parametrize("stray", [False, True])
+@pytest.mark.parametrize("replies", [b"421 4.3.2 shutting down\r\n", b"250 ok\r\n421 4.3.2 shutting down\r\n"])
+def test_pipelined421BeforeTheCloseIsReported(replies, stray):
+    """
+    A 421 among a pipelined group's replies, then the close: the 421 is
+    the reason given, not "connection lost", and not an older stray reply.
+    """
+    protocol, transport, _ = session()
+    if stray:
+        protocol.dataReceived(b"250 stray\r\n")
+    result = protocol.sendMessage("a@x", ["b@x"], small())
+    protocol.dataReceived(replies)
+    assert not result.called
+    protocol.connectionLost(Failure(ConnectionDone()))
+    error = failureOf(result)
+    assert isinstance(error, SMTPConnectError) and error.code == 421
+    assert error.text == "the server closed the connection: 4.3.2 shutting down"
+
+
+def test_pipelinedReplyOtherThan421IsNotTakenForTheReasonOfTheClose():
+    protocol, transport, _ = session()
+    result = protocol.sendMessage("a@x", ["b@x"], small())
+    protocol.dataReceived(b"451 4.3.0 try later\r\n")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    error = failureOf(result)
+    assert isinstance(error, SMTPConnectError) and error.code is None
+    assert "connection to the server was lost" in str(error)
+
+
 SECRET = "s3cret-pw"
 SECRET_BLOB = base64.b64encode(b"\0me\0" + SECRET.encode()).decode()
 HOSTILE = f"echo {SECRET} {SECRET_BLOB} \x1b[2J" + "y" * 2 * MAX_QUOTED_TEXT
@@ -1170,6 +1199,13 @@ def closedWhileIdle(protocol):
     return error.text
 
 
+def closedAfter421ToPipelinedMail(protocol):
+    d = protocol.sendMessage("a@x", ["b@x"], small())
+    protocol.dataReceived(hostileLine(b"421"))
+    protocol.connectionLost(Failure(ConnectionDone()))
+    return failureOf(d).text
+
+
 def tlsFailed(protocol):
     d = fromCoroutine(protocol.verify("ann"))
     protocol.connectionLost(Failure(SSL.Error([("SSL routines", "", HOSTILE)])))
@@ -1203,6 +1239,10 @@ def test_serverTextInErrorsIsRedactedEscapedAndCut(scenario):
     escaped, and its length bounded.
     """
     assertQuotedSafely(scenario(authenticatedSession()))
+
+
+def test_421BeforeTheCloseIsRedactedEscapedAndCut():
+    assertQuotedSafely(closedAfter421ToPipelinedMail(authenticatedSession()))
 
 
 def test_malformedReplyAfterSTARTTLSIsRedactedToo():
