@@ -247,7 +247,8 @@ class ClientLimits:
         if not self.maxAuthFailures or self.isTrusted(ip):
             return False
         client = self._clients.get(clientKey(ip))
-        return client is not None and self._failures(client) >= self.maxAuthFailures
+        # Rounded, as the delay is: N failures in quick succession block.
+        return client is not None and round(self._failures(client)) >= self.maxAuthFailures
 
     def authFailed(self, ip: str) -> float:
         """
@@ -262,7 +263,8 @@ class ClientLimits:
         client.failures, client.failuresAt = level, self._seconds()
         if not self.authDelay:
             return 0.0
-        return min(MAX_AUTH_DELAY, self.authDelay * 2 ** min(level - 1, 16))
+        # Whole doublings: the level drains continuously between failures.
+        return min(MAX_AUTH_DELAY, self.authDelay * 2 ** min(round(level) - 1, 16))
 
     def sessionsOf(self, ip: str) -> int:
         """

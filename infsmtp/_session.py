@@ -77,6 +77,7 @@ class Session:
         "_msg",
         "_message",
         "_msgFile",
+        "__weakref__",
     )
 
     def __init__(self, id: int, ip: str, port: int, disconnect: Callable[[], None]) -> None:
