@@ -132,7 +132,22 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["listen"] = []
         self["trusted"] = []
         self["inherit-fd"] = []
-        self.authErrors: list[str] = []
+        #: Configuration errors found while parsing, reported in one line by
+        #: buildServer (twistd answers a usage error with its whole help).
+        self.errors: list[str] = []
+        for name, handler in self._dispatch.items():
+            if isinstance(handler, usage.CoerceParameter) and name in self:
+                handler.coerce = self._collectingErrors(name, handler.coerce)
+
+    def _collectingErrors(self, name: str, coerce: Callable[[str], Any]) -> Callable[[str], Any]:
+        def checked(value: str) -> Any:
+            try:
+                return coerce(value)
+            except ValueError as e:
+                self.errors.append(f"--{name} {value}: {e}")
+                return self[name]
+
+        return checked
 
     def opt_listen(self, endpoint: str) -> None:
         """Endpoint to listen on, repeatable: tcp:, unix:, systemd:, haproxy:tcp:... [default: tcp:2525:interface=127.0.0.1]."""
@@ -158,12 +173,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         kind, _, argument = description.partition(":")
         if kind == "file" and not os.path.isfile(argument):
             # Twisted only warns, then refuses every login.
-            self.authErrors.append(f"--auth {description}: {argument or 'the file name'} is not a readable file")
+            self.errors.append(f"--auth {description}: {argument or 'the file name'} is not a readable file")
             return
         try:
             super().opt_auth(description)
         except usage.UsageError as e:
-            self.authErrors.append(f"--auth {description}: {e}")
+            self.errors.append(f"--auth {description}: {e}")
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -499,8 +514,8 @@ def buildServer(options: Options) -> Server:
 
     @raise ConfigurationError: with the one line to show.
     """
-    if options.authErrors:
-        raise ConfigurationError(options.authErrors[0])
+    if options.errors:
+        raise ConfigurationError(options.errors[0])
     if options["key"] and not options["cert"]:
         raise ConfigurationError("--key needs --cert")
     if options["cert"] and not options["key"]:

@@ -692,12 +692,20 @@ def wrongConfigurations(tmp_path, certificateAuthority):
         "implicit tls alone": (["--implicit-tls"], "--implicit-tls needs --cert"),
         "two deliveries": (["--handlers", str(tmp_path / "receive.py"), "--maildir", "box"],
                            "--maildir and an onReceive in --handlers are exclusive"),
+        "negative per-client limit": (["--max-connections-per-client", "-1"],
+                                      "--max-connections-per-client must be an integer of at least 0, not -1"),
+        "zero timeout": (["--timeout", "0"], "--timeout must be a positive number of seconds, not 0.0"),
+        "bad trusted network": (["--trusted", "10.0.0.0/33"], "--trusted '10.0.0.0/33'"),
+        "negative memory budget": (["--message-memory", "-5"], "--message-memory -5: a size cannot be negative"),
+        "count not a number": (["--max-connections", "many"], "--max-connections many: invalid literal for int()"),
+        "no handler time": (["--receive-timeout", "0"], "--receive-timeout must be a positive number of seconds"),
     }
 
 
 CASES = [
     "missing certificate", "unreadable key", "key not matching", "unknown auth", "missing users file",
     "maildir is a file", "bad endpoint", "broken handlers", "implicit tls alone", "two deliveries", "port in use",
+    "negative per-client limit", "zero timeout", "bad trusted network", "negative memory budget", "count not a number", "no handler time",
 ]
 
 
