@@ -195,8 +195,9 @@ class ServerProtocol(smtp.ESMTP):
     _writeBlocked = False
     _producing = False
     _handshaking = False
-    #: The client address the server's limits counted this session under.
-    admittedFrom = ""
+    #: The client address the server's limits counted this session under
+    #: (L{None} for a UNIX socket's client).
+    admittedFrom: str | None = None
     _pending: _Pending | None = None
     _sink: SpoolSink | None = None
     _delayed: Any = None
@@ -231,8 +232,9 @@ class ServerProtocol(smtp.ESMTP):
             except OSError:
                 pass  # not a TCP socket after all
         peer = self.transport.getPeer()
-        ip = str(getattr(peer, "host", peer))
-        refusal = self.factory.admit(self, ip)
+        host = getattr(peer, "host", None)
+        ip = str(peer) if host is None else str(host)
+        refusal = self.factory.admit(self, None if host is None else ip)
         if refusal is not None:
             self._reply(421, f"{self.factory.settings.hostname} {refusal}", "4.7.0", varies=True)
             self._close()

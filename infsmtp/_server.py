@@ -143,18 +143,21 @@ class ServerFactory(smtp.SMTPFactory):
     def nextSessionId(self) -> int:
         return next(self.server._sessionIds)
 
-    def admit(self, protocol: ServerProtocol, ip: str) -> str | None:
+    def admit(self, protocol: ServerProtocol, ip: str | None) -> str | None:
         """
-        Count a new connection from C{ip} in.
+        Count a new connection from C{ip} in (L{None}: not an IP client, a
+        UNIX socket's, which the per-client limits do not apply to).
 
         @return: L{None} when admitted (L{release} must follow), else why
             not, for the 421 reply.
         """
-        refusal = self.limits.connect(ip)
-        if refusal is not None:
-            return refusal
+        if ip is not None:
+            refusal = self.limits.connect(ip)
+            if refusal is not None:
+                return refusal
         if len(self.sessions) >= self.server.maxConnections:
-            self.limits.disconnect(ip)
+            if ip is not None:
+                self.limits.disconnect(ip)
             return "Too many connections, try again later"
         self.sessions.add(protocol)
         protocol.admittedFrom = ip
@@ -163,7 +166,8 @@ class ServerFactory(smtp.SMTPFactory):
     def release(self, protocol: ServerProtocol) -> None:
         if protocol in self.sessions:
             self.sessions.remove(protocol)
-            self.limits.disconnect(protocol.admittedFrom)
+            if protocol.admittedFrom is not None:
+                self.limits.disconnect(protocol.admittedFrom)
         if not self.sessions:
             waiting, self._allGone = self._allGone, []
             for d in waiting:

@@ -842,3 +842,21 @@ def test_the_smallest_allowed_data_line_still_finds_the_end_of_data():
     h = session(server)
     assert h.codes(ENVELOPE + b"DATA\r\n" + b"x" * 998 + b"\r\n.\r\n") == [250, 250, 354, 250]
     assert got[0].endswith(b"x" * 998 + b"\r\n")
+
+
+def test_unix_socket_clients_are_not_one_client():
+    from twisted.internet.address import UNIXAddress
+
+    class UnixTransport(Transport):
+        def __init__(self):
+            super().__init__()
+            self.peerAddress = UNIXAddress(None)
+
+    server = makeServer(maxConnectionsPerClient=1, maxConnectionRate=1)
+    factory = server.buildFactory()
+    for _ in range(3):
+        protocol = factory.buildProtocol(None)
+        transport = UnixTransport()
+        protocol.makeConnection(transport)
+        assert transport.value().startswith(b"220 ")
+    assert factory.limits.tracked == 0
