@@ -850,7 +850,7 @@ def test_unix_socket_clients_are_not_one_client():
     class UnixTransport(Transport):
         def __init__(self):
             super().__init__()
-            self.peerAddress = UNIXAddress(None)
+            self.peerAddr = UNIXAddress(None)
 
     server = makeServer(maxConnectionsPerClient=1, maxConnectionRate=1)
     factory = server.buildFactory()
