@@ -21,10 +21,15 @@ class SMTPError(Exception):
     """
 
     def __init__(self, code: int | str | None = None, text: str = "") -> None:
-        if isinstance(code, str) and not text and not code.isdigit():
-            # SMTPError("what happened") without a code.
+        if isinstance(code, str) and not text and not (code.isascii() and code.isdigit()):
+            # SMTPError("what happened") without a code.  (isdigit alone
+            # takes "²", which int() refuses.)
             code, text = None, code
         if code is not None:
+            if isinstance(code, bool) or not isinstance(code, (int, str)) or (
+                isinstance(code, str) and not (code.isascii() and code.isdigit() and len(code) == 3)
+            ):
+                raise TypeError(f"an SMTP reply code is three digits, not {code!r}")
             code = int(code)
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")

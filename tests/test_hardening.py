@@ -860,3 +860,12 @@ def test_unix_socket_clients_are_not_one_client():
         protocol.makeConnection(transport)
         assert transport.value().startswith(b"220 ")
     assert factory.limits.tracked == 0
+
+
+def test_smtperror_codes_are_checked():
+    assert SMTPError("\u00b2").code is None and SMTPError("\u00b2").text == "\u00b2"
+    assert SMTPError("550", "no").code == 550
+    assert SMTPError(421, "x").code == 421
+    for bad in (True, 4.5, "55", "5500", "\u0665\u0665\u0665"):
+        with pytest.raises(TypeError):
+            SMTPError(bad, "text")
