@@ -243,6 +243,75 @@ async def test_failedLinkLeavesNothingBehind(tmp_path, serveMaildir):
     assert os.listdir(maildir / "tmp") == []
 
 
+class DiskJournal:
+    """
+    A recorded fake of the file-system calls that make a delivery durable:
+    C{os.open}, C{os.fsync}, C{os.link} and C{os.rename} still do their
+    work, and each one on a path in the Maildir is written down in order,
+    as C{(call, path relative to the Maildir)}.  C{os.link} can be made
+    to fail as on a file system without hard links.
+    """
+
+    def __init__(self, monkeypatch, maildir, noHardLinks: bool = False) -> None:
+        self.root = str(maildir) + os.sep
+        self.calls: list[tuple[str, ...]] = []
+        self._paths: dict[int, str] = {}
+        realOpen, realFsync, realLink, realRename = os.open, os.fsync, os.link, os.rename
+
+        def open_(path, flags, *args, **kwargs):
+            fd = realOpen(path, flags, *args, **kwargs)
+            if str(path).startswith(self.root):
+                self._paths[fd] = self.relative(path)
+            return fd
+
+        def fsync(fd):
+            realFsync(fd)
+            if fd in self._paths:
+                self.calls.append(("fsync", self._paths[fd]))
+
+        def link(source, target, *args, **kwargs):
+            if noHardLinks:
+                raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+            realLink(source, target, *args, **kwargs)
+            self.calls.append(("link", self.relative(source), self.relative(target)))
+
+        def rename(source, target, *args, **kwargs):
+            realRename(source, target, *args, **kwargs)
+            self.calls.append(("rename", self.relative(source), self.relative(target)))
+
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "link", link)
+        monkeypatch.setattr(os, "rename", rename)
+
+    def relative(self, path) -> str:
+        return str(path)[len(self.root) :]
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("noHardLinks", [False, True], ids=["link", "rename"])
+async def test_durableBeforeTheAnswer(tmp_path, monkeypatch, noHardLinks):
+    """
+    The 250 means the message is on disk: the handler answers only after
+    the message file is flushed, then linked (or renamed) into new/, then
+    new/ itself flushed, in that order.
+    """
+    maildir = tmp_path / "Maildir"
+    delivery = MaildirDelivery(str(maildir))
+    journal = DiskJournal(monkeypatch, maildir, noHardLinks)
+    answer = delivery(storingSession())
+    answer.addCallback(lambda result: journal.calls.append(("answered", result)))
+    await answer.addTimeout(WAIT, reactor)
+    [key] = os.listdir(maildir / "new")
+    move = ("rename",) if noHardLinks else ("link",)
+    assert journal.calls == [
+        ("fsync", f"tmp/{key}"),
+        move + (f"tmp/{key}", f"new/{key}"),
+        ("fsync", "new"),
+        ("answered", True),
+    ]
+
+
 class SlowDisk(MaildirDelivery):
     """
     A Maildir on a disk that stalls until told to go on.
@@ -294,18 +363,52 @@ def test_line_endings_converted_whatever_the_piece_size(lines, size):
     assert out == b"H\n" + content.replace(b"\r\n", b"\n")
 
 
-def test_spooled_message_delivered_without_loading(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_spooled_message_delivered_without_loading(tmp_path):
+    """
+    The real handler, given a message spooled to a file (as the server
+    does over spoolThreshold), copies it from session.msgFile in pieces:
+    session.msg is never materialised, and the stored copy is exact.
+    """
     body = b"".join(b"line %06d\r\n" % i for i in range(50_000))
     spool = tempfile_with(body)
     session = Session(7, "127.0.0.1", 1234, lambda: None)
     session.mailFrom, session.rcptTo = "a@b.test", ["c@d.test"]
     session._setMessage(None, spool)
     delivery = MaildirDelivery(str(tmp_path / "Maildir"))
-    key = delivery.deliver(localLineEndings(b"Return-Path: <a@b.test>\n", session.msgFile))
+    assert await delivery(session).addTimeout(WAIT, reactor) is True
     assert session._msg is None  # never loaded whole
     assert session.msgSize == len(body)
+    [key] = os.listdir(tmp_path / "Maildir" / "new")
     with open(tmp_path / "Maildir" / "new" / key, "rb") as f:
         assert f.read() == b"Return-Path: <a@b.test>\n" + body.replace(b"\r\n", b"\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_spools_and_the_handler_streams(tmp_path, monkeypatch):
+    """
+    End to end: a message over the server's spoolThreshold reaches the
+    real Maildir handler as a file, and the handler never reads it whole.
+    """
+    seen = []
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+
+    def onReceive(session):
+        d = delivery(session)
+        d.addCallback(lambda result: seen.append((session._msg, result)) or result)
+        return d
+
+    server = Server(port=0, interface="127.0.0.1", hostname="mx.maildir.test", spoolThreshold=64 * 1024)
+    server.onReceive = onReceive
+    await server.startListening().addTimeout(WAIT, reactor)
+    try:
+        body = b"Subject: big\r\n\r\n" + b"".join(b"line %06d\r\n" % i for i in range(20_000))
+        assert await inThread(send, server.port, body) == {}
+    finally:
+        await server.stopListening().addTimeout(WAIT, reactor)
+    assert seen == [(None, True)]
+    [key] = os.listdir(tmp_path / "Maildir" / "new")
+    assert (tmp_path / "Maildir" / "new" / key).read_bytes().endswith(body.replace(b"\r\n", b"\n"))
 
 
 def tempfile_with(data: bytes):

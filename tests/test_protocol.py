@@ -310,6 +310,56 @@ def test_data_over_limit_is_discarded():
     assert h.codes(b"MAIL FROM:<a@b.test>\r\n") == [250]
 
 
+def sizedMessage(size: int) -> tuple[bytes, bytes]:
+    """
+    A message of exactly C{size} bytes as the server counts them (after
+    dot-unstuffing, CRLFs included, the terminator not): C{(wire, content)}.
+    One line is dot-stuffed, so that a count of the wire bytes is one off.
+    """
+    stuffed = b".stuffed\r\n"  # "..stuffed" on the wire
+    filler = size - len(stuffed)
+    lines = [b"x" * 98 + b"\r\n"] * (filler // 100)
+    rest = filler % 100
+    if rest == 1:
+        # No line is 1 byte long (its CRLF alone is 2): borrow one.
+        lines[-1] = b"x" * 97 + b"\r\n"
+        rest = 2
+    if rest:
+        lines.append(b"x" * (rest - 2) + b"\r\n")
+    content = stuffed + b"".join(lines)
+    assert len(content) == size
+    return b"." + content + b".\r\n", content
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+@pytest.mark.parametrize("pieces", [1, 7])
+def test_data_size_boundary(delta, pieces):
+    """
+    maxMessageSize is the largest message accepted: exactly at it and one
+    byte under are received whole (250), one byte over is refused 552 and
+    never reaches onReceive, whether the message comes in one read or in
+    pieces.
+    """
+    limit = 1000
+    server = makeServer(maxMessageSize=limit, receivedHeader=False)
+    got = []
+    server.onReceive = lambda s: got.append(s.msg)
+    h = session(server)
+    assert h.codes(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n") == [250, 250, 354]
+    wire, content = sizedMessage(limit + delta)
+    replies = []
+    for i in range(0, len(wire), -(-len(wire) // pieces)):
+        replies += h.send(wire[i : i + -(-len(wire) // pieces)])
+    if delta <= 0:
+        assert len(replies) == 1 and replies[0].startswith(b"250 2.0.0 OK queued as "), replies
+        assert got == [content]
+    else:
+        assert replies == [b"552 5.3.4 Message size exceeds fixed maximum message size"]
+        assert got == []
+    # In step either way: the next transaction starts cleanly.
+    assert h.codes(b"MAIL FROM:<a@b.test>\r\n") == [250]
+
+
 def test_long_data_line_stays_in_data():
     server = makeServer(maxDataLineLength=1000)
     h = session(server)
@@ -486,6 +536,28 @@ def test_starttls_forgets_injected_commands(server, certificateAuthority):
     h.protocol.handshakeCompleted()
     assert h.codes(b"MAIL FROM:<a@b.test>\r\n") == [503]
     assert not any(b"STARTTLS" in line for line in h.send(b"EHLO c\r\n"))
+
+
+def test_starttls_forgets_a_login(certificateAuthority):
+    """
+    RFC 3207 4.2: a login made in plaintext (insecure AUTH allowed) is
+    forgotten by STARTTLS: session.authenticated is False, MAIL needs AUTH
+    again (530), and AUTH is not "already authenticated" (503).
+    """
+    server = makeServer(allowInsecureAuth=True, requireAuth=True, authFailureDelay=0)
+    server.onLogin = lambda s: (s.username, s.password) == ("alice", "s3cret")
+    options = tlsOptions(certificateAuthority)
+    h = session(server, tls=options)
+    login = b"AUTH PLAIN " + b64(b"\0alice\0s3cret") + b"\r\n"
+    assert h.send(login) == [b"235 2.7.0 Authentication successful"]
+    assert h.protocol.session.authenticated is True
+    assert h.send(b"STARTTLS\r\n") == [b"220 2.0.0 Ready to start TLS"]
+    assert h.protocol.session.authenticated is False
+    h.protocol.handshakeCompleted()
+    assert h.codes(b"EHLO c\r\n") == [250]
+    assert h.codes(b"MAIL FROM:<a@b.test>\r\n") == [530]
+    assert h.send(login) == [b"235 2.7.0 Authentication successful"]
+    assert h.codes(b"MAIL FROM:<a@b.test>\r\n") == [250]
 
 
 def test_starttls_without_certificate(server):
