@@ -175,15 +175,37 @@ def test_replyParserRoundTrips(sent):
     assert got == sent
 
 
-@given(st.binary(max_size=20))
+#: What a reply line is, written independently of the parser: a code of
+#: three ASCII digits, 2yz to 5yz with y in 0-5, then a space, a hyphen
+#: (not the last line) or the end of the line.
+_REPLY_LINE = re.compile(rb"\A([2-5][0-5][0-9])(?:( .*)|(-.*)|)\Z", re.S)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=20),
+        # Junk after a plausible start, so well-formed lines come up too.
+        st.builds(
+            lambda head, rest: head + rest,
+            st.sampled_from([b"250", b"250 ", b"250-", b"554 ", b"199 ", b"560-", b"2500", b"25", b"6", b"421"]),
+            st.binary(max_size=12),
+        ),
+    )
+)
 def test_replyParserRejectsJunkWithSMTPError(line):
     """
-    Anything is either a reply line or an SMTPError; nothing else escapes.
+    Any line given to a fresh parser is exactly one of: the end of a
+    one-line reply (its code and text), the first line of a longer one
+    (None), or an SMTPProtocolError.
     """
-    try:
-        ReplyParser().feed(line)
-    except SMTPError:
-        pass
+    match = _REPLY_LINE.match(line)
+    if match is None:
+        with pytest.raises(SMTPProtocolError, match="malformed reply line"):
+            ReplyParser().feed(line)
+    elif match.group(3) is not None:
+        assert ReplyParser().feed(line) is None
+    else:
+        assert ReplyParser().feed(line) == Reply(int(match.group(1)), (line[4:].decode("utf-8", "replace"),))
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from infsmtp._wire import (
     TOO_BIG,
     CommandLineFramer,
     DataFramer,
+    MailArguments,
     PathSyntaxError,
     SpoolSink,
     formatReply,
@@ -23,6 +24,27 @@ from infsmtp._wire import (
     parseMailArguments,
     parsePath,
 )
+
+#: Dot-atom addresses (RFC 5321 Mailbox without quoting).
+_atom = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=8)
+addresses = st.builds(
+    lambda local, domain: ".".join(local) + "@" + ".".join(domain),
+    st.lists(_atom, min_size=1, max_size=3),
+    st.lists(st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=8), min_size=1, max_size=3),
+)
+#: ESMTP parameter keywords and values (RFC 5321 esmtp-keyword, esmtp-value).
+keywords = st.from_regex(rb"\A[A-Za-z0-9][A-Za-z0-9-]{0,10}\Z")
+values = st.binary(min_size=1, max_size=12).map(lambda b: bytes(0x21 + c % 94 for c in b).replace(b"=", b"x"))
+
+
+def serialise(parsed: MailArguments) -> bytes:
+    """
+    MAIL arguments written back as a client would send them.
+    """
+    return b"FROM:<" + parsed.address.encode() + b">" + b"".join(
+        b" " + keyword.encode() + (b"" if value is None else b"=" + value.encode())
+        for keyword, value in parsed.parameters.items()
+    )
 
 
 def splitAt(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -223,11 +245,44 @@ class TestParsing:
             parseMailArguments(bad, b"FROM:", True)
 
     @given(st.binary(max_size=300))
-    def test_parser_never_crashes(self, data):
+    def test_parser_gives_arguments_or_PathSyntaxError(self, data):
+        """
+        Any bytes give parsed arguments or PathSyntaxError, nothing else;
+        what is given back came from the input (the prefix was there, the
+        keywords are ESMTP keywords) and parses again to itself.
+        """
         try:
-            parseMailArguments(data, b"FROM:", True)
+            parsed = parseMailArguments(data, b"FROM:", True)
         except PathSyntaxError:
-            pass
+            return
+        assert type(parsed) is MailArguments
+        assert data[:5].upper() == b"FROM:"
+        assert all(re.fullmatch(r"[A-Z0-9][A-Z0-9-]*", keyword) for keyword in parsed.parameters)
+        assert parseMailArguments(serialise(parsed), b"FROM:", True) == parsed
+
+    @given(
+        st.sampled_from([b"FROM:", b"from:", b"From:", b"fRoM:"]),
+        st.sampled_from([b"", b" ", b"   "]),
+        addresses,
+        st.lists(st.tuples(keywords, st.one_of(st.none(), values)), max_size=4, unique_by=lambda kv: kv[0].upper()),
+    )
+    def test_well_formed_arguments_parse_exactly(self, prefix, spaces, address, parameters):
+        """
+        MAIL arguments built from valid parts come back exactly: the
+        address, and every parameter with its keyword upper-cased.
+        """
+        argument = prefix + spaces + b"<" + address.encode() + b">" + b"".join(
+            b" " + keyword + (b"" if value is None else b"=" + value) for keyword, value in parameters
+        )
+        assert parseMailArguments(argument, b"FROM:", True) == MailArguments(
+            address,
+            {keyword.decode().upper(): None if value is None else value.decode() for keyword, value in parameters},
+        )
+
+    @given(st.binary(max_size=40).filter(lambda b: b[:5].upper() != b"FROM:"), addresses)
+    def test_without_the_prefix_is_a_syntax_error(self, junk, address):
+        with pytest.raises(PathSyntaxError, match="expected FROM:<address>"):
+            parseMailArguments(junk + b"<" + address.encode() + b">", b"FROM:", True)
 
     def test_format_reply(self):
         assert formatReply(250, "OK", "2.0.0") == b"250 2.0.0 OK\r\n"
