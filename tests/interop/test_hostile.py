@@ -150,12 +150,12 @@ async def test_nul_bytes(serve, raw, recorder, assertServed, loggedFailures):
 
     codes, final = await inThread(run)
     assert codes == [500, 500, 500, 501, 501, 501]
-    # A NUL in the body is either kept exactly or refused; never truncated.
-    if final.code == 250:
-        assert recorder.received[0]["msg"].endswith(b"binary \0 body \0\0\r\n")
-        assert recorder.received[0]["helo"] == "nulhost"
-    else:
-        assert 500 <= final.code < 600 and recorder.received == []
+    # A NUL in the body is data (8BITMIME and binary-ish mail carry it):
+    # kept exactly, never truncated at the NUL nor refused.
+    assert final.code == 250, final
+    [received] = recorder.received
+    assert received["msg"].endswith(b"\r\n\r\nbinary \0 body \0\0\r\n")
+    assert received["helo"] == "nulhost"
     noFailures(loggedFailures)
     await assertServed(server)
 
@@ -336,8 +336,10 @@ SMUGGLING = {
 async def test_smtp_smuggling(serve, raw, recorder, assertServed, loggedFailures, sequence):
     """
     A message holding a false end-of-data followed by a smuggled
-    transaction: the server sees one message (or refuses it with 5xx),
-    never a second one, and never the smuggled MAIL FROM as a command.
+    transaction: a bare CR or LF is never an end of data, and marks the
+    whole message as refused (550 5.5.2, as Postfix's smtpd_forbid_bare_newline
+    does), so neither the message nor the smuggled one is delivered, and
+    the smuggled MAIL FROM is never a command.
     """
     server = await serve()
     payload = (
@@ -361,15 +363,9 @@ async def test_smtp_smuggling(serve, raw, recorder, assertServed, loggedFailures
     assert len(replies) == 2, replies
     final, bye = replies
     assert bye.code == 221
-    assert final.code == 250 or 500 <= final.code < 600, final
-    assert "smuggled@attacker.test" not in recorder.mailFroms
+    assert (final.code, final.text) == (550, "5.5.2 Message contains bare CR or LF; use CRLF line endings")
     assert recorder.mailFroms == ["sender@example.org"]
-    if final.code == 250:
-        # One message, holding the would-be second one as text.
-        assert len(recorder.received) == 1
-        assert b"smuggled body" in recorder.received[0]["msg"]
-    else:
-        assert recorder.received == []
+    assert recorder.received == []
     noFailures(loggedFailures)
     await assertServed(server)
 
