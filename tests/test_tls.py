@@ -12,10 +12,14 @@ import ssl
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from infsmtp import Server, SMTPTLSError, TLSVersion
 from infsmtp.testing import CertificateAuthority
+
+#: The bound on every wait, in seconds.
+WAIT = 20.0
 
 
 def test_missing_files(tmp_path, certificateAuthority):
@@ -80,7 +84,7 @@ async def startTLSServer(authority, **kw):
     server.setCertificate(authority.localhost.certFile, authority.localhost.keyFile)
     versions = []
     server.onReceive = lambda s: versions.append((s.secure, s.tlsVersion))
-    await server.startListening()
+    await server.startListening().addTimeout(WAIT, reactor)
     return server, versions
 
 
@@ -102,10 +106,10 @@ def sendOver(port, context):
 async def test_implicit_tls_reports_version(certificateAuthority):
     server, versions = await startTLSServer(certificateAuthority, maxProtocol=TLSVersion.tls1_2)
     try:
-        await deferToThread(sendOver, server.port, clientContext(certificateAuthority))
+        await deferToThread(sendOver, server.port, clientContext(certificateAuthority)).addTimeout(WAIT, reactor)
         assert versions == [(True, "TLSv1.2")]
     finally:
-        await server.stopListening()
+        await server.stopListening().addTimeout(WAIT, reactor)
 
 
 @pytest_twisted.ensureDeferred
@@ -113,12 +117,32 @@ async def test_min_protocol_enforced(certificateAuthority):
     server, versions = await startTLSServer(certificateAuthority, minProtocol=TLSVersion.tls1_3)
     try:
         context = clientContext(certificateAuthority, maximum=ssl.TLSVersion.TLSv1_2)
-        with pytest.raises((ssl.SSLError, ConnectionError, smtplib.SMTPServerDisconnected)):
-            await deferToThread(sendOver, server.port, context)
-        await deferToThread(sendOver, server.port, clientContext(certificateAuthority))
+        with pytest.raises(ssl.SSLError) as refused:
+            await deferToThread(sendOver, server.port, context).addTimeout(WAIT, reactor)
+        # Refused for its version, not for any other handshake failure.
+        assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", refused.value
+        await deferToThread(sendOver, server.port, clientContext(certificateAuthority)).addTimeout(WAIT, reactor)
         assert versions == [(True, "TLSv1.3")]
     finally:
-        await server.stopListening()
+        await server.stopListening().addTimeout(WAIT, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_protocol_enforced(certificateAuthority):
+    """
+    maxProtocol=tls1_2: a client that insists on TLS 1.3 is refused with a
+    protocol_version alert, and any other client gets TLS 1.2.
+    """
+    server, versions = await startTLSServer(certificateAuthority, maxProtocol=TLSVersion.tls1_2)
+    try:
+        context = clientContext(certificateAuthority, minimum=ssl.TLSVersion.TLSv1_3)
+        with pytest.raises(ssl.SSLError) as refused:
+            await deferToThread(sendOver, server.port, context).addTimeout(WAIT, reactor)
+        assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", refused.value
+        await deferToThread(sendOver, server.port, clientContext(certificateAuthority)).addTimeout(WAIT, reactor)
+        assert versions == [(True, "TLSv1.2")]
+    finally:
+        await server.stopListening().addTimeout(WAIT, reactor)
 
 
 @pytest_twisted.ensureDeferred
@@ -128,7 +152,7 @@ async def test_starttls_then_auth(certificateAuthority):
     seen = []
     server.onLogin = lambda s: s.password == "pw"
     server.onReceive = lambda s: seen.append((s.secure, s.authenticated, s.username, s.msg.split(b"\r\n")[1]))
-    await server.startListening()
+    await server.startListening().addTimeout(WAIT, reactor)
 
     def run():
         with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
@@ -141,17 +165,16 @@ async def test_starttls_then_auth(certificateAuthority):
             client.sendmail("a@b.test", ["c@d.test"], b"Subject: t\r\n\r\nx\r\n")
 
     try:
-        await deferToThread(run)
+        await deferToThread(run).addTimeout(WAIT, reactor)
         secure, authenticated, username, withLine = seen[0]
         assert (secure, authenticated, username) == (True, True, "bob")
         assert withLine.startswith(b"\tby localhost (infsmtp) with ESMTPSA (TLSv1.3)")
     finally:
-        await server.stopListening()
+        await server.stopListening().addTimeout(WAIT, reactor)
 
 
 @pytest_twisted.ensureDeferred
 async def test_pipelining_with_a_pending_handler_over_implicit_tls(certificateAuthority):
-    from twisted.internet import reactor
     from twisted.internet.task import deferLater
 
     server, _ = await startTLSServer(certificateAuthority)
@@ -176,6 +199,6 @@ async def test_pipelining_with_a_pending_handler_over_implicit_tls(certificateAu
             return codes
 
     try:
-        assert await deferToThread(run) == [250, 250, 250, 354, 250, 221]
+        assert await deferToThread(run).addTimeout(WAIT, reactor) == [250, 250, 250, 354, 250, 221]
     finally:
-        await server.stopListening()
+        await server.stopListening().addTimeout(WAIT, reactor)

@@ -226,7 +226,14 @@ async def test_openssl_protocol_versions(serve, recorder, certificateAuthority):
 
     refused = await run(sClient(certificateAuthority, only13.port, "-starttls", "smtp", "-tls1_2"), stdin=quit)
     assert refused.returncode != 0
+    # Refused for its version (the server's protocol_version alert), not
+    # for any other reason a handshake can fail.
+    assert "alert protocol version" in refused.stderr.decode(), refused.stderr.decode()
     assert "Protocol version" not in refused.stderr.decode()
+
+    tooNew = await run(sClient(certificateAuthority, only12.port, "-starttls", "smtp", "-tls1_3"), stdin=quit)
+    assert tooNew.returncode != 0
+    assert "alert protocol version" in tooNew.stderr.decode(), tooNew.stderr.decode()
 
     accepted = await run(sClient(certificateAuthority, only13.port, "-starttls", "smtp", "-tls1_3"), stdin=quit)
     assert accepted.returncode == 0, accepted.stderr.decode()
