@@ -11,7 +11,6 @@ import email
 import email.policy
 import os
 import re
-import shutil
 import smtplib
 import socket
 import ssl
@@ -20,6 +19,7 @@ import subprocess
 import time
 
 import pytest
+from peertools import requireTool
 from twistdprocess import (
     EPHEMERAL,
     TWISTD,
@@ -34,11 +34,19 @@ from twistdprocess import (
 
 from infsmtp._twistd import DEFAULT_LISTEN, Options
 
-SWAKS = shutil.which("swaks")
-SMTP_SOURCE = "/usr/sbin/smtp-source" if os.access("/usr/sbin/smtp-source", os.X_OK) else None
+SMTP_SOURCE = "/usr/sbin/smtp-source"
 
-needsSwaks = pytest.mark.skipif(SWAKS is None, reason="swaks is not installed")
-needsSmtpSource = pytest.mark.skipif(SMTP_SOURCE is None, reason="postfix's smtp-source is not installed")
+
+@pytest.fixture
+def needsSwaks() -> str:
+    # Through the one guard: skipped on a developer's machine without
+    # swaks, a failure in CI (which installs it).
+    return requireTool("swaks")
+
+
+@pytest.fixture
+def needsSmtpSource() -> str:
+    return requireTool(SMTP_SOURCE)
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"
@@ -86,7 +94,7 @@ def smtplibSend(port: int, message: bytes = MESSAGE, recipients=("bob@example.ne
 
 def swaks(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [SWAKS, "--from", "alice@example.org", "--to", "bob@example.net", "--helo", "swaks.test", *args],
+        [requireTool("swaks"), "--from", "alice@example.org", "--to", "bob@example.net", "--helo", "swaks.test", *args],
         check=False,
         capture_output=True,
         text=True,
@@ -140,7 +148,7 @@ def test_defaults():
 # Delivery ---------------------------------------------------------------------
 
 
-@needsSwaks
+@pytest.mark.usefixtures("needsSwaks")
 def test_defaultMaildirDelivery(tmp_path, twistd):
     """
     With no --maildir, a message sent with swaks lands in ./Maildir/new,
@@ -220,7 +228,7 @@ def test_noOptionsAtAll(tmp_path):
         child.kill()
 
 
-@needsSwaks
+@pytest.mark.usefixtures("needsSwaks")
 def test_severalListenersAndUnixSocket(tmp_path, twistd):
     """
     --listen is repeatable; a unix: listener works like a TCP one.
@@ -271,7 +279,7 @@ def test_starttlsAndAuthFromFile(tmp_path, twistd, certificateAuthority):
     child.waitLog(r"<alice@example\.org> -> <bob@example\.net>, \d+ bytes, TLS yes, stored")
 
 
-@needsSwaks
+@pytest.mark.usefixtures("needsSwaks")
 def test_swaksStarttlsVerifiedAndMemoryAuth(tmp_path, twistd, certificateAuthority):
     """
     swaks verifies our certificate over STARTTLS and logs in with a
@@ -301,9 +309,29 @@ def test_implicitTls(tmp_path, twistd, certificateAuthority):
         assert client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE) == {}
     context = tlsContext(certificateAuthority)
     context.maximum_version = ssl.TLSVersion.TLSv1_2
-    with pytest.raises((ssl.SSLError, ConnectionError)):
+    with pytest.raises(ssl.SSLError) as refused:
         smtplib.SMTP_SSL("127.0.0.1", child.port, timeout=10, context=context)
+    # Refused for its version, not for any other handshake failure.
+    assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", refused.value
     assert len(storedMessages(tmp_path / "Maildir")) == 1
+
+    # --max-tls: a second daemon that stops at TLS 1.2 refuses a client
+    # that insists on 1.3, and serves any other client over 1.2.
+    (tmp_path / "capped").mkdir()  # its own pid file and log
+    capped = twistd(
+        "--cert", leaf.certFile, "--key", leaf.keyFile, "--implicit-tls", "--max-tls", "1.2",
+        cwd=tmp_path / "capped",
+    )
+    capped.waitLog(r"listening on 127\.0\.0\.1:\d+ \(implicit TLS\)")
+    context = tlsContext(certificateAuthority)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    with pytest.raises(ssl.SSLError) as refused:
+        smtplib.SMTP_SSL("127.0.0.1", capped.port, timeout=10, context=context)
+    assert refused.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION", refused.value
+    with smtplib.SMTP_SSL("127.0.0.1", capped.port, timeout=10, context=tlsContext(certificateAuthority)) as client:
+        assert client.sock.version() == "TLSv1.2"
+        assert client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE) == {}
+    assert len(storedMessages(tmp_path / "capped" / "Maildir")) == 1
 
 
 # Handlers ---------------------------------------------------------------------
@@ -626,7 +654,7 @@ def test_sigtermLetsTransactionInFlightFinish(tmp_path, twistd):
     assert stored.endswith(MESSAGE.replace(b"\r\n", b"\n"))
 
 
-@needsSmtpSource
+@pytest.mark.usefixtures("needsSmtpSource")
 def test_sigtermDuring500MessageRun(tmp_path, twistd):
     """
     SIGTERM in the middle of a 500-message smtp-source run: every message
