@@ -23,6 +23,8 @@ from ._relay import RelayDelivery
 from ._server import Server
 from ._session import Session
 
+__version__ = "0.1.0"
+
 __all__ = [
     "AuthMode",
     "EncryptMode",

@@ -233,8 +233,16 @@ class ServerProtocol(smtp.ESMTP):
                 pass  # not a TCP socket after all
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
-        ip = str(peer) if host is None else str(host)
-        refusal = self.factory.admit(self, None if host is None else ip)
+        if host is None:
+            # A UNIX socket's client: no address (not "UNIXAddress(None)").
+            ip = ""
+        else:
+            ip = str(host)
+            if ip[:7] == "::ffff:" and "." in ip:
+                # An IPv4 client of a dual-stack listener: its IPv4
+                # address, as IPv4 allow-lists expect.
+                ip = ip[7:]
+        refusal = self.factory.admit(self, ip if host is not None else None)
         if refusal is not None:
             self._reply(421, f"{self.factory.settings.hostname} {refusal}", "4.7.0", varies=True)
             self._close()
@@ -835,7 +843,7 @@ class ServerProtocol(smtp.ESMTP):
         if listed is None:
             listed = formatReply(250, self.listExtensions().decode("ascii"), "")
             self.factory.extensionReplies[key] = listed
-        self._out.append(f"250-{hostname} Hello {self.session.ip}\r\n".encode() + listed)
+        self._out.append(f"250-{hostname} Hello {self.session.ip or 'unix socket'}\r\n".encode() + listed)
 
     def do_HELO(self, argument: bytes) -> None:
         self._greet(argument, False)
@@ -1064,8 +1072,9 @@ class ServerProtocol(smtp.ESMTP):
         recipient = f"\r\n\tfor <{session.rcptTo[0]}>" if len(session.rcptTo) == 1 else ""
         date = _receivedDate()
         tls = f" ({session.tlsVersion})" if session.tlsVersion else ""
+        client = f"[{session.ip}]" if session.ip else "unix socket"
         header = (
-            f"Received: from {helo} ([{session.ip}])\r\n"
+            f"Received: from {helo} ({client})\r\n"
             f"\tby {self.factory.settings.hostname} (infsmtp) with {withProtocol}{tls}\r\n"
             f"\tid {queueId}{recipient}; {date}\r\n"
         )

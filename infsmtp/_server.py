@@ -32,9 +32,13 @@ from ._errors import SMTPError, SMTPTLSError
 from ._handlers import HandlerSpec, adaptHandler
 from ._limits import ClientLimits, MemoryBudget, parseNetworks
 from ._protocol import ServerProtocol
-from ._tls import serverTLSOptions
+from ._proxy import ProxyProtocolFactory
+from ._tls import CurrentCertificate, serverTLSOptions
 
 log = Logger(namespace="infsmtp.server")
+
+#: An endpoint string with this prefix reads a PROXY protocol header first.
+HAPROXY_PREFIX = "haproxy:"
 
 HANDLER_NAMES = ("onConnect", "onLogin", "onMailFrom", "onRcptTo", "onReceive", "onDisconnect")
 
@@ -268,7 +272,11 @@ class Server(service.Service):
         (default: this machine's FQDN).
     @param endpoint: a Twisted server endpoint string (C{'tcp:2525'},
         C{'unix:/run/smtp.sock'}, ...) or an L{IStreamServerEndpoint}, used
-        instead of C{port}/C{interface}.
+        instead of C{port}/C{interface}.  C{'haproxy:tcp:2525'} reads a
+        PROXY protocol header (v1 or v2) first: no greeting before it, and
+        C{session.ip} is the client's address from it.
+    @param proxyTimeout: seconds a C{haproxy:} listener waits for the
+        header before closing.
     @param maxMessageSize: bytes (advertised in SIZE; 0: no limit).
     @param maxRecipients: per message; more are answered 452.
     @param maxLineLength: bytes per command line (CRLF included).
@@ -365,6 +373,7 @@ class Server(service.Service):
         handlerTimeout: float = 60,
         receiveTimeout: float = 300,
         messageMemoryLimit: int | None = 256 * 1024 * 1024,
+        proxyTimeout: float = 5,
         reactor: Any = None,
     ) -> None:
         self.ssl = ssl
@@ -400,13 +409,15 @@ class Server(service.Service):
         self.handlerTimeout = handlerTimeout
         self.receiveTimeout = receiveTimeout
         self.messageMemoryLimit = messageMemoryLimit
+        self.proxyTimeout = proxyTimeout
         self.checkSettings()
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self._certificate: tuple[str, str, str | None, bool] | None = None
         self._tlsOptions: Any = None
-        self._sessionTLS: Any = None
+        # What every new TLS connection gets: the options set last.
+        self._sessionTLS = CurrentCertificate()
         self._pool: ThreadPool | None = None
         self._handlers: dict[str, Callable[[Any], Any] | None] = dict.fromkeys(HANDLER_NAMES)
         self._handlerSpecs: dict[str, HandlerSpec] = dict.fromkeys(HANDLER_NAMES)
@@ -426,6 +437,10 @@ class Server(service.Service):
         """
         Load the TLS certificate (PEM, the chain may follow the leaf) and key.
 
+        On a running server the new certificate takes effect for new
+        connections at once (a renewal needs no restart); connections
+        already in TLS keep theirs.  When loading fails, nothing changes.
+
         @param rootCertFile: extra chain certificates, and the trust root
             when verifying.
         @param verify: check at once that the chain is valid (default: the
@@ -439,6 +454,8 @@ class Server(service.Service):
             certFile, keyFile, rootCertFile, verify, self.minProtocol, self.maxProtocol
         )
         self._certificate = (certFile, keyFile, rootCertFile, verify)
+        if self._factory is not None:
+            self._sessionTLS.options = self._tlsOptions
 
     @property
     def implicit(self) -> bool:
@@ -494,7 +511,7 @@ class Server(service.Service):
         for name in ("spoolThreshold", "messageMemoryLimit"):
             if getattr(self, name) is not None:
                 _checkCount(name, getattr(self, name), 0, None, "or None")
-        for name in ("timeout", "handlerTimeout", "receiveTimeout"):
+        for name in ("timeout", "handlerTimeout", "receiveTimeout", "proxyTimeout"):
             _checkSeconds(name, getattr(self, name), positive=True)
         for name in ("shutdownGrace", "authFailureDelay"):
             _checkSeconds(name, getattr(self, name), positive=False)
@@ -552,7 +569,12 @@ class Server(service.Service):
     def _endpoint(self) -> IStreamServerEndpoint:
         if self.endpoint is not None:
             if isinstance(self.endpoint, str):
-                return listenEndpoint(self._reactor, self.endpoint, self.backlog)
+                description = self.endpoint
+                if description.startswith(HAPROXY_PREFIX):
+                    # Twisted's own haproxy: endpoint greets before the header
+                    # is in; ours (in startListening) waits for it.
+                    description = description[len(HAPROXY_PREFIX) :]
+                return listenEndpoint(self._reactor, description, self.backlog)
             return self.endpoint
         if ":" in self.interface:
             return TCP6ServerEndpoint(self._reactor, self.port, self.backlog, self.interface)
@@ -567,9 +589,10 @@ class Server(service.Service):
         if self._factory is None:
             # Once per listening run: the certificate files are read and
             # checked once, however many endpoints share the sessions.
-            self._sessionTLS = self._tlsForSessions()
+            tls = self._tlsForSessions()
+            self._sessionTLS.options = tls
             self._factory = ServerFactory(
-                self, self._settings(), None if self.implicit else self._sessionTLS, self._reactor
+                self, self._settings(), None if self.implicit or tls is None else self._sessionTLS, self._reactor
             )
         factory: Any = self._factory
         if self.implicit:
@@ -593,6 +616,8 @@ class Server(service.Service):
             endpoint = self._endpoint()
         except Exception:
             return defer.fail()
+        if isinstance(self.endpoint, str) and self.endpoint.startswith(HAPROXY_PREFIX):
+            factory = ProxyProtocolFactory(factory, self.proxyTimeout, self._reactor)
 
         def listening(port: IListeningPort) -> int:
             self._listening = port
@@ -670,13 +695,26 @@ class Server(service.Service):
 
     # IService -------------------------------------------------------------
 
+    def privilegedStartService(self) -> None:
+        """
+        Bind now, before twistd sheds its privileges (C{--uid}), so that a
+        .tac can listen on port 25; see L{startService}.
+        """
+        super().privilegedStartService()
+        self._listenNow()
+
     def startService(self) -> None:
         """
-        Start listening; a failure to listen is raised at once when the
-        endpoint reports it synchronously (TCP does), so that twistd
-        reports a port in use instead of running without it.
+        Start listening, unless L{privilegedStartService} already did; a
+        failure to listen is raised at once when the endpoint reports it
+        synchronously (TCP does), so that twistd reports a port in use
+        instead of running without it.
         """
         super().startService()
+        if self._listening is None:
+            self._listenNow()
+
+    def _listenNow(self) -> None:
         outcome: list[Any] = []
         self.startListening().addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):

@@ -23,7 +23,9 @@ class Session:
     set the decision fields (C{accept}, C{authenticated}, C{received}).
 
     @ivar id: a number unique among the server's sessions.
-    @ivar ip: the client's address (the proxied client's behind PROXY).
+    @ivar ip: the client's address (the proxied client's behind PROXY; an
+        IPv4 client of a dual-stack listener as IPv4), or C{""} for a UNIX
+        socket's client.
     @ivar port: the client's port.
     @ivar helo: the name the client gave in HELO/EHLO, or C{""}.
     @ivar secure: whether TLS protects the connection.

@@ -9,8 +9,10 @@ import ssl as _stdlibSSL
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import CertificateOptions
+from zope.interface import implementer
 
 from ._enums import TLSVersion
 from ._errors import SMTPTLSError
@@ -125,3 +127,25 @@ def serverTLSOptions(
         insecurelyLowerMinimumTo=minProtocol.twisted,
         lowerMaximumSecurityTo=maxProtocol.twisted,
     )
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class CurrentCertificate:
+    """
+    The TLS options a running server hands each new connection: whichever
+    were set last, so that L{Server.setCertificate} on a running server (a
+    renewed certificate) takes effect for the next connection without a
+    restart, while connections already up keep theirs.
+
+    @ivar options: the current L{CertificateOptions}, or L{None}.
+    """
+
+    def __init__(self, options: CertificateOptions | None = None) -> None:
+        self.options = options
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        # What Twisted does for a context factory, through public calls:
+        # a connection on the current options' context.
+        if self.options is None:
+            raise SMTPTLSError("no certificate set")
+        return SSL.Connection(self.options.getContext(), None)

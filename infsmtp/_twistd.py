@@ -39,14 +39,13 @@ from ._enums import EncryptMode, TLSVersion
 from ._errors import SMTPError
 from ._maildir import MaildirDelivery
 from ._proxy import ProxyProtocolFactory
-from ._server import HANDLER_NAMES, Server, listenEndpoint
+from ._server import HANDLER_NAMES, HAPROXY_PREFIX, Server, listenEndpoint
 from ._workers import WorkerPool, adoptedEndpoint, parseTCPListen, workerArguments
 
 log = Logger(namespace="infsmtp.twistd")
 
 DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
 DEFAULT_MAILDIR = "Maildir"
-HAPROXY_PREFIX = "haproxy:"
 
 
 class ConfigurationError(SMTPError):
@@ -158,6 +157,25 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def opt_trusted(self, network: str) -> None:
         """Network (CIDR) whose clients the per-client limits do not apply to, repeatable: --trusted 127.0.0.0/8."""
         self["trusted"].append(network)
+
+    def opt_version(self) -> None:
+        """Print infsmtp's version (and Twisted's), then exit."""
+        from twisted import version as twistedVersion
+
+        from . import __version__
+
+        print(f"infsmtp {__version__} (Twisted {twistedVersion.short()})")
+        raise SystemExit(0)
+
+    def getUsage(self, width: int | None = None) -> str:
+        # --inherit-fd is between the --workers parent and its children.
+        hidden = "inherit-fd"
+        saved = self.longOpt
+        self.longOpt = [name for name in saved if name.rstrip("=") != hidden]
+        try:
+            return super().getUsage(width)
+        finally:
+            self.longOpt = saved
 
     def opt_inherit_fd(self, fd: str) -> None:
         """Internal, set by --workers: listen on this inherited descriptor instead of --listen."""
@@ -290,6 +308,16 @@ class SigtermStops:
         # After startup, so that this replaces the reactor's own handler.
         if threadable.isInIOThread() and hasattr(signal, "SIGTERM"):
             signal.signal(signal.SIGTERM, self._sigterm)
+            if hasattr(signal, "SIGHUP"):
+                signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, number: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """
+        SIGHUP: reload what can change without a restart (the certificate).
+        """
 
     def _sigterm(self, number: int, frame: Any) -> None:
         if self._stopping:
@@ -321,6 +349,8 @@ class SMTPService(SigtermStops, service.Service):
     exitOnListenFailure = False
     #: twistd's pid file, removed when exiting that way.
     pidfile: str | None = None
+    #: C{(certFile, keyFile, rootFile)} that SIGHUP reloads, or L{None}.
+    certificate: tuple[str, str, str | None] | None = None
 
     def __init__(
         self,
@@ -413,6 +443,23 @@ class SMTPService(SigtermStops, service.Service):
         if self.handleSigterm:
             self._reactor.callWhenRunning(self._installSigterm)
 
+    def reload(self) -> None:
+        """
+        Reload the certificate and key (SIGHUP, after a renewal): checked
+        first; a pair that does not load keeps the old one, and the log says
+        why.  New connections get the new certificate; open ones keep theirs.
+        """
+        if self.certificate is None:
+            log.info("SIGHUP: no certificate to reload")
+            return
+        certFile, keyFile, root = self.certificate
+        try:
+            self.server.setCertificate(certFile, keyFile, root)
+        except SMTPError as e:
+            log.error("SIGHUP: kept the certificate in use: {error}", error=str(e))
+            return
+        log.info("SIGHUP: reloaded certificate {cert}", cert=certFile)
+
     def stopService(self) -> defer.Deferred:
         """
         Stop listening at once; idle sessions get 421 4.3.2, transactions in
@@ -489,6 +536,7 @@ _OPTION_NAMES = {
     "trusted network": "--trusted",
     "minDataRate": "--min-data-rate",
     "handlerTimeout": "--handler-timeout",
+    "proxyTimeout": "--proxy-timeout",
     "receiveTimeout": "--receive-timeout",
     "messageMemoryLimit": "--message-memory",
     "minProtocol": "--min-tls",
@@ -540,6 +588,7 @@ def buildServer(options: Options) -> Server:
             requireAuth=bool(options["require-auth"]),
             receivedHeader=not options["no-received-header"],
             shutdownGrace=options["grace"],
+            proxyTimeout=options["proxy-timeout"],
             maxConnectionsPerClient=options["max-connections-per-client"],
             maxConnectionRate=options["max-connection-rate"],
             maxAuthFailuresPerClient=options["max-auth-failures-per-client"],
@@ -566,6 +615,14 @@ def buildServer(options: Options) -> Server:
         handlers["onLogin"] = CheckerLogin(checkers)
     elif options["require-auth"] and "onLogin" not in handlers:
         raise ConfigurationError("--require-auth needs --auth (or an onLogin handler)")
+    if "onLogin" in handlers and not options["cert"] and not options["allow-insecure-auth"]:
+        # AUTH is offered only over TLS: without it the server would run,
+        # never offer AUTH, and (with --require-auth) refuse every message.
+        which = "--auth" if checkers else "an onLogin in --handlers"
+        raise ConfigurationError(
+            f"{which} needs TLS: add --cert and --key (AUTH is offered only over TLS), "
+            "or --allow-insecure-auth on a trusted network"
+        )
     if "onReceive" in handlers and (options["relay"] or options["maildir"]):
         which = "--relay" if options["relay"] else "--maildir"
         raise ConfigurationError(f"{which} and an onReceive in --handlers are exclusive: choose one")
@@ -595,7 +652,10 @@ def buildService(options: Options, reactor: Any = None) -> SMTPService:
         if reactor is None:
             from twisted.internet import reactor
         listen = [adoptedEndpoint(reactor, fd) for fd in options["inherit-fd"]]
-    return SMTPService(server, listen, options["grace"], options["proxy-timeout"], reactor)
+    svc = SMTPService(server, listen, options["grace"], options["proxy-timeout"], reactor)
+    if options["cert"]:
+        svc.certificate = (options["cert"], options["key"], options["root"])
+    return svc
 
 
 class WorkerPoolService(SigtermStops, WorkerPool):
@@ -613,6 +673,16 @@ class WorkerPoolService(SigtermStops, WorkerPool):
         super().startService()
         if self.handleSigterm:
             self._reactor.callWhenRunning(self._installSigterm)
+
+    def reload(self) -> None:
+        """
+        SIGHUP: every worker reloads (each is an L{SMTPService}).
+        """
+        for worker in list(self.workers.values()):
+            try:
+                worker.transport.signalProcess("HUP")
+            except Exception as e:  # noqa: BLE001 (a worker that just ended)
+                log.info("SIGHUP: worker {index}: {error}", index=worker.index, error=str(e))
 
 
 def buildWorkerPool(options: Options, argv: Sequence[str]) -> WorkerPoolService:
