@@ -33,12 +33,14 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from peertools import freePort
+from peertools import freePort, requireTool
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.basic import LineReceiver
 
 from infsmtp import (
     AsyncClient,
@@ -55,6 +57,9 @@ from infsmtp import (
 from infsmtp.testing import CertificateAuthority
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
+
+#: The bound on a wait that the client's own timeout does not bound.
+WAIT = 20.0
 
 MESSAGE = (
     b"From: Ann <ann@example.org>\n"
@@ -148,6 +153,38 @@ class RecordingHandler:
         return AuthResult(success=False, handled=False)
 
 
+class SilentAfterCredentials(LineReceiver):
+    """
+    A server that offers AUTH, takes the credentials (PLAIN's or XOAUTH2's
+    initial response, LOGIN's password) and never answers: the client's
+    timeout comes right after it sent a secret.  C{heard} keeps the line
+    that carried each one.
+    """
+
+    heard: list[bytes] = []
+
+    @classmethod
+    def factory(cls) -> Factory:
+        cls.heard = []
+        return Factory.forProtocol(cls)
+
+    def connectionMade(self) -> None:
+        self.sendLine(b"220 silent.test ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        verb = line.split(b" ", 1)[0].upper()
+        if verb == b"EHLO":
+            self.sendLine(b"250-silent.test\r\n250 AUTH PLAIN LOGIN XOAUTH2")
+        elif line.upper() == b"AUTH LOGIN":
+            self.sendLine(b"334 VXNlcm5hbWU6")
+        elif line == base64.b64encode(b"ann"):
+            self.sendLine(b"334 UGFzc3dvcmQ6")
+        elif verb in (b"QUIT", b"RSET"):
+            self.sendLine(b"221 bye")
+        else:
+            self.heard.append(line)  # and say nothing
+
+
 class EphemeralController(Controller):
     """
     An aiosmtpd controller on a port the kernel picks.
@@ -231,13 +268,14 @@ def smtpSink():
     ``start(dump=False)`` returns ``(port, dumpFolder or None)``; with
     ``dump`` each message is written into the folder.
     """
-    if not os.path.exists(SMTP_SINK):
-        pytest.skip("smtp-sink (Postfix) is not installed")
+    # Through the one guard: skipped on a developer's machine without
+    # Postfix, a failure in CI (which installs it).
+    sink = requireTool(SMTP_SINK)
     processes, folders = [], []
 
     def start(dump: bool = False):
         port = freePort()
-        command = [SMTP_SINK, "127.0.0.1:%d" % port, "100"]
+        command = [sink, "127.0.0.1:%d" % port, "100"]
         if os.getuid() == 0:
             command[1:1] = ["-u", "nobody"]
         folder = None
@@ -490,15 +528,46 @@ async def test_credentialsNeverInErrorsOrLogs(aiosmtpdServer, certificateAuthori
             )
             await c.connect()
             assert await c.authenticate() is False
-            # After a failed AUTH, a send the server refuses, and a timeout.
+            # After a failed AUTH, a send the server refuses.
             texts.append(str(await failure(c.verify("zed"))))
             await c.disconnect()
         c = client(freePort(), password=secrets[0], authMode=AuthMode.default, username="ann")
         texts.append(str(await failure(c.connect())))
+        # A timeout with the credentials just sent: a server that takes
+        # them and never answers.
+        silent = reactor.listenTCP(0, SilentAfterCredentials.factory(), interface="127.0.0.1")
+        try:
+            for mechanisms, password in [(("PLAIN",), secrets[0]), (("LOGIN",), secrets[0]), (("XOAUTH2",), secrets[1])]:
+                c = client(
+                    silent.getHost().port,
+                    authMode=AuthMode.sasl,
+                    saslMechanisms=mechanisms,
+                    username="ann",
+                    password=password,
+                    timeout=300,
+                )
+                await c.connect().addTimeout(WAIT, reactor)
+                error = await failure(c.authenticate().addTimeout(WAIT, reactor))
+                assert isinstance(error, SMTPTimeoutError), error
+                texts.append(str(error))
+                texts.append(repr(error))
+                c.free()
+        finally:
+            await silent.stopListening()
     finally:
         globalLogPublisher.removeObserver(events.append)
+    assert SilentAfterCredentials.heard == [
+        b"AUTH PLAIN " + base64.b64encode(b"\0ann\0" + secrets[0].encode()),
+        base64.b64encode(secrets[0].encode()),
+        b"AUTH XOAUTH2 " + base64.b64encode(b"user=ann\x01auth=Bearer " + secrets[1].encode() + b"\x01\x01"),
+    ]
     texts += [formatEvent(e) for e in events] + [repr(e) for e in events]
-    blobs = [base64.b64encode(b"\0ann\0" + secrets[0].encode()).decode(), base64.b64encode(secrets[0].encode()).decode()]
+    blobs = [
+        base64.b64encode(b"\0ann\0" + secrets[0].encode()).decode(),
+        base64.b64encode(secrets[0].encode()).decode(),
+        # The encoded XOAUTH2 initial response, which carries the token.
+        base64.b64encode(b"user=ann\x01auth=Bearer " + secrets[1].encode() + b"\x01\x01").decode(),
+    ]
     for text in texts:
         for secret in secrets + blobs:
             assert secret not in text

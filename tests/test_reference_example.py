@@ -7,16 +7,33 @@ reference's: implicit TLS, AUTH, the reference's account and password.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest_twisted
 from aiosmtpd.smtp import AuthResult
 from test_client_interop import aiosmtpdServer, serverContext  # noqa: F401  (a fixture)
 from twisted.internet import reactor
-from twisted.internet.utils import getProcessOutputAndValue
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "reference_example.py")
+
+
+def runExample(port: int, certificateAuthority) -> Deferred:
+    """
+    The example as a program of its own, bounded: killed after 60 s, and
+    the wait for it failed after 90.  Fires with (stdout, stderr, status).
+    """
+    run = deferToThread(
+        subprocess.run,
+        [sys.executable, EXAMPLE, "localhost", str(port), "--ca-file", certificateAuthority.certFile],
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        timeout=60,
+    )
+    return run.addCallback(lambda done: (done.stdout, done.stderr, done.returncode)).addTimeout(90, reactor)
 
 
 @pytest_twisted.ensureDeferred
@@ -32,12 +49,7 @@ async def test_referenceExampleSendsMailEml(aiosmtpdServer, certificateAuthority
         ssl_context=serverContext(certificateAuthority.localhost),
         authenticator=authenticator,
     )
-    out, err, code = await getProcessOutputAndValue(
-        sys.executable,
-        [EXAMPLE, "localhost", str(server.port), "--ca-file", certificateAuthority.certFile],
-        env={**os.environ, "PYTHONPATH": ROOT},
-        reactor=reactor,
-    )
+    out, err, code = await runExample(server.port, certificateAuthority)
     assert code == 0, err.decode()
     assert b"sent mail.eml" in out
     assert logins == [("PLAIN", b"youraccount@gmail.com", b"yourpassword")]
@@ -49,11 +61,6 @@ async def test_referenceExampleSendsMailEml(aiosmtpdServer, certificateAuthority
 @pytest_twisted.ensureDeferred
 async def test_referenceExampleReportsARefusedLogin(aiosmtpdServer, certificateAuthority):  # noqa: F811
     server = aiosmtpdServer(ssl_context=serverContext(certificateAuthority.localhost))
-    out, err, code = await getProcessOutputAndValue(
-        sys.executable,
-        [EXAMPLE, "localhost", str(server.port), "--ca-file", certificateAuthority.certFile],
-        env={**os.environ, "PYTHONPATH": ROOT},
-        reactor=reactor,
-    )
+    out, err, code = await runExample(server.port, certificateAuthority)
     assert code == 1 and b"refused the username or password" in err
     assert server.handler.messages == []

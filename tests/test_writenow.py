@@ -13,6 +13,9 @@ from twisted.internet.testing import StringTransport
 
 from infsmtp._writenow import writeNow
 
+#: The bound on every wait, in seconds.
+WAIT = 20.0
+
 
 class Collect(protocol.Protocol):
     def __init__(self, expected: int) -> None:
@@ -25,6 +28,18 @@ class Collect(protocol.Protocol):
         if len(self.received) >= self.expected and not self.complete.called:
             self.complete.callback(bytes(self.received))
 
+    async def arrived(self) -> bytes:
+        """
+        Everything expected, or a failure saying how much came (a lost
+        byte must fail the test, not hang it).
+        """
+        try:
+            return await self.complete.addTimeout(WAIT, reactor)
+        except defer.TimeoutError:
+            raise AssertionError(
+                f"{len(self.received)} of {self.expected} bytes arrived within {WAIT:g} s"
+            ) from None
+
 
 @contextlib.asynccontextmanager
 async def connectedPair(expected: int):
@@ -35,15 +50,15 @@ async def connectedPair(expected: int):
     collector = Collect(expected)
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
         protocol.Factory.forProtocol(lambda: collector)
-    )
+    ).addTimeout(WAIT, reactor)
     client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
         protocol.Factory.forProtocol(protocol.Protocol)
-    )
+    ).addTimeout(WAIT, reactor)
     try:
         yield collector, client.transport
     finally:
         client.transport.loseConnection()
-        await port.stopListening()
+        await defer.maybeDeferred(port.stopListening).addTimeout(WAIT, reactor)
 
 
 def queued(transport) -> int:
@@ -55,7 +70,7 @@ async def test_small_write_goes_out_without_buffering():
     async with connectedPair(5) as (collector, transport):
         writeNow(transport, b"hello")
         assert queued(transport) == 0
-        assert await collector.complete == b"hello"
+        assert await collector.arrived() == b"hello"
 
 
 @pytest_twisted.ensureDeferred
@@ -63,7 +78,7 @@ async def test_write_behind_buffered_data_keeps_order():
     async with connectedPair(10) as (collector, transport):
         transport.write(b"first")  # buffered by Twisted until the reactor runs
         writeNow(transport, b"after")
-        assert await collector.complete == b"firstafter"
+        assert await collector.arrived() == b"firstafter"
 
 
 @pytest_twisted.ensureDeferred
@@ -74,7 +89,7 @@ async def test_more_than_the_socket_takes_is_sent_in_part_and_the_rest_buffered(
         writeNow(transport, data)
         assert 0 < queued(transport) < size  # some went at once, the rest waits
         writeNow(transport, b"tail")  # must queue behind the remainder
-        assert await collector.complete == data + b"tail"
+        assert await collector.arrived() == data + b"tail"
 
 
 def test_other_transports_get_a_plain_write():
