@@ -186,6 +186,43 @@ def loggedFailures():
     globalLogPublisher.removeObserver(observer)
 
 
+@pytest.fixture
+def readDone(monkeypatch):
+    """
+    C{await readDone()}, from inside a handler's event: fires once the
+    server's C{dataReceived} that is running returns, that is once the
+    server has acted on all it read.  A test that shows the server did
+    not run ahead of a pending handler waits for this event instead of
+    sleeping to give a wrongly eager server a chance.
+    """
+    from infsmtp._protocol import ServerProtocol
+
+    original = ServerProtocol.dataReceived
+    depth = [0]
+    waiters: list[defer.Deferred] = []
+
+    def dataReceived(self: Any, data: bytes) -> None:
+        depth[0] += 1
+        try:
+            original(self, data)
+        finally:
+            depth[0] -= 1
+            if not depth[0]:
+                done, waiters[:] = list(waiters), []
+                for d in done:
+                    d.callback(None)
+
+    monkeypatch.setattr(ServerProtocol, "dataReceived", dataReceived)
+
+    def wait() -> defer.Deferred:
+        assert depth[0], "readDone() waits for a read in progress: call it from a handler's event"
+        d: defer.Deferred = defer.Deferred()
+        waiters.append(d)
+        return bounded(d)
+
+    return wait
+
+
 # A raw client for hostile input -------------------------------------------
 
 _REPLY_LINE = re.compile(rb"^(\d{3})([ -])(.*)$", re.S)

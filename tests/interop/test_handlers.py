@@ -230,7 +230,7 @@ async def test_decisions_by_return_value_and_by_attribute(serve, raw, recorder):
 
 
 @pytest_twisted.ensureDeferred
-async def test_pending_deferred_holds_pipelined_commands(serve, raw, recorder):
+async def test_pending_deferred_holds_pipelined_commands(serve, raw, recorder, readDone):
     """
     twisted#8126: while onRcptTo's Deferred is pending, the commands
     pipelined behind it (and the message after DATA) wait; when it fires,
@@ -263,8 +263,9 @@ async def test_pending_deferred_holds_pipelined_commands(serve, raw, recorder):
 
     replies = inThread(lambda: raw(server.port).exchange(batch))
     await called.addTimeout(20, reactor)
-    # Give a wrongly eager server every chance to run ahead.
-    await task.deferLater(reactor, 0.2, lambda: None)
+    # The server has acted on everything it read: a wrongly eager one
+    # would have run ahead by now.
+    await readDone()
     assert seen == ["slow@example.net"]
     assert recorder.received == []
     gate.callback(True)
@@ -278,7 +279,7 @@ async def test_pending_deferred_holds_pipelined_commands(serve, raw, recorder):
 
 
 @pytest_twisted.ensureDeferred
-async def test_slow_onreceive_with_pipelined_transaction_behind(serve, raw, recorder):
+async def test_slow_onreceive_with_pipelined_transaction_behind(serve, raw, recorder, readDone):
     """
     A slow onReceive with the next whole transaction pipelined behind the
     message: the second transaction is answered only after the first
@@ -302,7 +303,7 @@ async def test_slow_onreceive_with_pipelined_transaction_behind(serve, raw, reco
 
     replies = inThread(lambda: raw(server.port).exchange(batch))
     await entered[0].addTimeout(20, reactor)
-    await task.deferLater(reactor, 0.1, lambda: None)
+    await readDone()
     assert subjects == ["m0"]
     gates[0].callback(False)
     await entered[1].addTimeout(20, reactor)
@@ -360,10 +361,14 @@ async def test_ondisconnect_exactly_once(serve, raw, recorder, loggedFailures, e
     elif ending == "errors":
         assert codes(replies) == [500, 500, 500, 421]
     elif ending == "handler-disconnect":
-        assert 221 not in codes(replies) and 354 not in codes(replies)
+        # The MAIL's 250, then the 421 the handler's disconnect() sends
+        # instead of the RCPT's reply; nothing after it.
+        assert codes(replies) == [250, 421], replies
+        assert replies[1].text == f"4.7.0 {server.hostname} Closing connection"
     assert recorder.received == []
-    # Once: let the reactor run past the close, then count again.
-    await task.deferLater(reactor, 0.05, lambda: None)
+    # Once: stop the server (every session over, every onDisconnect
+    # called), then count again.
+    await server.stopListening().addTimeout(20, reactor)
     assert list(recorder.disconnects.values()) == [1]
     assert list(recorder.disconnects) == recorder.connects
     assert loggedFailures == []
