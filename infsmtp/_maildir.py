@@ -62,23 +62,44 @@ def _fsyncDirectory(path: str) -> None:
         os.close(fd)
 
 
-def prepareMaildir(path: str) -> str:
+def checkMaildirPath(path: str) -> str:
     """
-    Make sure C{path} is a Maildir (creating it and its C{tmp/}, C{new/}
-    and C{cur/} folders, mode 0700, when missing).
+    Check, without creating anything, that C{path} can be a Maildir: no
+    file where one of its folders goes.
 
     @return: the absolute path.
-    @raise SMTPError: with one sentence saying why it cannot be used (a
-        file is in the way, no permission, ...).
+    @raise SMTPError: with one sentence saying why it cannot be used.
     """
     path = os.path.abspath(path)
     for folder in (path,) + tuple(os.path.join(path, sub) for sub in _SUBFOLDERS):
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise SMTPError(f"Maildir {path}: {folder} is a file, not a folder")
+    return path
+
+
+def prepareMaildir(path: str) -> str:
+    """
+    Make sure C{path} is a Maildir that this process can deliver into
+    (creating it and its C{tmp/}, C{new/} and C{cur/} folders, mode 0700,
+    when missing).
+
+    @return: the absolute path.
+    @raise SMTPError: with one sentence saying why it cannot be used (a
+        file is in the way, no permission, ...).
+    """
+    path = checkMaildirPath(path)
+    for folder in (path,) + tuple(os.path.join(path, sub) for sub in _SUBFOLDERS):
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
         except OSError as e:
             raise SMTPError(f"Maildir {path}: cannot create {folder}: {e.strerror}") from None
+    for sub in ("tmp", "new"):
+        # Checked now, as the user this process runs as: otherwise every
+        # message would be answered 451 (a Maildir created by root before
+        # twistd --uid dropped to another user).
+        folder = os.path.join(path, sub)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SMTPError(f"Maildir {path}: {folder} is not writable by uid {os.getuid()}")
     return path
 
 
@@ -119,14 +140,18 @@ class MaildirDelivery:
 
     @param path: the Maildir folder; created (with C{tmp/}, C{new/},
         C{cur/}) when missing.
+    @param create: C{False} only checks C{path} now and leaves creating it
+        to L{open}.
     @param threadPool: the pool the writes run in (default: the reactor's).
     @param reactor: the reactor (default: the global one); its
         C{seconds()} is the clock that dates C{tmp/} files.
     @raise SMTPError: when C{path} cannot be a Maildir (e.g. it is a file).
     """
 
-    def __init__(self, path: str, *, threadPool: ThreadPool | None = None, reactor: Any = None) -> None:
-        self.path = prepareMaildir(path)
+    def __init__(
+        self, path: str, *, threadPool: ThreadPool | None = None, reactor: Any = None, create: bool = True
+    ) -> None:
+        self.path = prepareMaildir(path) if create else checkMaildirPath(path)
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
@@ -138,6 +163,19 @@ class MaildirDelivery:
         # Here rather than at the first message: twistd and .tac files both
         # create the delivery once, at startup, which is when the Maildir
         # rules ask for it, and no message pays for it.
+        if create:
+            self.removeStaleFiles()
+
+    def open(self) -> None:
+        """
+        What the constructor does with C{create=False} left undone: create
+        the Maildir (as the user this process runs as now) and check that
+        it can be written, then remove stale files.  C{twistd infsmtp} calls
+        it once listening has worked and privileges have been dropped.
+
+        @raise SMTPError: when it cannot be used.
+        """
+        prepareMaildir(self.path)
         self.removeStaleFiles()
 
     def removeStaleFiles(self) -> int:

@@ -351,6 +351,8 @@ class SMTPService(SigtermStops, service.Service):
     pidfile: str | None = None
     #: C{(certFile, keyFile, rootFile)} that SIGHUP reloads, or L{None}.
     certificate: tuple[str, str, str | None] | None = None
+    #: The Maildir delivery to open at startService, or L{None}.
+    maildir: MaildirDelivery | None = None
 
     def __init__(
         self,
@@ -400,11 +402,13 @@ class SMTPService(SigtermStops, service.Service):
             d.addErrback(self._listenFailed, description)
             d.addBoth(outcome.append)
             if outcome and isinstance(outcome[0], Failure):
-                error = outcome[0].value
-                if self.exitOnListenFailure:
-                    self._removePidfile()
-                    _exit(str(error))
-                raise error
+                self._startFailed(outcome[0].value)
+
+    def _startFailed(self, error: BaseException) -> None:
+        if self.exitOnListenFailure:
+            self._removePidfile()
+            _exit(str(error))
+        raise error
 
     def _removePidfile(self) -> None:
         # twistd removes it only when startup fails with an exception.
@@ -440,6 +444,11 @@ class SMTPService(SigtermStops, service.Service):
     def startService(self) -> None:
         super().startService()
         self._listen()
+        if self.maildir is not None:
+            try:
+                self.maildir.open()
+            except SMTPError as e:
+                self._startFailed(ConfigurationError(str(e)))
         if self.handleSigterm:
             self._reactor.callWhenRunning(self._installSigterm)
 
@@ -631,7 +640,9 @@ def buildServer(options: Options) -> Server:
             handlers["onReceive"] = _relayDelivery(options)
         else:
             try:
-                handlers["onReceive"] = MaildirDelivery(options["maildir"] or DEFAULT_MAILDIR)
+                # Created in SMTPService.startService: once listening
+                # worked, and as the user twistd --uid runs it as.
+                handlers["onReceive"] = MaildirDelivery(options["maildir"] or DEFAULT_MAILDIR, create=False)
             except SMTPError as e:
                 raise ConfigurationError(str(e)) from None
     for name, handler in handlers.items():
@@ -653,6 +664,8 @@ def buildService(options: Options, reactor: Any = None) -> SMTPService:
             from twisted.internet import reactor
         listen = [adoptedEndpoint(reactor, fd) for fd in options["inherit-fd"]]
     svc = SMTPService(server, listen, options["grace"], options["proxy-timeout"], reactor)
+    if isinstance(server.onReceive, MaildirDelivery):
+        svc.maildir = server.onReceive
     if options["cert"]:
         svc.certificate = (options["cert"], options["key"], options["root"])
     return svc

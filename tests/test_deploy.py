@@ -65,6 +65,7 @@ def freePrivilegedPort() -> int:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="binding a port below 1024 then dropping privileges needs root")
 def test_tac_listens_on_a_privileged_port_with_uid(tmp_path):
+    # (The .tac needs no folder of its own once running: it stores nothing.)
     port = freePrivilegedPort()
     (tmp_path / "low.tac").write_text(
         "from twisted.application import service\n"
@@ -354,3 +355,86 @@ def test_maildir_listed_is_created(tmp_path):
     finally:
         assert child.terminate() == 0
 
+
+
+# 1 and 8. The Maildir, created by the user that delivers, once listening worked ----------
+
+
+def nobody() -> tuple[int, int]:
+    import grp
+    import pwd
+
+    return pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+
+
+@pytest.fixture
+def openPath():
+    """
+    A temporary folder another user can reach (pytest's are under a 0700
+    folder of root's).
+    """
+    import pathlib
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="infsmtp-deploy-")
+    os.chmod(path, 0o755)
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--uid needs root")
+def test_maildir_belongs_to_the_uid_twistd_drops_to(openPath):
+    tmp_path = openPath
+    uid, gid = nobody()
+    home = tmp_path / "spool"
+    home.mkdir()
+    os.chown(home, uid, gid)
+    maildir = home / "Maildir"
+    child = Twistd(
+        ["--uid", str(uid), "--gid", str(gid), "infsmtp", "--listen", "tcp:0:interface=127.0.0.1",
+         "--maildir", str(maildir)],
+        tmp_path,
+    )
+    try:
+        port = child.waitListening()[0][1]
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            # Before: 451 4.3.0 for every message (a root-owned 0700 Maildir).
+            assert client.sendmail("a@b.test", ["c@d.test"], b"Subject: uid\r\n\r\nx\r\n") == {}
+        assert len(maildirFiles(str(maildir))) == 1
+        assert {os.stat(maildir / sub).st_uid for sub in ("", "tmp", "new", "cur")} == {uid}
+    finally:
+        assert child.terminate() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--uid needs root")
+def test_maildir_the_uid_cannot_write_refuses_to_start(openPath):
+    tmp_path = openPath
+    uid, gid = nobody()
+    maildir = tmp_path / "Maildir"
+    for sub in ("", "tmp", "new", "cur"):
+        (maildir / sub).mkdir(mode=0o755)
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "--logfile", str(tmp_path / "log"), "--uid", str(uid), "--gid", str(gid),
+         "infsmtp", "--listen", "tcp:0:interface=127.0.0.1", "--maildir", str(maildir)],
+        capture_output=True, text=True, timeout=60, env=childEnvironment(), cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"twistd infsmtp: error: Maildir {maildir}: {maildir}/tmp is not writable by uid {uid}"
+    ]
+
+
+def test_maildir_is_not_created_when_listening_fails(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        result = subprocess.run(
+            [TWISTD, "-n", "--pidfile=", "--logfile", str(tmp_path / "log"), "infsmtp",
+             "--listen", f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1", "--maildir", str(tmp_path / "box")],
+            capture_output=True, text=True, timeout=60, env=childEnvironment(), cwd=tmp_path,
+        )
+    finally:
+        busy.close()
+    assert result.returncode == 1 and "Address already in use" in result.stderr
+    assert not (tmp_path / "box").exists()
