@@ -30,13 +30,31 @@ _MODULE_FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 def scriptBase() -> str:
     """
     The folder relative script paths are taken from: the main script's, as
-    the reference says, else the working directory.
+    the reference says; under twistd, the .tac's (C{-y}/C{--python}), else
+    the working directory (twistd itself is not the user's script).
     """
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    if path:
+    if path and os.path.basename(path) not in ("twistd", "twistd.py", "__main__.py"):
         return os.path.dirname(os.path.abspath(path))
+    tac = _tacPath(sys.argv)
+    if tac:
+        return os.path.dirname(os.path.abspath(tac))
     return os.getcwd()
+
+
+def _tacPath(argv: list[str]) -> str | None:
+    """
+    The .tac file named on a twistd command line, if any.
+    """
+    for index, arg in enumerate(argv):
+        if arg in ("-y", "--python") and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--python="):
+            return arg[len("--python=") :]
+        if arg.startswith("-y") and len(arg) > 2 and not arg.startswith("--"):
+            return arg[2:]
+    return None
 
 
 def resolveObject(spec: str) -> Any:

@@ -255,6 +255,11 @@ def loadHandlers(spec: str) -> dict[str, Callable[..., Any]]:
                 source = f.read()
         except OSError as e:
             raise ConfigurationError(f"--handlers {spec}: {e.strerror}") from None
+        # Like "python lib/pol.py": the file's folder is on the import path,
+        # so it can import the modules beside it.
+        folder = os.path.dirname(path)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         namespace: dict[str, Any] = {"__name__": "infsmtp_handlers", "__file__": path}
         try:
             exec(compile(source, path, "exec"), namespace)  # noqa: S102 (running the handlers file is the point)
@@ -263,10 +268,18 @@ def loadHandlers(spec: str) -> dict[str, Callable[..., Any]]:
         except Exception as e:  # noqa: BLE001 (whatever the user's file raised, shown in one line)
             raise ConfigurationError(f"--handlers {spec}: {type(e).__name__}: {e}") from None
     else:
+        # twistd's import path starts with its own folder, not the working
+        # directory "python -m" would give: look there too, as a user expects.
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.append(cwd)
         try:
             namespace = vars(importlib.import_module(spec))
         except Exception as e:  # noqa: BLE001 (as above, for a module)
-            raise ConfigurationError(f"--handlers {spec}: cannot import: {e}") from None
+            hint = f"; looked in the working directory {cwd} and the import path"
+            if isinstance(e, ModuleNotFoundError) and e.name == spec.split(".")[0]:
+                hint += " (for a file, give its path: --handlers ./file.py)"
+            raise ConfigurationError(f"--handlers {spec}: cannot import: {e}{hint}") from None
     found = {name: namespace[name] for name in HANDLER_NAMES if callable(namespace.get(name))}
     if not found:
         raise ConfigurationError(f"--handlers {spec} defines none of {', '.join(HANDLER_NAMES)}")

@@ -438,3 +438,93 @@ def test_maildir_is_not_created_when_listening_fails(tmp_path):
         busy.close()
     assert result.returncode == 1 and "Address already in use" in result.stderr
     assert not (tmp_path / "box").exists()
+
+
+# 6. Handler paths, as a Twisted user expects them ----------------------------------------
+
+
+def test_tac_script_handler_resolves_beside_the_tac(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "handlers").mkdir(parents=True)
+    (conf / "handlers" / "receive.py").write_text("open(session.data['out'], 'ab').write(session.msg)\n")
+    out = tmp_path / "out.eml"
+    (conf / "scripted.tac").write_text(
+        "from twisted.application import service\n"
+        "from infsmtp import Server\n"
+        "application = service.Application('scripted')\n"
+        "server = Server(port=0, interface='127.0.0.1', hostname='mx.test')\n"
+        f"server.onConnect = lambda session: session.data.update(out={str(out)!r})\n"
+        "server.onReceive = 'handlers/receive.py'\n"
+        "server.setServiceParent(application)\n"
+    )
+    # Started from another folder: the path is the .tac's, not twistd's
+    # (the executable's folder) nor the working directory.
+    child = Twistd(["-y", "conf/scripted.tac"], tmp_path)
+    try:
+        port = child.waitListening()[0][1]
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            assert client.sendmail("a@b.test", ["c@d.test"], b"Subject: tac\r\n\r\nx\r\n") == {}
+        assert b"Subject: tac" in out.read_bytes()
+    finally:
+        child.terminate()
+
+
+def test_tac_path_on_the_command_line():
+    from infsmtp._handlers import _tacPath
+
+    assert _tacPath(["twistd", "-n", "-y", "a/b.tac"]) == "a/b.tac"
+    assert _tacPath(["twistd", "--python=c.tac"]) == "c.tac"
+    assert _tacPath(["twistd", "-yd.tac"]) == "d.tac"
+    assert _tacPath(["twistd", "infsmtp"]) is None
+
+
+def test_handlers_file_imports_its_neighbours(tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "allowlist_for_test_deploy.py").write_text("ALLOWED = {'c@d.test'}\n")
+    (lib / "pol.py").write_text(
+        "import allowlist_for_test_deploy\n"
+        "def onRcptTo(session):\n"
+        "    return session.address in allowlist_for_test_deploy.ALLOWED\n"
+    )
+    child = Twistd(
+        ["infsmtp", "--listen", "tcp:0:interface=127.0.0.1", "--handlers", "lib/pol.py", "--maildir", "box"], tmp_path
+    )
+    try:
+        port = child.waitListening()[0][1]
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo()
+            client.mail("a@b.test")
+            assert client.rcpt("c@d.test")[0] == 250
+            assert client.rcpt("x@d.test")[0] == 550
+    finally:
+        assert child.terminate() == 0
+
+
+def test_handlers_module_in_the_working_directory(tmp_path):
+    (tmp_path / "policy_for_test_deploy.py").write_text("def onMailFrom(session):\n    return False\n")
+    child = Twistd(
+        ["infsmtp", "--listen", "tcp:0:interface=127.0.0.1", "--handlers", "policy_for_test_deploy",
+         "--maildir", "box"],
+        tmp_path,
+    )
+    try:
+        port = child.waitListening()[0][1]
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo()
+            assert client.mail("a@b.test")[0] == 550
+    finally:
+        assert child.terminate() == 0
+
+
+def test_handlers_module_that_is_nowhere_says_where_it_looked(tmp_path):
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "--logfile", str(tmp_path / "log"), "infsmtp",
+         "--listen", "tcp:0:interface=127.0.0.1", "--handlers", "nosuchpolicy"],
+        capture_output=True, text=True, timeout=60, env=childEnvironment(), cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("twistd infsmtp: error: --handlers nosuchpolicy: cannot import: No module named")
+    assert f"looked in the working directory {tmp_path}" in line
+    assert "give its path: --handlers ./file.py" in line
