@@ -1,0 +1,540 @@
+#!/usr/bin/env python3
+"""
+Mutation run: does a test hold each promise?
+
+Each mutant below is a one-line break of a promise made in SPEC, the README
+or an issue (9: hardening, 16: tests that prove every promise).  For each,
+this script lays out a scratch copy of the repository (the committed tree by
+default), applies that one change, runs the test files that should notice,
+and counts the mutant *caught* when they fail, *survived* when they pass.
+It ends with ``caught/total`` and the list of survivors; the exit status is
+1 when any survived.
+
+    python tools/mutate.py                 # every mutant, the committed tree
+    python tools/mutate.py --list          # what each mutant breaks
+    python tools/mutate.py --only size-data-boundary,starttls-forgets-login
+    python tools/mutate.py --worktree      # the working tree instead of HEAD
+    python tools/mutate.py --only NAME --tests tests/x.py --verbose
+                                           # does this file alone catch it?
+
+The scratch copy imports its own ``infsmtp`` (``PYTHONPATH`` and the
+working folder come first; the script checks), and twistd children started
+by the tests get it too (``tests/twistdprocess.py`` puts its own checkout
+on their path).  It is not a test and does not run in CI: a full run takes
+a few minutes on a 2-core machine (each mutant's files run with ``-x``).
+See docs/TESTING.rst.
+
+A mutant whose original text is no longer in the source is reported
+*stale* (and counted in neither column): the code moved, so its line here
+needs updating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    """
+    C{original} (exactly once in C{path}) becomes C{mutated}; C{tests} are
+    the pytest arguments that must then fail.  Context lines in
+    C{original} only make it unique: the change itself is one line.
+    """
+
+    name: str
+    promise: str
+    path: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+
+
+PROTOCOL = "infsmtp/_protocol.py"
+WIRE = "infsmtp/_wire.py"
+MAILDIR = "infsmtp/_maildir.py"
+LIMITS = "infsmtp/_limits.py"
+
+MUTANTS = [
+    # Maildir: the 250 means the message is on disk (issue 16, items 1, 4).
+    Mutant(
+        "maildir-fsync-file",
+        "the message file is flushed before it is linked into new/",
+        MAILDIR,
+        "                os.fsync(fd)\n            finally:",
+        "                pass\n            finally:",
+        ("tests/test_maildir.py",),
+    ),
+    Mutant(
+        "maildir-fsync-new-dir",
+        "new/ is flushed before the handler answers",
+        MAILDIR,
+        '            _fsyncDirectory(os.path.join(self.path, "new"))',
+        "            pass",
+        ("tests/test_maildir.py",),
+    ),
+    Mutant(
+        "maildir-fsync-directory-body",
+        "flushing a directory really calls fsync on it",
+        MAILDIR,
+        "    try:\n        os.fsync(fd)\n    finally:\n        os.close(fd)",
+        "    try:\n        pass\n    finally:\n        os.close(fd)",
+        ("tests/test_maildir.py",),
+    ),
+    Mutant(
+        "maildir-reads-msg-whole",
+        "the Maildir handler streams a spooled message from msgFile",
+        MAILDIR,
+        'localLineEndings(f"Return-Path: <{session.mailFrom}>\\n".encode(), session.msgFile)',
+        'localLineEndings(f"Return-Path: <{session.mailFrom}>\\n".encode(), __import__("io").BytesIO(session.msg))',
+        ("tests/test_maildir.py",),
+    ),
+    Mutant(
+        "maildir-disk-error-fails-open",
+        "a disk that refuses the message is answered 451, never 250",
+        MAILDIR,
+        "            raise SMTPError(*_DISK_REFUSED)",
+        "            return True",
+        ("tests/test_maildir.py",),
+    ),
+    # STARTTLS (RFC 3207 4.2, CVE-2011-0411).
+    Mutant(
+        "starttls-forgets-login",
+        "STARTTLS forgets a login made before it",
+        PROTOCOL,
+        "        self.session.authenticated = False\n        self._handshaking = True",
+        "        self._handshaking = True",
+        ("tests/test_protocol.py",),
+    ),
+    Mutant(
+        "starttls-forgets-helo",
+        "STARTTLS forgets the EHLO: the client must greet again",
+        PROTOCOL,
+        '        self.session.helo = ""\n        self._ehlo = False\n        self.session.authenticated = False',
+        "        self._ehlo = False\n        self.session.authenticated = False",
+        ("tests/test_protocol.py",),
+    ),
+    Mutant(
+        "starttls-keeps-injected-commands",
+        "commands pipelined behind STARTTLS are discarded",
+        PROTOCOL,
+        "        self._framer.clear()\n        self._resetTransaction()\n        self.session.helo",
+        "        self._resetTransaction()\n        self.session.helo",
+        ("tests/test_protocol.py", "tests/interop/test_hostile.py"),
+    ),
+    # Sizes and numbers from the wire.
+    Mutant(
+        "size-data-boundary",
+        "a message of exactly maxMessageSize bytes is accepted",
+        WIRE,
+        "if self.maxSize is not None and self.size > self.maxSize:",
+        "if self.maxSize is not None and self.size >= self.maxSize:",
+        ("tests/test_protocol.py", "tests/test_wire.py"),
+    ),
+    Mutant(
+        "size-data-unbounded",
+        "a message over maxMessageSize is refused 552",
+        WIRE,
+        "if self.maxSize is not None and self.size > self.maxSize:",
+        "if False:",
+        ("tests/test_protocol.py", "tests/test_wire.py"),
+    ),
+    Mutant(
+        "size-parameter-boundary",
+        "MAIL FROM SIZE= exactly at the limit is accepted",
+        PROTOCOL,
+        "if settings.maxMessageSize and size > settings.maxMessageSize:",
+        "if settings.maxMessageSize and size >= settings.maxMessageSize:",
+        ("tests/test_protocol.py",),
+    ),
+    Mutant(
+        "size-parameter-unicode-digits",
+        "every number from the wire is ASCII digits",
+        WIRE,
+        "or not text.isascii() or not text.isdigit():",
+        "or not text.isdigit():",
+        ("tests/test_wire.py", "tests/test_protocol.py", "tests/test_hardening.py"),
+    ),
+    Mutant(
+        "bare-lf-accepted",
+        "a bare LF in DATA marks the message refused (SMTP smuggling)",
+        WIRE,
+        'if b"\\r" in joined or b"\\n" in joined:',
+        'if b"\\r" in joined:',
+        ("tests/test_wire.py", "tests/test_protocol.py", "tests/interop/test_hostile.py"),
+    ),
+    Mutant(
+        "command-line-unbounded",
+        "a command line over the limit is answered 500, not buffered",
+        WIRE,
+        "        if self._discarding or end > self.maxLength:",
+        "        if self._discarding:",
+        ("tests/test_wire.py", "tests/test_protocol.py"),
+    ),
+    Mutant(
+        "too-many-recipients",
+        "maxRecipients recipients are accepted, the next is 452",
+        PROTOCOL,
+        "if len(self.session.rcptTo) >= settings.maxRecipients:",
+        "if len(self.session.rcptTo) > settings.maxRecipients:",
+        ("tests/test_protocol.py",),
+    ),
+    Mutant(
+        "too-many-errors",
+        "maxErrors errors close the session with 421",
+        PROTOCOL,
+        "if self._errors >= self.factory.settings.maxErrors:",
+        "if self._errors > self.factory.settings.maxErrors:",
+        ("tests/test_protocol.py", "tests/interop/test_handlers.py"),
+    ),
+    # AUTH.
+    Mutant(
+        "auth-over-plaintext",
+        "AUTH needs TLS unless insecure AUTH is allowed (538)",
+        PROTOCOL,
+        "if not self.session.secure and not self.factory.settings.allowInsecureAuth:",
+        "if False:",
+        ("tests/test_protocol.py",),
+    ),
+    Mutant(
+        "require-auth-ignored",
+        "requireAuth: MAIL before AUTH is 530",
+        PROTOCOL,
+        "if settings.requireAuth and not self.session.authenticated:",
+        "if False:",
+        ("tests/test_protocol.py",),
+    ),
+    # Handlers fail closed (SPEC: Server, handlers).
+    Mutant(
+        "handler-string-result-accepts",
+        "a handler result that is not None or a bool is never an acceptance",
+        PROTOCOL,
+        "        if type(outcome) is bool:\n            apply(outcome)",
+        "        if type(outcome) in (bool, str):\n            apply(outcome)",
+        ("tests/test_protocol.py", "tests/test_hardening.py", "tests/interop/test_handlers.py"),
+    ),
+    Mutant(
+        "handler-decision-field-truthy",
+        "a decision field that is not a bool is a programming error (4xx)",
+        PROTOCOL,
+        "            if type(value) is bool:\n                apply(None)",
+        "            if type(value) is bool or value:\n                apply(None)",
+        ("tests/test_protocol.py", "tests/test_hardening.py", "tests/interop/test_handlers.py"),
+    ),
+    Mutant(
+        "handler-exception-accepts",
+        "a handler that raises is answered 4xx, never accepted",
+        PROTOCOL,
+        '            log.failure("{handler} handler failed for session {id}", outcome, handler=name, id=self.session.id)\n'
+        "            self._temporary(temporary)",
+        '            log.failure("{handler} handler failed for session {id}", outcome, handler=name, id=self.session.id)\n'
+        "            apply(True)",
+        ("tests/test_protocol.py", "tests/interop/test_handlers.py"),
+    ),
+    Mutant(
+        "handler-deadline-ignored",
+        "a handler that does not answer within its deadline is answered 4xx",
+        PROTOCOL,
+        "pending.timer = self._clock.callLater(deadline, self._handlerTimedOut, pending, deadline)",
+        "pending.timer = self._clock.callLater(deadline * 1e6, self._handlerTimedOut, pending, deadline)",
+        ("tests/test_protocol.py", "tests/test_hardening.py"),
+    ),
+    Mutant(
+        "pipelined-commands-run-ahead",
+        "commands behind a pending handler wait for its answer, in order",
+        PROTOCOL,
+        "        while not self._busy and not self._closing and self._dataFramer is None and not self._writeBlocked:",
+        "        while not self._closing and self._dataFramer is None and not self._writeBlocked:",
+        ("tests/test_protocol.py", "tests/interop/test_handlers.py"),
+    ),
+    # Bounded under attack (issue 9).
+    Mutant(
+        "per-client-sessions-unbounded",
+        "one client IP cannot hold more than maxConnectionsPerClient sessions",
+        LIMITS,
+        "if self.maxSessions and client.sessions >= self.maxSessions:",
+        "if self.maxSessions and client.sessions > self.maxSessions:",
+        ("tests/test_hardening.py", "tests/interop/test_attack.py"),
+    ),
+    Mutant(
+        "per-client-rate-unbounded",
+        "a client over maxConnectionRate is refused",
+        LIMITS,
+        "            if client.tokens < 1:",
+        "            if client.tokens < 0:",
+        ("tests/test_hardening.py", "tests/interop/test_attack.py"),
+    ),
+    Mutant(
+        "ipv6-clients-one-per-address",
+        "an IPv6 client is counted by its /64",
+        LIMITS,
+        "    return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))",
+        "    return str(address)",
+        ("tests/test_hardening.py",),
+    ),
+    Mutant(
+        "memory-budget-unbounded",
+        "the memory all sessions hold together is bounded",
+        LIMITS,
+        "if self.limit is not None and self.used + size > self.limit:",
+        "if False:",
+        ("tests/test_hardening.py", "tests/interop/test_attack.py"),
+    ),
+    Mutant(
+        "trickled-line-keeps-session",
+        "a command line must be complete within the idle timeout",
+        PROTOCOL,
+        "            if framer.lines != lines:\n                self._lastInput = now",
+        "            if True:\n                self._lastInput = now",
+        ("tests/test_hardening.py", "tests/interop/test_attack.py"),
+    ),
+    Mutant(
+        "data-rate-unbounded",
+        "DATA bytes buy time only at the minimum data rate",
+        PROTOCOL,
+        "            credit = self._lastInput + len(data) * self._perByte",
+        "            credit = now",
+        ("tests/test_hardening.py", "tests/interop/test_attack.py"),
+    ),
+    Mutant(
+        "backpressure-ignored",
+        "a client that does not read its replies is no longer read from",
+        PROTOCOL,
+        "        self._writeBlocked = True\n        self._updateReading()",
+        "        self._writeBlocked = False\n        self._updateReading()",
+        ("tests/test_hardening.py", "tests/interop/test_attack.py"),
+    ),
+    Mutant(
+        "max-connections-off-by-one",
+        "maxConnections sessions at most; the next is 421",
+        "infsmtp/_server.py",
+        "if len(self.sessions) >= self.server.maxConnections:",
+        "if len(self.sessions) > self.server.maxConnections:",
+        ("tests/test_protocol.py", "tests/test_hardening.py"),
+    ),
+    # onDisconnect exactly once.
+    Mutant(
+        "ondisconnect-not-awaited",
+        "stopListening() waits for every onDisconnect to finish",
+        PROTOCOL,
+        "                d.addBoth(lambda _: (session._release(), self.factory.release(self)))",
+        "                self.factory.release(self); d.addBoth(lambda _: session._release())",
+        ("tests/test_lifecycle.py", "tests/interop/test_handlers.py"),
+    ),
+    # TLS versions (issue 16: a refusal is a protocol_version alert).
+    Mutant(
+        "tls-max-protocol-ignored",
+        "maxProtocol caps the TLS version a client gets",
+        "infsmtp/_tls.py",
+        "        lowerMaximumSecurityTo=maxProtocol.twisted,",
+        "        lowerMaximumSecurityTo=TLSVersion.tls1_3.twisted,",
+        ("tests/test_tls.py",),
+    ),
+    Mutant(
+        "tls-min-protocol-ignored",
+        "minProtocol refuses older TLS versions",
+        "infsmtp/_tls.py",
+        "        insecurelyLowerMinimumTo=minProtocol.twisted,",
+        "        insecurelyLowerMinimumTo=TLSVersion.tls1_2.twisted,",
+        ("tests/test_tls.py",),
+    ),
+    # A handler's session.disconnect() (issue 16: the 421 it describes).
+    Mutant(
+        "handler-disconnect-silent",
+        "session.disconnect() answers the command in progress 421",
+        PROTOCOL,
+        '        self._reply(421, f"{self.factory.settings.hostname} Closing connection", "4.7.0")',
+        "        pass",
+        ("tests/interop/test_handlers.py",),
+    ),
+    # MAIL parameters (issue 16: the parser test asserts exact results).
+    Mutant(
+        "mail-parameter-keyword-case",
+        "MAIL parameter keywords come back upper-cased",
+        WIRE,
+        '            parameters[keyword.decode("ascii").upper()] = text',
+        '            parameters[keyword.decode("ascii")] = text',
+        ("tests/test_wire.py",),
+    ),
+    # The transport writer (issue 16: a lost byte must fail, not hang).
+    Mutant(
+        "writenow-drops-a-byte",
+        "writeNow sends every byte, in order",
+        "infsmtp/_writenow.py",
+        "        data = data[sent:]",
+        "        data = data[sent + 1 :]",
+        ("tests/test_writenow.py",),
+    ),
+    # The client.
+    Mutant(
+        "client-reply-size-unbounded",
+        "the client bounds a server's reply",
+        "infsmtp/_clientprotocol.py",
+        "        if size > MAX_REPLY_SIZE:",
+        "        if False:",
+        ("tests/test_client_unit.py", "tests/test_client_hostile.py"),
+    ),
+    Mutant(
+        "client-reply-code-range",
+        "a reply code is 2yz to 5yz with y in 0-5",
+        "infsmtp/_clientprotocol.py",
+        '        if digits[1:2] in b"012345":',
+        '        if digits[1:2] in b"0123456789":',
+        ("tests/test_client_unit.py",),
+    ),
+    Mutant(
+        "client-sends-bcc",
+        "Bcc is never transmitted",
+        "infsmtp/_envelope.py",
+        'HIDDEN_FIELDS = ("bcc", "resent-bcc")',
+        'HIDDEN_FIELDS = ("resent-bcc",)',
+        ("tests/test_client_unit.py", "tests/test_client_interop.py"),
+    ),
+]
+
+
+def isOneLine(m: Mutant) -> bool:
+    """
+    Whether the mutant changes (or removes) exactly one line.
+    """
+    diff = list(difflib.ndiff(m.original.splitlines(), m.mutated.splitlines()))
+    removed = sum(line.startswith("- ") for line in diff)
+    added = sum(line.startswith("+ ") for line in diff)
+    return removed == 1 and added <= 1
+
+
+def layOut(scratch: str, worktree: bool) -> None:
+    """
+    The repository's files (committed, or as they are now) in C{scratch}.
+    """
+    if worktree:
+        ignore = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".hypothesis", "build", "dist")
+        shutil.copytree(REPO, scratch, ignore=ignore, dirs_exist_ok=True)
+        return
+    archive = subprocess.run(["git", "-C", REPO, "archive", "HEAD"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", scratch], input=archive, check=True)
+
+
+def environment(scratch: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = scratch + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def checkImports(scratch: str, python: str) -> None:
+    """
+    Make sure the tests there import the scratch copy, not the installed
+    (editable) one: a mutation run that tests the wrong package would
+    report every mutant caught or none.
+    """
+    where = subprocess.run(
+        [python, "-c", "import infsmtp, os; print(os.path.dirname(infsmtp.__file__))"],
+        cwd=scratch, env=environment(scratch), check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    if os.path.realpath(where) != os.path.realpath(os.path.join(scratch, "infsmtp")):
+        sys.exit(f"the scratch copy imports infsmtp from {where}, not its own: cannot mutate")
+
+
+def runTests(scratch: str, python: str, tests: tuple[str, ...], deadline: float) -> tuple[str, float, str]:
+    """
+    Run C{tests} in C{scratch}: C{("passed" | "failed" | "timeout", seconds, tail of the output)}.
+    """
+    started = time.monotonic()
+    command = [python, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-o", "addopts=-p no:cacheprovider", *tests]
+    try:
+        done = subprocess.run(
+            command, cwd=scratch, env=environment(scratch), capture_output=True, text=True, timeout=deadline,
+            start_new_session=True,
+        )
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return "timeout", time.monotonic() - started, out[-600:]
+    outcome = "passed" if done.returncode == 0 else "failed"
+    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+    return outcome, time.monotonic() - started, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated mutant names")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--worktree", action="store_true", help="mutate the working tree, not HEAD")
+    parser.add_argument("--python", default=os.path.join(REPO, ".venv", "bin", "python"))
+    parser.add_argument("--deadline", type=float, default=900, help="seconds for one mutant's tests")
+    parser.add_argument("--no-baseline", action="store_true", help="skip checking the unmutated tests pass")
+    parser.add_argument("--verbose", action="store_true", help="show how each caught mutant failed")
+    parser.add_argument("--tests", help="comma-separated test files to run instead of each mutant's own")
+    options = parser.parse_args(argv)
+
+    mutants = MUTANTS
+    if options.only:
+        wanted = set(options.only.split(","))
+        unknown = wanted - {m.name for m in MUTANTS}
+        if unknown:
+            parser.error(f"unknown mutants: {', '.join(sorted(unknown))}")
+        mutants = [m for m in MUTANTS if m.name in wanted]
+    if options.tests:
+        # Does this test file alone hold the promise?
+        mutants = [dataclasses.replace(m, tests=tuple(options.tests.split(","))) for m in mutants]
+    if options.list:
+        for m in mutants:
+            print(f"{m.name:34} {m.path:28} {m.promise}")
+        return 0
+
+    caught, survived, stale = [], [], []
+    with tempfile.TemporaryDirectory(prefix="infsmtp-mutate-") as scratch:
+        layOut(scratch, options.worktree)
+        checkImports(scratch, options.python)
+        if not options.no_baseline:
+            # Every test file involved must pass unmutated, or a "caught"
+            # would mean nothing.
+            files = tuple(sorted({t for m in mutants for t in m.tests}))
+            outcome, seconds, tail = runTests(scratch, options.python, files, options.deadline * 2)
+            print(f"baseline: {outcome} in {seconds:.0f} s ({len(files)} test files)", flush=True)
+            if outcome != "passed":
+                print(tail)
+                return 2
+        for m in mutants:
+            path = os.path.join(scratch, m.path)
+            with open(path, encoding="utf-8") as f:
+                source = f.read()
+            if source.count(m.original) != 1:
+                stale.append(m)
+                print(f"STALE     {m.name}: its original text is in {m.path} {source.count(m.original)} times", flush=True)
+                continue
+            assert isOneLine(m), f"{m.name} changes more than one line"
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(source.replace(m.original, m.mutated))
+            try:
+                outcome, seconds, tail = runTests(scratch, options.python, m.tests, options.deadline)
+            finally:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(source)
+            if outcome == "passed":
+                survived.append(m)
+                print(f"SURVIVED  {m.name} ({seconds:.0f} s): {m.promise}", flush=True)
+            else:
+                caught.append(m)
+                print(f"caught    {m.name} ({outcome}, {seconds:.0f} s)", flush=True)
+                if options.verbose:
+                    print("          " + tail.replace("\n", "\n          "), flush=True)
+    total = len(caught) + len(survived)
+    print(f"\n{len(caught)}/{total} mutants caught" + (f", {len(stale)} stale" if stale else ""))
+    for m in survived:
+        print(f"  survived: {m.name} ({m.path}): {m.promise}")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
