@@ -33,6 +33,7 @@ from ._handlers import HandlerSpec, adaptHandler
 from ._limits import ClientLimits, MemoryBudget, parseNetworks
 from ._protocol import ServerProtocol
 from ._proxy import ProxyProtocolFactory
+from ._signals import SigtermStops, runningUnderTwistd
 from ._tls import CurrentCertificate, serverTLSOptions
 
 log = Logger(namespace="infsmtp.server")
@@ -241,7 +242,7 @@ class _HandlerSlot:
         instance._handlerSpecs[self.name] = value
 
 
-class Server(service.Service):
+class Server(SigtermStops, service.Service):
     """
     An ESMTP server whose policy lives in handlers.
 
@@ -329,6 +330,11 @@ class Server(service.Service):
     """
 
     protocol = _ProtocolSpelling()
+
+    #: Whether SIGTERM stops gracefully with exit status 0 and SIGHUP
+    #: reloads the certificate, as in C{twistd infsmtp}; L{None}: when the
+    #: process is twistd (a .tac).
+    handleSigterm: bool | None = None  # type: ignore[assignment]
 
     onConnect = _HandlerSlot()
     onLogin = _HandlerSlot()
@@ -695,6 +701,26 @@ class Server(service.Service):
 
     # IService -------------------------------------------------------------
 
+    @property
+    def grace(self) -> float:
+        return self.shutdownGrace
+
+    def reload(self) -> None:
+        """
+        Load the certificate files again (SIGHUP, after a renewal): a pair
+        that does not load keeps the one in use, and the log says why.
+        """
+        if self._certificate is None:
+            log.info("SIGHUP: no certificate to reload")
+            return
+        certFile, keyFile, root, verify = self._certificate
+        try:
+            self.setCertificate(certFile, keyFile, root, verify)
+        except SMTPError as e:
+            log.error("SIGHUP: kept the certificate in use: {error}", error=str(e))
+            return
+        log.info("SIGHUP: reloaded certificate {cert}", cert=certFile)
+
     def privilegedStartService(self) -> None:
         """
         Bind now, before twistd sheds its privileges (C{--uid}), so that a
@@ -713,6 +739,8 @@ class Server(service.Service):
         super().startService()
         if self._listening is None:
             self._listenNow()
+        if self.handleSigterm or (self.handleSigterm is None and runningUnderTwistd()):
+            self._reactor.callWhenRunning(self._installSigterm)
 
     def _listenNow(self) -> None:
         outcome: list[Any] = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
+import socket
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
@@ -32,7 +32,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.python import threadable, usage
+from twisted.python import usage
 from twisted.python.failure import Failure
 
 from ._enums import EncryptMode, TLSVersion
@@ -40,6 +40,7 @@ from ._errors import SMTPError
 from ._maildir import MaildirDelivery
 from ._proxy import ProxyProtocolFactory
 from ._server import HANDLER_NAMES, HAPROXY_PREFIX, Server, listenEndpoint
+from ._signals import SigtermStops
 from ._workers import WorkerPool, adoptedEndpoint, parseTCPListen, workerArguments
 
 log = Logger(namespace="infsmtp.twistd")
@@ -303,44 +304,6 @@ def describeAddress(address: Any) -> str:
     return str(address)
 
 
-class SigtermStops:
-    """
-    Mixed into a twistd service: SIGTERM stops the reactor (so the
-    services stop gracefully) and the process exits with status 0, where
-    Twisted's own handler makes it die of the signal.  A second SIGTERM
-    while stopping is only logged.
-    """
-
-    #: Set by twistd's L{makeService}.
-    handleSigterm = False
-    _stopping = False
-    _reactor: Any
-    grace: float
-
-    def _installSigterm(self) -> None:
-        # After startup, so that this replaces the reactor's own handler.
-        if threadable.isInIOThread() and hasattr(signal, "SIGTERM"):
-            signal.signal(signal.SIGTERM, self._sigterm)
-            if hasattr(signal, "SIGHUP"):
-                signal.signal(signal.SIGHUP, self._sighup)
-
-    def _sighup(self, number: int, frame: Any) -> None:
-        self._reactor.callFromThread(self.reload)
-
-    def reload(self) -> None:
-        """
-        SIGHUP: reload what can change without a restart (the certificate).
-        """
-
-    def _sigterm(self, number: int, frame: Any) -> None:
-        if self._stopping:
-            log.info("SIGTERM again: already stopping")
-            return
-        self._stopping = True
-        log.info("SIGTERM: stopping; transactions in flight have {grace:g} seconds", grace=self.grace)
-        self._reactor.callFromThread(self._reactor.stop)
-
-
 class SMTPService(SigtermStops, service.Service):
     """
     A L{Server} listening on several endpoints, stopped gracefully.
@@ -362,8 +325,6 @@ class SMTPService(SigtermStops, service.Service):
     exitOnListenFailure = False
     #: twistd's pid file, removed when exiting that way.
     pidfile: str | None = None
-    #: C{(certFile, keyFile, rootFile)} that SIGHUP reloads, or L{None}.
-    certificate: tuple[str, str, str | None] | None = None
     #: The Maildir delivery to open at startService, or L{None}.
     maildir: MaildirDelivery | None = None
 
@@ -467,20 +428,9 @@ class SMTPService(SigtermStops, service.Service):
 
     def reload(self) -> None:
         """
-        Reload the certificate and key (SIGHUP, after a renewal): checked
-        first; a pair that does not load keeps the old one, and the log says
-        why.  New connections get the new certificate; open ones keep theirs.
+        SIGHUP: the server reloads its certificate (see L{Server.reload}).
         """
-        if self.certificate is None:
-            log.info("SIGHUP: no certificate to reload")
-            return
-        certFile, keyFile, root = self.certificate
-        try:
-            self.server.setCertificate(certFile, keyFile, root)
-        except SMTPError as e:
-            log.error("SIGHUP: kept the certificate in use: {error}", error=str(e))
-            return
-        log.info("SIGHUP: reloaded certificate {cert}", cert=certFile)
+        self.server.reload()
 
     def stopService(self) -> defer.Deferred:
         """
@@ -679,8 +629,6 @@ def buildService(options: Options, reactor: Any = None) -> SMTPService:
     svc = SMTPService(server, listen, options["grace"], options["proxy-timeout"], reactor)
     if isinstance(server.onReceive, MaildirDelivery):
         svc.maildir = server.onReceive
-    if options["cert"]:
-        svc.certificate = (options["cert"], options["key"], options["root"])
     return svc
 
 
@@ -736,6 +684,32 @@ def buildWorkerPool(options: Options, argv: Sequence[str]) -> WorkerPoolService:
     return pool
 
 
+def checkCanListen(descriptions: Iterable[str]) -> None:
+    """
+    Try each TCP listener before twistd daemonizes: a daemon's startup
+    error reaches the terminal only as the first 100 bytes of a bytes repr
+    (twistd's status pipe), so a port in use or a privileged port is
+    reported here, in one line, while the terminal is still ours.  (The
+    real bind comes later; this catches the common mistakes, not a race.)
+
+    @raise ConfigurationError: a listener that cannot bind.
+    """
+    for description in descriptions:
+        inner = description[len(HAPROXY_PREFIX) :] if description.startswith(HAPROXY_PREFIX) else description
+        try:
+            interface, port, family = parseTCPListen(inner)
+        except ValueError:
+            continue  # not TCP: nothing to try
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((interface, port))
+        except OSError as e:
+            raise ConfigurationError(f"cannot listen on {description}: {e.strerror}") from None
+        finally:
+            probe.close()
+
+
 def _exit(message: str) -> None:
     # Logging may have taken sys.stderr over by now; the line is for the
     # person at the terminal.
@@ -757,9 +731,11 @@ def makeService(options: Options) -> Any:
             pool.handleSigterm = True
             return pool
         svc = buildService(options)
+        twistdOptions = getattr(options, "parent", None) or {}
+        if not twistdOptions.get("nodaemon") and not options["inherit-fd"]:
+            checkCanListen(options["listen"])
     except ConfigurationError as e:
         _exit(e.text)
-    twistdOptions = getattr(options, "parent", None) or {}
     svc.exitOnListenFailure = bool(twistdOptions.get("nodaemon"))
     svc.pidfile = twistdOptions.get("pidfile") or None
     svc.handleSigterm = True

@@ -528,3 +528,28 @@ def test_handlers_module_that_is_nowhere_says_where_it_looked(tmp_path):
     assert line.startswith("twistd infsmtp: error: --handlers nosuchpolicy: cannot import: No module named")
     assert f"looked in the working directory {tmp_path}" in line
     assert "give its path: --handlers ./file.py" in line
+
+
+# 8. A daemon's startup error is one readable line too ------------------------------------
+
+
+def test_daemon_with_a_port_in_use_says_so_in_one_line(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        result = subprocess.run(
+            [TWISTD, "--pidfile", str(tmp_path / "twistd.pid"), "--logfile", str(tmp_path / "log"), "infsmtp",
+             "--listen", f"tcp:{port}:interface=127.0.0.1", "--maildir", str(tmp_path / "box")],
+            capture_output=True, text=True, timeout=60, env=childEnvironment(), cwd=tmp_path,
+        )
+    finally:
+        busy.close()
+    # Before: "An error has occurred: b'...Couldn't liste'" (twistd's
+    # 100-byte status pipe), and a Maildir left behind.
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"twistd infsmtp: error: cannot listen on tcp:{port}:interface=127.0.0.1: Address already in use"
+    ]
+    assert not (tmp_path / "box").exists() and not (tmp_path / "twistd.pid").exists()
