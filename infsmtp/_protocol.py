@@ -541,7 +541,7 @@ class ServerProtocol(smtp.ESMTP):
             # framer, for less.
             data[-1:] == b"\n"
             and data.find(b"\n") == len(data) - 1
-            and len(data) <= self._framer.maxLength + 1
+            and len(data) <= self._framer.maxLength
             and self._framer.empty
             and not self._busy
             and not self._writeBlocked

@@ -78,14 +78,16 @@ class CommandLineFramer:
         buf = self._buffer
         end = buf.find(b"\n", self._searched)
         if end < 0:
-            if len(buf) > self.maxLength:
+            # maxLength counts the line ending: a line already this long
+            # without its LF is too long.
+            if len(buf) >= self.maxLength:
                 del buf[:]
                 self._discarding = True
             self._searched = len(buf)
             return None
         self._searched = 0
         self.lines += 1
-        if self._discarding or end > self.maxLength:
+        if self._discarding or end >= self.maxLength:
             self._discarding = False
             del buf[: end + 1]
             return LINE_TOO_LONG

@@ -869,3 +869,20 @@ def test_smtperror_codes_are_checked():
     for bad in (True, 4.5, "55", "5500", "\u0665\u0665\u0665"):
         with pytest.raises(TypeError):
             SMTPError(bad, "text")
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b"\n"])
+def test_command_line_limit_counts_the_line_ending(ending):
+    server = makeServer(maxLineLength=512)
+    h = session(server)
+    at = b"NOOP " + b"x" * (512 - 5 - len(ending)) + ending
+    assert len(at) == 512
+    over = b"NOOP " + b"x" * (513 - 5 - len(ending)) + ending
+    # Alone (the lock-step path) and after another line (the framer).
+    assert h.codes(at) == [250]
+    assert h.codes(over) == [500]
+    assert h.codes(b"NOOP\r\n" + at + b"NOOP\r\n" + over) == [250, 250, 250, 500]
+    # In pieces, the partial line is dropped as soon as it cannot fit.
+    assert h.codes(over[:-len(ending)]) == []
+    assert h.protocol._framer.buffered == 0
+    assert h.codes(ending) == [500]
