@@ -883,6 +883,9 @@ def test_command_line_limit_counts_the_line_ending(ending):
     assert h.codes(over) == [500]
     assert h.codes(b"NOOP\r\n" + at + b"NOOP\r\n" + over) == [250, 250, 250, 500]
     # In pieces, the partial line is dropped as soon as it cannot fit.
-    assert h.codes(over[:-len(ending)]) == []
+    assert h.codes(over[:-1]) == []
     assert h.protocol._framer.buffered == 0
-    assert h.codes(ending) == [500]
+    assert h.codes(b"\n") == [500]
+    assert h.codes(at[:-1]) == []
+    assert h.protocol._framer.buffered == 511
+    assert h.codes(b"\n") == [250]
