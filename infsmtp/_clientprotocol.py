@@ -25,6 +25,8 @@ a SASL field of its own on the wire is refused before anything is sent.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -34,7 +36,6 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPullProducer
-from twisted.mail._cred import CramMD5ClientAuthenticator, LOGINAuthenticator
 from twisted.mail.interfaces import IClientAuthentication
 from twisted.mail.smtp import ESMTPClient, PLAINAuthenticator
 from twisted.python.failure import Failure
@@ -316,6 +317,87 @@ class _EmptyAuthzPLAIN(PLAINAuthenticator):
     def challengeResponse(self, secret: bytes, chal: object = None) -> bytes:
         return super().challengeResponse(secret, 2)
 
+
+@implementer(IClientAuthentication)
+class CramMD5Authenticator:
+    """
+    ``CRAM-MD5`` (RFC 2195): the answer to the challenge is the user name, a
+    space, and the HMAC-MD5 of the challenge keyed with the secret, in
+    lowercase hex.
+    """
+
+    def __init__(self, user: bytes) -> None:
+        self.user = user
+
+    def getName(self) -> bytes:
+        return b"CRAM-MD5"
+
+    def challengeResponse(self, secret: bytes, chal: bytes) -> bytes:
+        digest = hmac.new(secret, chal, hashlib.md5).hexdigest()
+        return self.user + b" " + digest.encode("ascii")
+
+
+@implementer(IClientAuthentication)
+class LoginAuthenticator:
+    """
+    ``LOGIN`` (draft-murchison-sasl-login): the first challenge is answered
+    with the user name and every later one with the secret, whatever the
+    prompts say (servers word them differently).
+    """
+
+    def __init__(self, user: bytes) -> None:
+        self.user = user
+        self._userSent = False
+
+    def getName(self) -> bytes:
+        return b"LOGIN"
+
+    def challengeResponse(self, secret: bytes, chal: bytes) -> bytes:
+        if self._userSent:
+            return secret
+        self._userSent = True
+        return self.user
+
+
+def _answersLikeTheRFCs(cramMD5: Callable[[bytes], Any], login: Callable[[bytes], Any]) -> bool:
+    """
+    Whether these CRAM-MD5 and LOGIN authenticator factories give the
+    answers of RFC 2195's example and of a LOGIN exchange.
+    """
+    try:
+        cram = cramMD5(b"tim")
+        loginUser = login(b"user")
+        return (
+            IClientAuthentication.providedBy(cram)
+            and IClientAuthentication.providedBy(loginUser)
+            and cram.getName() == b"CRAM-MD5"
+            and cram.challengeResponse(b"tanstaaftanstaaf", b"<1896.697170952@postoffice.reston.mci.net>")
+            == b"tim b913a602c7eda7a495b4e6e7334d3890"
+            and loginUser.getName() == b"LOGIN"
+            and loginUser.challengeResponse(b"secret", b"Username:") == b"user"
+            and loginUser.challengeResponse(b"secret", b"Password:") == b"secret"
+        )
+    except Exception:
+        return False
+
+
+def _saslAuthenticators() -> tuple[Callable[[bytes], Any], Callable[[bytes], Any]]:
+    """
+    The CRAM-MD5 and LOGIN authenticator factories: Twisted's, which live in
+    its private ``twisted.mail._cred``, while they are there and answer as
+    the RFCs say; ours otherwise, so that a Twisted release that moves or
+    changes them cannot break AUTH.
+    """
+    try:
+        from twisted.mail._cred import CramMD5ClientAuthenticator, LOGINAuthenticator
+    except ImportError:
+        return CramMD5Authenticator, LoginAuthenticator
+    if _answersLikeTheRFCs(CramMD5ClientAuthenticator, LOGINAuthenticator):
+        return CramMD5ClientAuthenticator, LOGINAuthenticator
+    return CramMD5Authenticator, LoginAuthenticator
+
+
+CramMD5ClientAuthenticator, LOGINAuthenticator = _saslAuthenticators()
 
 #: Mechanism name -> (authenticator factory, sends an initial response).
 MECHANISMS: dict[str, tuple[Callable[[bytes], IClientAuthentication], bool]] = {

@@ -7,19 +7,32 @@ public fallback, and each fallback is forced here and run for real:
   loses an attribute later, gets plain ``transport.write`` and
   ``closesAtOnce() == False``.  Over loopback the server's replies still
   arrive byte-exact and in order, and QUIT still closes.
+- ``_clientprotocol``: CRAM-MD5 and LOGIN come from Twisted's private
+  ``twisted.mail._cred`` while it is there and answers as the RFCs say;
+  otherwise from infsmtp, which a subprocess with the module hidden uses
+  for a real AUTH against aiosmtpd.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import re
+import subprocess
+import sys
+import textwrap
+import types
 
 import pytest
 import pytest_twisted
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import globalLogPublisher
 
-from infsmtp import Server, _writenow
+from infsmtp import Server, _clientprotocol, _writenow
 
 # ------------------------------------------------------------ _writenow
 
@@ -238,3 +251,163 @@ async def protocol_listen(receiver: protocol.Protocol):
     A port on 127.0.0.1 whose one connection is handled by C{receiver}.
     """
     return reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: receiver), interface="127.0.0.1")
+
+
+# --------------------------------------------------- SASL authenticators
+
+PASSWORD = b"correct horse"
+
+
+def test_ourAuthenticatorsAnswerLikeTheRFCs():
+    assert _clientprotocol._answersLikeTheRFCs(_clientprotocol.CramMD5Authenticator, _clientprotocol.LoginAuthenticator)
+    login = _clientprotocol.LoginAuthenticator(b"ann")
+    # Whatever the prompts: the user name first, then the secret, again.
+    assert [login.challengeResponse(PASSWORD, c) for c in (b"", b"", b"")] == [b"ann", PASSWORD, PASSWORD]
+
+
+def test_wrongAnswersFailTheFeatureCheck():
+    class Uppercase(_clientprotocol.CramMD5Authenticator):
+        def challengeResponse(self, secret, chal):
+            return super().challengeResponse(secret, chal).upper()
+
+    class PasswordFirst(_clientprotocol.LoginAuthenticator):
+        def challengeResponse(self, secret, chal):
+            return secret
+
+    login = _clientprotocol.LoginAuthenticator
+    cram = _clientprotocol.CramMD5Authenticator
+    assert not _clientprotocol._answersLikeTheRFCs(Uppercase, login)
+    assert not _clientprotocol._answersLikeTheRFCs(cram, PasswordFirst)
+    assert not _clientprotocol._answersLikeTheRFCs(cram, lambda user: object())
+
+
+def test_twistedsAuthenticatorsAreUsedWhileTheyAnswerLikeTheRFCs():
+    from twisted.mail import _cred
+
+    assert _clientprotocol._saslAuthenticators() == (_cred.CramMD5ClientAuthenticator, _cred.LOGINAuthenticator)
+
+
+def test_oursAreUsedWhenTwistedsModuleIsGone(monkeypatch):
+    monkeypatch.setitem(sys.modules, "twisted.mail._cred", None)
+    assert _clientprotocol._saslAuthenticators() == (
+        _clientprotocol.CramMD5Authenticator,
+        _clientprotocol.LoginAuthenticator,
+    )
+
+
+def test_oursAreUsedWhenTwistedsAnswerDifferently(monkeypatch):
+    class Changed:
+        def __init__(self, user):
+            pass
+
+        def getName(self):
+            return b"CRAM-MD5"
+
+        def challengeResponse(self, secret, chal):
+            return b""
+
+    changed = types.ModuleType("twisted.mail._cred")
+    changed.CramMD5ClientAuthenticator = Changed
+    changed.LOGINAuthenticator = _clientprotocol.LoginAuthenticator
+    monkeypatch.setitem(sys.modules, "twisted.mail._cred", changed)
+    assert _clientprotocol._saslAuthenticators() == (
+        _clientprotocol.CramMD5Authenticator,
+        _clientprotocol.LoginAuthenticator,
+    )
+
+
+class CheckingHandler:
+    """
+    An aiosmtpd handler that checks LOGIN (built into aiosmtpd) and CRAM-MD5
+    (which aiosmtpd lacks; written here from RFC 2195), and records which
+    mechanism each success used.
+    """
+
+    CHALLENGE = b"<4711.1700000000@aiosmtpd.test>"
+
+    def __init__(self) -> None:
+        self.succeeded: list[str] = []
+
+    def authenticator(self, server, session, envelope, mechanism, authData):
+        ok = (authData.login, authData.password) == (b"ann", PASSWORD)
+        if ok:
+            self.succeeded.append(mechanism)
+        return AuthResult(success=ok, handled=False)
+
+    async def auth_CRAM__MD5(self, server, args):
+        response = await server.challenge_auth(self.CHALLENGE)
+        expected = b"ann " + hmac.new(PASSWORD, self.CHALLENGE, hashlib.md5).hexdigest().encode()
+        ok = response == expected
+        if ok:
+            self.succeeded.append("CRAM-MD5")
+        return AuthResult(success=ok, handled=False)
+
+
+class EphemeralController(Controller):
+    """
+    An aiosmtpd controller on a port the kernel picks.
+    """
+
+    def _trigger_server(self):
+        self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+# Runs in a fresh interpreter: Twisted's SMTP module loads first (it needs
+# twisted.mail._cred itself), then the private module is hidden, as on a
+# Twisted that no longer has it, and only then is infsmtp imported.
+HIDDEN_CRED_CLIENT = textwrap.dedent(
+    """
+    import sys
+
+    import twisted.mail.smtp
+
+    sys.modules["twisted.mail._cred"] = None
+
+    from infsmtp import AuthMode, Client
+    from infsmtp import _clientprotocol
+
+    print(_clientprotocol.MECHANISMS["CRAM-MD5"][0].__module__, _clientprotocol.MECHANISMS["LOGIN"][0].__module__)
+    port = int(sys.argv[1])
+    for mechanism, password in [
+        ("CRAM-MD5", "wrong"),
+        ("CRAM-MD5", "correct horse"),
+        ("LOGIN", "wrong"),
+        ("LOGIN", "correct horse"),
+    ]:
+        with Client() as client:
+            client.host, client.port, client.timeout = "127.0.0.1", port, 10000
+            client.authMode, client.saslMechanisms = AuthMode.sasl, (mechanism,)
+            client.username, client.password = "ann", password
+            client.connect()
+            print(mechanism, client.authenticate())
+            client.disconnect()
+    """
+)
+
+
+def test_realAuthWithTwistedsPrivateModuleHidden():
+    handler = CheckingHandler()
+    controller = EphemeralController(
+        handler, hostname="127.0.0.1", port=0, authenticator=handler.authenticator, auth_require_tls=False
+    )
+    controller.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", HIDDEN_CRED_CLIENT, str(controller.port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
+    finally:
+        controller.stop()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "infsmtp._clientprotocol infsmtp._clientprotocol",
+        "CRAM-MD5 False",
+        "CRAM-MD5 True",
+        "LOGIN False",
+        "LOGIN True",
+    ]
+    assert handler.succeeded == ["CRAM-MD5", "LOGIN"]
