@@ -11,13 +11,20 @@ public fallback, and each fallback is forced here and run for real:
   ``twisted.mail._cred`` while it is there and answers as the RFCs say;
   otherwise from infsmtp, which a subprocess with the module hidden uses
   for a real AUTH against aiosmtpd.
+
+And what infsmtp imports is declared: directly, or by what it declares
+(``twisted[tls]`` brings pyOpenSSL, not a promise of ``cryptography``).
 """
 
 from __future__ import annotations
 
+import ast
+import configparser
 import hashlib
 import hmac
+import importlib.metadata
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -411,3 +418,70 @@ def test_realAuthWithTwistedsPrivateModuleHidden():
         "LOGIN True",
     ]
     assert handler.succeeded == ["CRAM-MD5", "LOGIN"]
+
+
+# ------------------------------------------------- declared dependencies
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement(line: str) -> tuple[str, set[str]]:
+    """
+    The distribution a requirement line names, and the extras it asks for.
+    """
+    match = re.match(r"\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?", line)
+    extras = {normalised(e) for e in (match.group(2) or "").split(",") if e.strip()}
+    return normalised(match.group(1)), extras
+
+
+def declaredDistributions() -> set[str]:
+    """
+    What setup.cfg's install_requires names, and what those require in turn
+    (unconditionally or for an extra asked for): one step, no further, as a
+    requirement's own requirements are its business and may change.
+    """
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    lines = [x for x in config["options"]["install_requires"].splitlines() if x.strip()]
+    declared = set()
+    for line in lines:
+        name, extras = requirement(line)
+        declared.add(name)
+        for theirs in importlib.metadata.requires(name) or []:
+            theirName, _ = requirement(theirs)
+            marker = theirs.partition(";")[2].strip()
+            extra = re.fullmatch(r"extra\s*==\s*[\'\"]([^\'\"]+)[\'\"]", marker)
+            if not marker or (extra and normalised(extra.group(1)) in extras):
+                declared.add(theirName)
+    return declared
+
+
+def importedDistributions() -> set[str]:
+    """
+    The distributions whose modules infsmtp's own code imports.
+    """
+    modules = set()
+    for path in (REPO / "infsmtp").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    owners = importlib.metadata.packages_distributions()
+    distributions = set()
+    for module in modules - set(sys.stdlib_module_names) - {"infsmtp", "__future__"}:
+        # "twisted" is also the folder of infsmtp's plugin: Twisted is meant.
+        names = {normalised(d) for d in owners[module]} - {"infsmtp"}
+        assert len(names) == 1, (module, names)
+        distributions |= names
+    return distributions
+
+
+def test_everyImportedDistributionIsDeclared():
+    imported = importedDistributions()
+    assert {"cryptography", "twisted", "pyopenssl"} <= imported
+    assert imported - declaredDistributions() == set()
