@@ -75,3 +75,16 @@ def pytest_collection_modifyitems(items):
         marker = item.get_closest_marker("bound")
         seconds = marker.args[0] if marker and marker.args else ASYNC_TEST_BOUND
         item.obj = _bounded(test, seconds)
+
+
+@pytest.fixture
+def logEvents():
+    """
+    Every log event (C{twisted.logger}) emitted during the test, in order.
+    """
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

@@ -15,7 +15,6 @@ import pytest
 from test_protocol import Harness, Transport, makeServer, session
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
 
 from infsmtp import Server, SMTPError
 from infsmtp._limits import AUTH_FAILURE_WINDOW, MAX_AUTH_DELAY, ClientLimits, MemoryBudget, clientKey
@@ -31,21 +30,10 @@ def serverFixture():
     return makeServer()
 
 
-@pytest.fixture
-def events():
-    """
-    Every log event of the test.
-    """
-    seen: list[dict] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
-
-
-def texts(events: list[dict]) -> list[str]:
+def texts(logEvents: list[dict]) -> list[str]:
     from twisted.logger import formatEvent
 
-    return [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("infsmtp")]
+    return [formatEvent(e) for e in logEvents if e.get("log_namespace", "").startswith("infsmtp")]
 
 
 ENVELOPE = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"
@@ -88,7 +76,7 @@ def _replies(h: Harness) -> list[bytes]:
 
 @pytest.mark.parametrize("result", BAD_RESULTS, ids=repr)
 @pytest.mark.parametrize("name", ["onMailFrom", "onRcptTo"])
-def test_address_handler_result_that_is_not_a_bool_is_451(name, result, events):
+def test_address_handler_result_that_is_not_a_bool_is_451(name, result, logEvents):
     server = makeServer()
     received = []
     setattr(server, name, lambda s: result)
@@ -103,10 +91,10 @@ def test_address_handler_result_that_is_not_a_bool_is_451(name, result, events):
         assert h.protocol.session.rcptTo == []
         assert h.codes(b"DATA\r\n") == [554]
     assert received == []
-    lines = [t for t in texts(events) if name in t]
+    lines = [t for t in texts(logEvents) if name in t]
     assert len(lines) == 1, lines
     assert "not None, True or False" in lines[0] and "answered 451" in lines[0]
-    assert not any(e.get("log_failure") for e in events)  # one line, no traceback
+    assert not any(e.get("log_failure") for e in logEvents)  # one line, no traceback
 
 
 @pytest.mark.parametrize("result", BAD_RESULTS, ids=repr)
@@ -155,7 +143,7 @@ def test_coroutine_result_that_is_not_a_bool_is_451():
     assert h.codes(ENVELOPE) == [250, 451]
 
 
-def test_misspelt_decision_raises_and_answers_451(events):
+def test_misspelt_decision_raises_and_answers_451(logEvents):
     server = makeServer()
 
     def onRcptTo(session):
@@ -165,7 +153,7 @@ def test_misspelt_decision_raises_and_answers_451(events):
     h = session(server)
     assert h.codes(ENVELOPE) == [250, 451]
     assert h.protocol.session.rcptTo == []
-    failures = [e for e in events if e.get("log_failure")]
+    failures = [e for e in logEvents if e.get("log_failure")]
     assert len(failures) == 1 and failures[0]["log_failure"].check(AttributeError)
 
 
@@ -707,7 +695,7 @@ def test_password_is_cleared_when_onLogin_fails():
 # 11. Handler deadlines ---------------------------------------------------------------
 
 
-def test_a_handler_that_never_answers_gets_451_at_its_deadline(events):
+def test_a_handler_that_never_answers_gets_451_at_its_deadline(logEvents):
     clock = MemoryReactorClock()
     server = makeServer(reactor=clock, timeout=300, handlerTimeout=60)
     late = Deferred()
@@ -718,7 +706,7 @@ def test_a_handler_that_never_answers_gets_451_at_its_deadline(events):
     assert h.take() == []
     clock.advance(0.1)
     assert h.take() == [b"451 4.3.0 Temporary failure, try again later", b"250 2.0.0 OK"]
-    assert [t for t in texts(events) if "did not answer" in t] == [
+    assert [t for t in texts(logEvents) if "did not answer" in t] == [
         "onRcptTo handler did not answer within 60 seconds (session 1): answered 451"
     ]
     # Told so (cancelled), and nothing it might still do is acted upon.
@@ -771,7 +759,7 @@ def test_onConnect_past_its_deadline_is_421():
     assert h.transport.disconnecting
 
 
-def test_onDisconnect_past_its_deadline_releases_the_session(events):
+def test_onDisconnect_past_its_deadline_releases_the_session(logEvents):
     clock = MemoryReactorClock()
     server = makeServer(reactor=clock, handlerTimeout=10)
     server.onDisconnect = lambda s: Deferred()
@@ -780,7 +768,7 @@ def test_onDisconnect_past_its_deadline_releases_the_session(events):
     assert server.sessionCount == 1
     clock.advance(10)
     assert server.sessionCount == 0
-    assert any("onDisconnect handler did not finish within 10 seconds" in t for t in texts(events))
+    assert any("onDisconnect handler did not finish within 10 seconds" in t for t in texts(logEvents))
 
 
 def test_an_answer_in_time_cancels_the_deadline():

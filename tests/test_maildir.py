@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 
 from infsmtp import Server, Session, SMTPError, _maildir
 from infsmtp._maildir import MaildirDelivery, localLineEndings, prepareMaildir
@@ -59,14 +59,6 @@ def sendExpectingError(port: int, message: bytes = MESSAGE) -> tuple[int, bytes]
         except smtplib.SMTPDataError as e:
             return e.smtp_code, e.smtp_error
     raise AssertionError("the message was accepted")
-
-
-@pytest.fixture
-def logEvents():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest_twisted.async_yield_fixture

@@ -23,7 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from infsmtp._proxy import (
     V2_SIGNATURE,
@@ -532,14 +532,6 @@ def test_anyBytesSafeOrRefused(data):
 
 
 # The wrapper: refusal, log line, and over a real socket ----------------------
-
-
-@pytest.fixture
-def logEvents():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def test_injectionClosedAndLoggedEscaped(logEvents):
