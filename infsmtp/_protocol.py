@@ -116,6 +116,9 @@ _DECISIONS = {
 #: output of one read full of pipelined commands.
 MAX_QUEUED_REPLIES = 64
 
+#: Bytes of input read on while a handler decides, before reading pauses.
+MAX_HELD_WHILE_BUSY = 65536
+
 
 class _TimedOut:
     """
@@ -504,10 +507,13 @@ class ServerProtocol(smtp.ESMTP):
 
     def _updateReading(self) -> None:
         """
-        Read from the transport unless a handler is deciding or the client
-        is not reading our replies.
+        Read from the transport unless the client is not reading our
+        replies, or a handler is deciding (or a failed login waiting) and
+        the input held meanwhile has reached L{MAX_HELD_WHILE_BUSY}: until
+        then, reading goes on, so a client that leaves is noticed at once
+        (its slot freed) rather than when the handler answers.
         """
-        hold = self._busy or self._writeBlocked
+        hold = self._writeBlocked or (self._busy and self._framer.buffered >= MAX_HELD_WHILE_BUSY)
         if hold != self._paused and self._open and not self._closing:
             self._paused = hold
             if hold:

@@ -193,12 +193,19 @@ def test_pending_deferred_holds_later_commands_in_order(server):
     server.onMailFrom = lambda s: pending
     h = session(server)
     assert h.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n") == []
+    # Held, not acted upon; reading goes on (a client that leaves is
+    # noticed) until a bound of held input, then pauses.
+    assert h.transport.producerState == "producing"
+    assert h.send(b"NOOP " + b"x" * 100 + b"\r\n") == []
+    assert h.transport.producerState == "producing"
+    h.send(b"NOOP\r\n" * 11000)
     assert h.transport.producerState == "paused"
     pending.callback(True)
     assert [r[:3] for r in h.take()] == [b"250", b"250", b"354"]
     assert h.transport.producerState == "producing"
-    # The message body was not taken for commands.
-    assert h.codes(b"NOOP\r\n.\r\n") == [250]
+    # The message body was not taken for commands: what was held is the
+    # message, ended by the dot.
+    assert h.codes(b".\r\nNOOP\r\n") == [250, 250]
 
 
 def test_coroutine_handler_and_false_refuses(server):

@@ -347,3 +347,47 @@ async def test_auth_guessing_across_connections_is_slowed_then_refused(serve, ce
     waits = [took for _, took in results[:3]]
     assert waits[0] >= 0.2 and waits[1] >= 0.4 and waits[2] >= 0.8, waits
     noFailures(loggedFailures)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_during_the_auth_delay_frees_its_slot_at_once(serve, recorder, loggedFailures):
+    import base64
+
+    server = await serve(
+        allowInsecureAuth=True, authFailureDelay=30, handlers={"onLogin": lambda s: False},
+    )
+
+    def run():
+        for _ in range(5):
+            with RawClient(server.port) as client:
+                assert client.reply().code == 220
+                client.expect("EHLO leave.test", 250)
+                client.send(b"AUTH PLAIN " + base64.b64encode(b"\0u\0wrong") + b"\r\n")
+                client.abort()
+
+    await inThread(run)
+    # The 535 would wait 30 s and more; the sessions end when their clients
+    # do (found by bench/torture.py: they held their slots until then).
+    await recorder.waitDisconnects(5, seconds=5)
+    await recorder.waitFor(lambda: server.sessionCount == 0, seconds=5)
+    noFailures(loggedFailures)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_while_a_handler_decides_is_noticed(serve, recorder, loggedFailures):
+    from twisted.internet.defer import Deferred
+
+    never = Deferred()
+    server = await serve(handlers={"onMailFrom": lambda s: never})
+
+    def run():
+        client = RawClient(server.port)
+        assert client.reply().code == 220
+        client.expect("EHLO leave.test", 250)
+        client.send(b"MAIL FROM:<a@b.test>\r\n")
+        client.abort()
+
+    await inThread(run)
+    await recorder.waitDisconnects(1, seconds=5)
+    assert not never.called
+    noFailures(loggedFailures)
