@@ -22,13 +22,16 @@ The protocol lives in :mod:`infsmtp._clientprotocol`, the TLS settings in
 from __future__ import annotations
 
 from email.message import Message
-from typing import IO, Any, Awaitable, Callable, Sequence, TypeVar
+from types import MappingProxyType
+from typing import IO, Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock, TimeoutError, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, clientFromString, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.mail.smtp import DNSNAME
+from twisted.python.failure import Failure
 
 from ._blocking import blockingCall
 from ._clientprotocol import ESMTPSessionClient, heloArgument
@@ -61,14 +64,33 @@ class AsyncClient:
     :ivar username: for authentication.
     :ivar password: for authentication (the bearer token for ``XOAUTH2``).
     :ivar timeout: milliseconds, for the connect and for each reply.
+    :ivar dataTimeout: milliseconds for the reply to the end of a message:
+        10 minutes by default, as RFC 5321 (4.5.3.2.6) says, since the
+        server may be scanning the message.  When it lapses the send fails
+        with :class:`SMTPTimeoutError`, and the server may still have
+        delivered the message: resending it may deliver it twice.
+    :ivar sourceAddress: the local address to connect from: a host
+        (``"192.0.2.7"``) or ``(host, port)``; ``None`` lets the system
+        choose.
+    :ivar socketPath: connect to this unix socket instead of
+        :attr:`host` and :attr:`port`.
+    :ivar endpoint: connect through this Twisted client endpoint instead:
+        a string (``"unix:path=/run/smtp.sock"``,
+        ``"tcp6:host=::1:port=25:bindAddress=::1"``) or an
+        ``IStreamClientEndpoint``.  :attr:`host` remains the name TLS
+        verifies.
     :ivar verifyServerCertificate: check the chain and the host name.
     :ivar useLegacyServerConnect: set OpenSSL's
         ``SSL_OP_LEGACY_SERVER_CONNECT``.
     :ivar allowUnsafeLegacyRenegotiation: set OpenSSL's
         ``SSL_OP_ALLOW_UNSAFE_LEGACY_RENEGOTIATION``.
     :ivar caCertFile: PEM trust roots instead of the system's.
-    :ivar heloName: the name sent in EHLO.
+    :ivar heloName: the name sent in EHLO (also :attr:`localHostname`).
     :ivar saslMechanisms: order of preference for ``AuthMode.sasl``.
+
+    A call's Deferred may be cancelled (``d.cancel()``, ``d.addTimeout()``):
+    the connection is then closed at once, since the replies still to come
+    would belong to the cancelled commands; :meth:`connect` again to go on.
     """
 
     encryptMode = EnumAttribute(EncryptMode, EncryptMode.none)
@@ -78,6 +100,10 @@ class AsyncClient:
     username: str = ""
     password: str = ""
     timeout: int = 30000
+    dataTimeout: int = 600000
+    sourceAddress: str | tuple[str, int] | None = None
+    socketPath: str | None = None
+    endpoint: str | IStreamClientEndpoint | None = None
     verifyServerCertificate: bool = True
     useLegacyServerConnect: bool = False
     allowUnsafeLegacyRenegotiation: bool = False
@@ -102,6 +128,35 @@ class AsyncClient:
         """
         return self._protocol is not None and self._protocol.connected
 
+    @property
+    def localHostname(self) -> str:
+        """
+        smtplib's and aiosmtplib's name for :attr:`heloName`.
+        """
+        return self.heloName
+
+    @localHostname.setter
+    def localHostname(self, name: str) -> None:
+        self.heloName = name
+
+    @property
+    def esmtpFeatures(self) -> Mapping[str, str]:
+        """
+        The service extensions of the server's last EHLO reply, read-only:
+        keyword (upper case) -> its parameters (``{"SIZE": "10240000",
+        "AUTH": "PLAIN LOGIN", "PIPELINING": ""}``); empty when not connected
+        or after HELO.
+        """
+        protocol = self._protocol
+        return MappingProxyType(protocol.extensions if protocol is not None else {})
+
+    def supportsExtension(self, name: str) -> bool:
+        """
+        Whether the server's last EHLO reply announced extension ``name``
+        (any case): ``client.supportsExtension("smtputf8")``.
+        """
+        return name.upper() in self.esmtpFeatures
+
     def _run(self, operation: Callable[..., Awaitable[T] | Deferred[T]], *args: Any) -> Deferred[T]:
         def start() -> Deferred[T]:
             if self._freed:
@@ -113,7 +168,7 @@ class AsyncClient:
 
         lock = self._lock
         if lock.locked:
-            return lock.run(start)
+            return lock.run(lambda: start().addErrback(self._abortIfCancelled))
         # Nothing in flight: what DeferredLock.run does, without the
         # Deferreds it takes to get there.
         lock.locked = True
@@ -122,11 +177,26 @@ class AsyncClient:
         except BaseException:
             lock.release()
             return fail()
-        return result.addBoth(self._release)
+        return result.addCallbacks(self._release, self._failed)
 
     def _release(self, result: T) -> T:
         self._lock.release()
         return result
+
+    def _failed(self, failure: Failure) -> Failure:
+        self._abortIfCancelled(failure)
+        self._lock.release()
+        return failure
+
+    def _abortIfCancelled(self, failure: Failure) -> Failure:
+        # A cancelled call leaves replies on their way to commands nobody
+        # waits for: the session cannot go on, so it ends now rather than
+        # with a QUIT that waits for them.
+        if failure.check(CancelledError):
+            protocol, self._protocol = self._protocol, None
+            if protocol is not None:
+                protocol.abort()
+        return failure
 
     def _session(self) -> ESMTPSessionClient:
         protocol = self._protocol
@@ -181,17 +251,23 @@ class AsyncClient:
                 legacyServerConnect=self.useLegacyServerConnect,
                 unsafeLegacyRenegotiation=self.allowUnsafeLegacyRenegotiation,
             )
-        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=seconds)
+        endpoint, where = self._endpoint(reactor, seconds)
         if mode == EncryptMode.sslTls:
             endpoint = wrapClientTLS(tls, endpoint)
-        factory = Factory.forProtocol(lambda: ESMTPSessionClient(heloName, seconds))
+        dataSeconds = self.dataTimeout / 1000
+        factory = Factory.forProtocol(lambda: ESMTPSessionClient(heloName, seconds, dataSeconds))
+        # No "Starting factory" / "Stopping factory" log lines for every
+        # connection (a relay makes one per message).
+        factory.noisy = False
         attempt = endpoint.connect(factory)
         # The endpoint's own timeout does not cover name resolution.
         attempt.addTimeout(seconds, reactor)
-        where = f"{self.host}:{self.port}"
         try:
             protocol = await attempt
-        except (TimeoutError, CancelledError, netError.TimeoutError):
+        except (CancelledError, netError.ConnectingCancelledError):
+            # The caller's: the endpoint has given up already.
+            raise CancelledError() from None
+        except (TimeoutError, netError.TimeoutError):
             raise SMTPTimeoutError(f"connecting to {where} took over {seconds:g} seconds") from None
         except (netError.ConnectError, netError.DNSLookupError, OSError) as e:
             raise SMTPConnectError(f"cannot connect to {where}: {e}") from None
@@ -201,12 +277,47 @@ class AsyncClient:
             await protocol.ehlo()
             if mode == EncryptMode.startTls:
                 await protocol.startTLS(tls)
+        except CancelledError:
+            # At once: a QUIT would wait for the replies still due.
+            self._protocol = None
+            await protocol.abort()
+            raise
         except BaseException:
             # Say goodbye when the session is still sound (a refused greeting,
             # no STARTTLS), then make sure the connection is gone.
-            await protocol.quit()
             self._protocol = None
+            await protocol.quit()
             raise
+
+    def _endpoint(self, reactor: Any, seconds: float) -> tuple[IStreamClientEndpoint, str]:
+        """
+        The endpoint to connect through, and how errors name it.
+        """
+        endpoint, path, source = self.endpoint, self.socketPath, self.sourceAddress
+        if endpoint is not None or path is not None:
+            if endpoint is not None and path is not None:
+                raise SMTPError("set socketPath or endpoint, not both")
+            if source is not None:
+                raise SMTPError(
+                    "sourceAddress applies to host and port; with an endpoint string, "
+                    "give its bindAddress instead"
+                )
+        if path is not None:
+            return UNIXClientEndpoint(reactor, path, timeout=seconds), path
+        if isinstance(endpoint, str):
+            try:
+                return clientFromString(reactor, endpoint), endpoint
+            except (ValueError, KeyError, TypeError) as e:
+                raise SMTPError(f"endpoint {endpoint!r} is not a client endpoint string: {e}") from None
+        if endpoint is not None:
+            if not IStreamClientEndpoint.providedBy(endpoint):
+                raise SMTPError(f"endpoint must be a string or an IStreamClientEndpoint, not {endpoint!r}")
+            return endpoint, repr(endpoint)
+        bindAddress = None
+        if source is not None:
+            bindAddress = (source, 0) if isinstance(source, str) else (source[0], int(source[1]))
+        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=seconds, bindAddress=bindAddress)
+        return endpoint, f"{self.host}:{self.port}"
 
     def authenticate(self) -> Deferred[bool]:
         """
@@ -314,6 +425,31 @@ class AsyncClient:
     async def _verify(self, username: str) -> str:
         return await self._session().verify(username)
 
+    def noop(self) -> Deferred[str]:
+        """
+        Send NOOP: is the session still alive?
+
+        :returns: the reply text (for 250).
+        :raises SMTPError: for any other reply, or when the connection is
+            gone.
+        """
+        return self._run(self._noop)
+
+    async def _noop(self) -> str:
+        return await self._session().noop()
+
+    def rset(self) -> Deferred[None]:
+        """
+        Send RSET, abandoning any mail transaction (each send starts its
+        own; this is for a caller that wants the server's state clean).
+
+        :raises SMTPError: for a reply other than 250.
+        """
+        return self._run(self._rset)
+
+    async def _rset(self) -> None:
+        await self._session().rset()
+
     def disconnect(self) -> Deferred[None]:
         """
         Send QUIT and close the connection.  Does nothing when not
@@ -376,11 +512,16 @@ class Client:
     username = _Forwarded()
     password = _Forwarded()
     timeout = _Forwarded()
+    dataTimeout = _Forwarded()
+    sourceAddress = _Forwarded()
+    socketPath = _Forwarded()
+    endpoint = _Forwarded()
     verifyServerCertificate = _Forwarded()
     useLegacyServerConnect = _Forwarded()
     allowUnsafeLegacyRenegotiation = _Forwarded()
     caCertFile = _Forwarded()
     heloName = _Forwarded()
+    localHostname = _Forwarded()
     saslMechanisms = _Forwarded()
 
     def __init__(self) -> None:
@@ -442,6 +583,31 @@ class Client:
         See :meth:`AsyncClient.verify`.
         """
         return self._call("verify", username)
+
+    def noop(self) -> str:
+        """
+        See :meth:`AsyncClient.noop`.
+        """
+        return self._call("noop")
+
+    def rset(self) -> None:
+        """
+        See :meth:`AsyncClient.rset`.
+        """
+        self._call("rset")
+
+    @property
+    def esmtpFeatures(self) -> Mapping[str, str]:
+        """
+        See :attr:`AsyncClient.esmtpFeatures`.
+        """
+        return self._client.esmtpFeatures
+
+    def supportsExtension(self, name: str) -> bool:
+        """
+        See :meth:`AsyncClient.supportsExtension`.
+        """
+        return self._client.supportsExtension(name)
 
     def disconnect(self) -> None:
         """

@@ -565,6 +565,11 @@ class ESMTPSessionClient(ESMTPClient):
     ``connectionLost``, which every transport calls, endpoints included.
 
     :ivar extensions: what the last EHLO reply announced (empty after HELO).
+    :ivar timeout: seconds the server has for each reply.
+    :ivar dataTimeout: seconds it has for its reply to the end of a message
+        (RFC 5321 4.5.3.2.6 says 10 minutes: it may be scanning the message,
+        and giving up earlier risks a second delivery when the sender
+        retries).
     """
 
     # Twisted's SMTPClient logs every line when debug is on: never do that.
@@ -573,9 +578,14 @@ class ESMTPSessionClient(ESMTPClient):
     #: The longest reply line, its line ending included.
     MAX_LENGTH = MAX_REPLY_LINE
 
-    def __init__(self, heloName: str, timeout: float) -> None:
+    def __init__(self, heloName: str, timeout: float, dataTimeout: float | None = None) -> None:
         super().__init__(secret=None, identity=heloArgument(heloName))
         self.timeout = timeout
+        self.dataTimeout = timeout if dataTimeout is None else dataTimeout
+        # What the reply timer gives the server: `timeout`, or `dataTimeout`
+        # once the end of a message is on its way (`_atEndOfMessage`).
+        self._replyTimeout = timeout
+        self._atEndOfMessage = False
         self.extensions: dict[str, str] = {}
         # What the SIZE of `extensions` allows, when it is readable.
         self._sizeLimit: int | None = None
@@ -678,13 +688,23 @@ class ESMTPSessionClient(ESMTPClient):
 
     def _armTimer(self) -> None:
         """
-        Give the server :attr:`timeout` seconds from now for its next reply.
+        Give the server :attr:`timeout` seconds from now for its next reply
+        (:attr:`dataTimeout` for the reply to the end of a message).
         """
         timer = self._timer
         if timer is not None and timer.active():
-            timer.reset(self.timeout)
+            timer.reset(self._replyTimeout)
         else:
-            self._timer = self.callLater(self.timeout, self.timeoutConnection)
+            self._timer = self.callLater(self._replyTimeout, self.timeoutConnection)
+
+    def _endOfMessage(self, sent: bool) -> None:
+        """
+        Switch the reply timer to :attr:`dataTimeout` when the final dot is
+        about to go (``sent``), back to :attr:`timeout` once it is answered.
+        The pipelined path of :meth:`sendMessage` does the same inline.
+        """
+        self._atEndOfMessage = sent
+        self._replyTimeout = self.dataTimeout if sent else self.timeout
 
     def _stopTimer(self) -> None:
         timer, self._timer = self._timer, None
@@ -694,9 +714,13 @@ class ESMTPSessionClient(ESMTPClient):
     def timeoutConnection(self) -> None:
         self._timer = None
         if self._waiting:
-            self._abort(
-                SMTPTimeoutError(f"no reply from the server within {self.timeout:g} seconds")
-            )
+            if self._atEndOfMessage:
+                # The server may have the message: saying so tells the
+                # caller that a retry may deliver it twice.
+                what = f"to the end of the message within {self._replyTimeout:g} seconds (it may have been delivered)"
+            else:
+                what = f"within {self._replyTimeout:g} seconds"
+            self._abort(SMTPTimeoutError(f"no reply from the server {what}"))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._stopTimer()
@@ -993,13 +1017,18 @@ class ESMTPSessionClient(ESMTPClient):
                 self._inTransaction = True
 
                 def final(reply: Reply) -> None:
-                    self._inTransaction = False
+                    self._inTransaction = self._atEndOfMessage = False
+                    self._replyTimeout = self.timeout
                     if reply.code == 250:
                         result.callback(refused)
                     else:
                         result.errback(SMTPError(reply.code, f"message refused: {self._quote(reply.text)}"))
 
                 # The whole message and its end in one write: one round trip.
+                # Its reply gets dataTimeout (set here, so that _await arms
+                # the timer with it).
+                self._atEndOfMessage = True
+                self._replyTimeout = self.dataTimeout
                 self._await(1, final, result.errback)
                 self._write(message.stuffed)
                 return
@@ -1082,8 +1111,11 @@ class ESMTPSessionClient(ESMTPClient):
         international = not all(a.isascii() for a in [sender, *recipients])
         if international:
             if "SMTPUTF8" not in extensions:
+                # A permanent failure (RFC 6531 3.6.2's 553 5.6.7): the same
+                # server will not take this envelope tomorrow either, and a
+                # relay must bounce it rather than have the sender retry.
                 raise SMTPError(
-                    "the server does not offer SMTPUTF8, which non-ASCII addresses need"
+                    553, "5.6.7 the server does not offer SMTPUTF8, which non-ASCII addresses need"
                 )
             parameters.append(b" SMTPUTF8")
         if "8BITMIME" in extensions and (message.eightBit is not False or international):
@@ -1094,9 +1126,11 @@ class ESMTPSessionClient(ESMTPClient):
         return b"".join(parameters)
 
     async def _endData(self, data: bytes) -> Reply:
+        self._endOfMessage(True)
         final = self._expect()
         self._write(data)
         reply = await final
+        self._endOfMessage(False)
         self._inTransaction = False
         return reply
 
@@ -1117,6 +1151,7 @@ class ESMTPSessionClient(ESMTPClient):
         except _Stopped:
             pass  # The connection was lost: `final` says why.
         reply = await final
+        self._endOfMessage(False)
         self._inTransaction = False
         return reply
 
@@ -1137,6 +1172,30 @@ class ESMTPSessionClient(ESMTPClient):
         if reply.code in (250, 251, 252):
             return reply.text
         raise SMTPError(reply.code, self._quote(reply.text))
+
+    async def noop(self) -> str:
+        """
+        Send NOOP: checks that the session is alive, and resets the server's
+        idle timer.
+
+        :returns: the reply text for 250.
+        :raises SMTPError: for any other reply.
+        """
+        reply = await self.command(b"NOOP")
+        if reply.code == 250:
+            return reply.text
+        raise SMTPError(reply.code, self._quote(reply.text))
+
+    async def rset(self) -> None:
+        """
+        Send RSET: abandon the mail transaction, if any.
+
+        :raises SMTPError: for a reply other than 250.
+        """
+        reply = await self.command(b"RSET")
+        if reply.code != 250:
+            raise SMTPError(reply.code, self._quote(reply.text))
+        self._inTransaction = False
 
     def quit(self) -> Deferred[None]:
         """
@@ -1198,6 +1257,8 @@ class _BodyProducer:
                 return
             if not chunk:
                 transport.unregisterProducer()
+                self._protocol._endOfMessage(True)
+                self._protocol._armTimer()
                 transport.write(self._stuffer.finish())
                 self._finish(None)
                 return
