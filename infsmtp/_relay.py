@@ -31,9 +31,18 @@ class RelayDelivery:
     The client gets C{250} only after the smarthost accepted the message.
     A permanent refusal (5xx) is passed on as C{554} (C{550} when every
     recipient was refused) with the smarthost's reason, so the sender
-    bounces at once; anything else (no connection, a timeout, a 4xx, our
-    credentials refused) is answered C{451}, so the sender keeps the message
-    and retries.
+    bounces at once; so is an envelope the smarthost cannot take (non-ASCII
+    addresses without SMTPUTF8: C{554 5.6.7}).  Anything else (no
+    connection, a timeout, a 4xx, our credentials refused) is answered
+    C{451}, so the sender keeps the message and retries.  Each failure is
+    logged with the step that failed (connecting, authenticating, sending).
+
+    The smarthost's reply to the end of the message may take C{dataTimeout}
+    (RFC 5321's 10 minutes by default): a smarthost scanning the message is
+    not cut short.  Past it the client is answered C{451}; if the smarthost
+    took the message after all, the sender's retry delivers it twice (the
+    window RFC 5321 4.5.3.2.6 and RFC 1047 accept).  Keep C{dataTimeout}
+    under the server's C{receiveTimeout}, which otherwise answers 451 first.
 
     There is no queue: recipients the smarthost refuses while it accepts
     others are logged (the message went to the others, and a 451 would
@@ -48,6 +57,7 @@ class RelayDelivery:
     @param caCertFile: PEM trust roots for its certificate.
     @param verifyServerCertificate: check its certificate chain and name.
     @param timeout: milliseconds, for the connection and each reply.
+    @param dataTimeout: milliseconds for the reply to the end of the message.
     @param reactor: passed to L{AsyncClient}.
     """
 
@@ -62,6 +72,7 @@ class RelayDelivery:
         caCertFile: str | None = None,
         verifyServerCertificate: bool = True,
         timeout: int = 30000,
+        dataTimeout: int = 600000,
         heloName: str | None = None,
         reactor: Any = None,
     ) -> None:
@@ -73,6 +84,7 @@ class RelayDelivery:
         self.caCertFile = caCertFile
         self.verifyServerCertificate = verifyServerCertificate
         self.timeout = timeout
+        self.dataTimeout = dataTimeout
         self.heloName = heloName
         self._reactor = reactor
 
@@ -81,6 +93,7 @@ class RelayDelivery:
         client.host, client.port = self.host, self.port
         client.encryptMode = self.encryptMode
         client.timeout = self.timeout
+        client.dataTimeout = self.dataTimeout
         client.verifyServerCertificate = self.verifyServerCertificate
         client.caCertFile = self.caCertFile
         if self.heloName:
@@ -101,23 +114,28 @@ class RelayDelivery:
         where = f"{self.host}:{self.port}"
         facts = dict(session.deliveryFacts(), smarthost=where)
         client = self._client()
+        step = "connecting to"
         try:
             await client.connect()
+            step = "authenticating to"
             if not await client.authenticate():
-                raise SMTPError(535, f"{where} refused our credentials")
+                raise SMTPError(535, "our credentials were refused")
+            step = "sending the message to"
             # msgFile: a spooled message is streamed, never loaded whole.
             refused = await client.sendStream(session.msgFile, session.mailFrom, list(session.rcptTo))
-            await client.disconnect()
         except SMTPError as e:
             log.error(
                 "session {sessionId} from {client}: <{sender}> -> {recipients}: "
-                "{smarthost} did not take the message: {error}",
+                "{step} {smarthost} failed: {error}",
+                step=step,
                 error=str(e),
                 **facts,
             )
-            raise self._reply(e) from None
-        finally:
             await client.free()
+            raise self._reply(e) from None
+        # The smarthost has the message: how the goodbye goes changes nothing.
+        await client.disconnect()
+        await client.free()
         for address, (code, text) in refused.items():
             log.warn(  # noqa: G010 (twisted.logger.Logger has warn, not warning)
                 "session {sessionId}: {smarthost} refused <{address}>: {code} {text}",
@@ -141,6 +159,14 @@ class RelayDelivery:
             codes = {code for code, _ in error.refused.values()}
             if codes and all(500 <= code < 600 for code in codes):
                 return SMTPError(550, "Recipients refused by the smarthost")
+        elif error.code == 553 and error.text.startswith("5.6.7"):
+            # Refused before it was sent: the smarthost cannot take
+            # non-ASCII addresses (RFC 6531 3.6.2), today or tomorrow.
+            return SMTPError(554, "5.6.7 Non-ASCII addresses cannot be relayed: the smarthost lacks SMTPUTF8")
         elif error.code is not None and 500 <= error.code < 600 and error.code != 535:
             return SMTPError(554, f"Refused by the smarthost: {error.text}")
+        if error.code is not None and 400 <= error.code < 500 and error.code != 454:
+            # The smarthost's own temporary refusal: its reason helps the
+            # sender's postmaster (our credentials' 454 stays ours).
+            return SMTPError(451, f"Cannot forward the message now, try again later ({error.code} {error.text})")
         return SMTPError(451, "Cannot forward the message now, try again later")

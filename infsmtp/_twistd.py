@@ -125,6 +125,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["relay-ca", None, None, "PEM trust roots for the smarthost's certificate [default: the system's]."],
         ["relay-user", None, None, "User name to authenticate to the smarthost with."],
         ["relay-password-file", None, None, "File whose first line is the smarthost password."],
+        ["relay-timeout", None, None, "Seconds to wait for the smarthost's reply to the end of a message; past it the client is answered 451 and retries, and may deliver twice if the smarthost took it [default: 600 (RFC 5321), or 90% of --receive-timeout when that is shorter].", float],
     ]
 
     def __init__(self) -> None:
@@ -482,6 +483,18 @@ def _relayDelivery(options: Options) -> Any:
             raise ConfigurationError(f"--relay-password-file {options['relay-password-file']}: {e.strerror}") from None
     if options["relay-ca"] and not os.path.isfile(options["relay-ca"]):
         raise ConfigurationError(f"--relay-ca {options['relay-ca']}: no such file")
+    # The smarthost's answer must come before the server's own deadline for
+    # onReceive: past that the client is answered 451 and retries while the
+    # smarthost may still take the message.
+    receiveTimeout = options["receive-timeout"]
+    relayTimeout = options["relay-timeout"]
+    if relayTimeout is None:
+        relayTimeout = min(600.0, 0.9 * receiveTimeout)
+    elif not 0 < relayTimeout < receiveTimeout:
+        raise ConfigurationError(
+            f"--relay-timeout {relayTimeout:g}: must be over 0 and under --receive-timeout ({receiveTimeout:g}), "
+            "or the client is answered 451 while the smarthost may still take the message"
+        )
     return RelayDelivery(
         host,
         port,
@@ -490,6 +503,7 @@ def _relayDelivery(options: Options) -> Any:
         password=password,
         caCertFile=options["relay-ca"],
         verifyServerCertificate=not options["relay-no-verify"],
+        dataTimeout=round(relayTimeout * 1000),
     )
 
 
