@@ -116,26 +116,30 @@ class RelayDelivery:
         client = self._client()
         step = "connecting to"
         try:
-            await client.connect()
-            step = "authenticating to"
-            if not await client.authenticate():
-                raise SMTPError(535, "our credentials were refused")
-            step = "sending the message to"
-            # msgFile: a spooled message is streamed, never loaded whole.
-            refused = await client.sendStream(session.msgFile, session.mailFrom, list(session.rcptTo))
-        except SMTPError as e:
-            log.error(
-                "session {sessionId} from {client}: <{sender}> -> {recipients}: "
-                "{step} {smarthost} failed: {error}",
-                step=step,
-                error=str(e),
-                **facts,
-            )
+            try:
+                await client.connect()
+                step = "authenticating to"
+                if not await client.authenticate():
+                    raise SMTPError(535, "our credentials were refused")
+                step = "sending the message to"
+                # msgFile: a spooled message is streamed, never loaded whole.
+                refused = await client.sendStream(session.msgFile, session.mailFrom, list(session.rcptTo))
+            except SMTPError as e:
+                log.error(
+                    "session {sessionId} from {client}: <{sender}> -> {recipients}: "
+                    "{step} {smarthost} failed: {error}",
+                    step=step,
+                    error=str(e),
+                    **facts,
+                )
+                raise self._reply(e) from None
+            # The smarthost has the message: how the goodbye goes changes
+            # nothing (disconnect never fails).
+            await client.disconnect()
+        finally:
+            # Also when the server's receiveTimeout cancels us: no
+            # connection left behind.
             await client.free()
-            raise self._reply(e) from None
-        # The smarthost has the message: how the goodbye goes changes nothing.
-        await client.disconnect()
-        await client.free()
         for address, (code, text) in refused.items():
             log.warn(  # noqa: G010 (twisted.logger.Logger has warn, not warning)
                 "session {sessionId}: {smarthost} refused <{address}>: {code} {text}",
