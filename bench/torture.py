@@ -2,7 +2,7 @@
 Torture: ``twistd infsmtp`` (and aiosmtpd beside it) under attack and under
 faults, on loopback only, every scenario bounded in count and in time.
 
-    python bench/torture.py                                   # everything, ~11 min on 2 cores
+    python bench/torture.py                                   # everything, ~10 min on 2 cores
     python bench/torture.py --scale 0.01                      # a quick look
     python bench/torture.py --scenarios burst,auth-one --servers infsmtp
 
