@@ -177,9 +177,17 @@ MUTANTS = [
         "command-line-unbounded",
         "a command line over the limit is answered 500, not buffered",
         WIRE,
-        "        if self._discarding or end > self.maxLength:",
+        "        if self._discarding or end >= self.maxLength:",
         "        if self._discarding:",
         ("tests/test_wire.py", "tests/test_protocol.py"),
+    ),
+    Mutant(
+        "command-line-limit-off-by-one",
+        "maxLineLength counts the line ending",
+        WIRE,
+        "        if self._discarding or end >= self.maxLength:",
+        "        if self._discarding or end > self.maxLength:",
+        ("tests/test_hardening.py",),
     ),
     Mutant(
         "too-many-recipients",
