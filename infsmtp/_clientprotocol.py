@@ -575,6 +575,11 @@ class ESMTPSessionClient(ESMTPClient):
     # Twisted's SMTPClient logs every line when debug is on: never do that.
     debug = False
 
+    # ESMTPClient's __setattr__ is Python code (for its tlsMode, deprecated
+    # since Twisted 13, which nothing here uses): it made every attribute
+    # store on the send path a function call.  Plain stores instead.
+    __setattr__ = object.__setattr__
+
     #: The longest reply line, its line ending included.
     MAX_LENGTH = MAX_REPLY_LINE
 
@@ -582,9 +587,10 @@ class ESMTPSessionClient(ESMTPClient):
         super().__init__(secret=None, identity=heloArgument(heloName))
         self.timeout = timeout
         self.dataTimeout = timeout if dataTimeout is None else dataTimeout
-        # What the reply timer gives the server: `timeout`, or `dataTimeout`
-        # once the end of a message is on its way (`_atEndOfMessage`).
-        self._replyTimeout = timeout
+        # Whether the reply awaited is the one to the end of a message, which
+        # gets `dataTimeout`.  (No attribute more than needed: past 30, an
+        # instance's attributes leave CPython's shared-key dict and every
+        # access on the hot path gets slower; see test_client_unit.)
         self._atEndOfMessage = False
         self.extensions: dict[str, str] = {}
         # What the SIZE of `extensions` allows, when it is readable.
@@ -691,11 +697,12 @@ class ESMTPSessionClient(ESMTPClient):
         Give the server :attr:`timeout` seconds from now for its next reply
         (:attr:`dataTimeout` for the reply to the end of a message).
         """
+        seconds = self.dataTimeout if self._atEndOfMessage else self.timeout
         timer = self._timer
         if timer is not None and timer.active():
-            timer.reset(self._replyTimeout)
+            timer.reset(seconds)
         else:
-            self._timer = self.callLater(self._replyTimeout, self.timeoutConnection)
+            self._timer = self.callLater(seconds, self.timeoutConnection)
 
     def _endOfMessage(self, sent: bool) -> None:
         """
@@ -704,7 +711,6 @@ class ESMTPSessionClient(ESMTPClient):
         The pipelined path of :meth:`sendMessage` does the same inline.
         """
         self._atEndOfMessage = sent
-        self._replyTimeout = self.dataTimeout if sent else self.timeout
 
     def _stopTimer(self) -> None:
         timer, self._timer = self._timer, None
@@ -717,9 +723,9 @@ class ESMTPSessionClient(ESMTPClient):
             if self._atEndOfMessage:
                 # The server may have the message: saying so tells the
                 # caller that a retry may deliver it twice.
-                what = f"to the end of the message within {self._replyTimeout:g} seconds (it may have been delivered)"
+                what = f"to the end of the message within {self.dataTimeout:g} seconds (it may have been delivered)"
             else:
-                what = f"within {self._replyTimeout:g} seconds"
+                what = f"within {self.timeout:g} seconds"
             self._abort(SMTPTimeoutError(f"no reply from the server {what}"))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -769,6 +775,12 @@ class ESMTPSessionClient(ESMTPClient):
         Whether the connection is still open.
         """
         return self._lostWatchers is not None
+
+    @connected.setter
+    def connected(self, value: object) -> None:
+        # Twisted's BaseProtocol keeps its own flag (makeConnection,
+        # connectionLost); ours is read from the session's state above.
+        pass
 
     @property
     def closeReason(self) -> SMTPError | None:
@@ -1018,7 +1030,6 @@ class ESMTPSessionClient(ESMTPClient):
 
                 def final(reply: Reply) -> None:
                     self._inTransaction = self._atEndOfMessage = False
-                    self._replyTimeout = self.timeout
                     if reply.code == 250:
                         result.callback(refused)
                     else:
@@ -1028,7 +1039,6 @@ class ESMTPSessionClient(ESMTPClient):
                 # Its reply gets dataTimeout (set here, so that _await arms
                 # the timer with it).
                 self._atEndOfMessage = True
-                self._replyTimeout = self.dataTimeout
                 self._await(1, final, result.errback)
                 self._write(message.stuffed)
                 return
