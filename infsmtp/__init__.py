@@ -7,7 +7,7 @@ This module only re-exports the public names; the machinery lives in the
 private modules beside it.
 """
 
-from ._client import AsyncClient, Client
+from ._client import AsyncClient, Client, sendmail
 from ._enums import AuthMode, EncryptMode, TLSVersion
 from ._errors import (
     SMTPAuthenticationError,
@@ -31,6 +31,7 @@ __all__ = [
     "TLSVersion",
     "AsyncClient",
     "Client",
+    "sendmail",
     "Server",
     "Session",
     "MaildirDelivery",

@@ -21,6 +21,7 @@ The protocol lives in :mod:`infsmtp._clientprotocol`, the TLS settings in
 
 from __future__ import annotations
 
+import io
 from email.message import Message
 from types import MappingProxyType
 from typing import IO, Any, Awaitable, Callable, Mapping, Sequence, TypeVar
@@ -38,7 +39,7 @@ from ._clientprotocol import ESMTPSessionClient, heloArgument
 from ._clienttls import clientTLSOptions
 from ._enums import AuthMode, EncryptMode, EnumAttribute
 from ._envelope import outgoingFromMessage, outgoingFromStream
-from ._errors import SMTPConnectError, SMTPError, SMTPTimeoutError
+from ._errors import SMTPAuthenticationError, SMTPConnectError, SMTPError, SMTPTimeoutError
 
 T = TypeVar("T")
 
@@ -111,10 +112,15 @@ class AsyncClient:
     heloName: str = DNSNAME.decode("ascii", "replace")
     saslMechanisms: Sequence[str] = ("CRAM-MD5", "PLAIN", "LOGIN")
 
-    def __init__(self, reactor: Any = None) -> None:
+    def __init__(self, reactor: Any = None, **settings: Any) -> None:
         """
         :param reactor: the reactor to use; the global one by default.
+        :param settings: attributes to set, by their names
+            (``AsyncClient(host="smtp.example.org", port=587,
+            encryptMode=EncryptMode.startTls)``); an unknown name raises
+            ``TypeError``.
         """
+        _applySettings(self, type(self), settings)
         self._reactor = reactor
         self._protocol: ESMTPSessionClient | None = None
         self._freed = False
@@ -473,6 +479,105 @@ class AsyncClient:
             return succeed(None)
         return protocol.abort()
 
+    async def __aenter__(self) -> AsyncClient:
+        """
+        ``async with AsyncClient(host=...) as client:`` connects; leaving the
+        block disconnects and frees, also when it raised (and when the
+        connect failed).
+        """
+        try:
+            await self.connect()
+        except BaseException:
+            await self.free()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            if self._protocol is not None:
+                await self.disconnect()
+        finally:
+            await self.free()
+
+
+#: What the settings of :class:`AsyncClient` and :func:`sendmail` may name.
+_SETTINGS = frozenset(
+    {
+        "host", "port", "encryptMode", "authMode", "username", "password", "timeout",
+        "dataTimeout", "sourceAddress", "socketPath", "endpoint", "verifyServerCertificate",
+        "useLegacyServerConnect", "allowUnsafeLegacyRenegotiation", "caCertFile", "heloName",
+        "localHostname", "saslMechanisms",
+    }
+)
+
+
+def _applySettings(client: Any, kind: type, settings: Mapping[str, Any]) -> None:
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise TypeError(f"{kind.__name__}() got unexpected keyword arguments: {', '.join(unknown)}")
+    for name, value in settings.items():
+        setattr(client, name, value)
+
+
+def sendmail(
+    message: Message | bytes | str | IO[bytes],
+    sender: str | None = None,
+    recipients: Recipients = None,
+    *,
+    reactor: Any = None,
+    **settings: Any,
+) -> Deferred[Refused]:
+    """
+    Send one message on a connection of its own: connect, authenticate,
+    send, disconnect, free.  Like ``twisted.mail.smtp.sendmail`` and
+    ``aiosmtplib.send``::
+
+        refused = await sendmail(
+            message, host="smtp.example.org", port=587,
+            encryptMode=EncryptMode.startTls,
+            username="me@example.org", password="secret",
+        )
+
+    :param message: an :class:`email.message.Message`, the message's bytes
+        or text (text is sent as UTF-8), or a binary file (streamed, not
+        closed).
+    :param sender: the envelope sender; from the headers when ``None``.
+    :param recipients: the envelope recipients; from the headers when
+        ``None``.
+    :param reactor: as for :class:`AsyncClient`.
+    :param settings: the :class:`AsyncClient` attributes (``host``,
+        ``port``, ``encryptMode``, ``authMode``, ``username``, ``password``,
+        ``timeout``, ...).  With a ``username`` and no ``authMode``,
+        ``AuthMode.default`` (PLAIN, else LOGIN).
+    :returns: the refused recipients, as :meth:`AsyncClient.sendFile` does.
+    :raises SMTPAuthenticationError: when the server refused the
+        credentials.
+    :raises SMTPError: as :meth:`AsyncClient.connect` and
+        :meth:`AsyncClient.sendFile` do; an unknown setting raises
+        ``TypeError`` at once.
+
+    Cancelling the Deferred closes the connection at once.
+    """
+    if settings.get("username") and "authMode" not in settings:
+        settings["authMode"] = AuthMode.default
+    client = AsyncClient(reactor, **settings)
+    return Deferred.fromCoroutine(_sendmail(client, message, sender, recipients))
+
+
+async def _sendmail(
+    client: AsyncClient, message: Message | bytes | str | IO[bytes], sender: str | None, recipients: Recipients
+) -> Refused:
+    async with client:
+        if not await client.authenticate():
+            raise SMTPAuthenticationError(535, f"the server refused the credentials of {client.username!r}")
+        if isinstance(message, Message):
+            return await client.sendMail(message, sender, recipients)
+        if isinstance(message, bytes):
+            return await client.sendStream(io.BytesIO(message), sender, recipients)
+        if isinstance(message, str):
+            return await client.sendStream(io.StringIO(message), sender, recipients)
+        return await client.sendStream(message, sender, recipients)
+
 
 class _Forwarded:
     """
@@ -524,8 +629,12 @@ class Client:
     localHostname = _Forwarded()
     saslMechanisms = _Forwarded()
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: Any) -> None:
+        """
+        :param settings: attributes to set, as for :class:`AsyncClient`.
+        """
         self._client = AsyncClient()
+        _applySettings(self, type(self), settings)
 
     def _call(self, name: str, *args: Any) -> Any:
         return blockingCall(
