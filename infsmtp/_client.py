@@ -418,6 +418,52 @@ class AsyncClient:
         outgoing, sender, recipients = outgoingFromMessage(message, sender, recipients)
         return session.sendMessage(sender, recipients, outgoing)
 
+    def sendmail(
+        self,
+        sender: str,
+        recipients: Sequence[str] | str,
+        message: bytes | str | IO[bytes],
+        mailOptions: Sequence[str] = (),
+        rcptOptions: Sequence[str] = (),
+    ) -> Deferred[Refused]:
+        """
+        smtplib's ``sendmail``: send ``message`` (bytes, text sent as UTF-8,
+        or a binary file, streamed and not closed) from ``sender`` (``""``
+        for the null sender) to ``recipients``, as :meth:`sendStream` does.
+
+        :param mailOptions: ESMTP parameters for MAIL (``"RET=HDRS"``,
+            ``"ENVID=x1"``, ``"REQUIRETLS"``); one naming ``SIZE``, ``BODY``
+            or ``SMTPUTF8`` replaces the client's own.
+        :param rcptOptions: ESMTP parameters for every RCPT
+            (``"NOTIFY=SUCCESS,FAILURE"``, ``"ORCPT=rfc822;bob@example.org"``).
+        :returns: the refused recipients, as :meth:`sendFile` does.
+        :raises SMTPError: before anything is sent, when an option is not
+            ``KEYWORD`` or ``KEYWORD=VALUE`` (RFC 5321 4.1.2: printable
+            ASCII, no space, ``<``, ``>`` or second ``=``); otherwise as
+            :meth:`sendFile` does.
+        """
+        return self._run(self._sendRaw, sender, recipients, message, mailOptions, rcptOptions)
+
+    def _sendRaw(
+        self,
+        sender: str,
+        recipients: Sequence[str] | str,
+        message: bytes | str | IO[bytes],
+        mailOptions: Sequence[str],
+        rcptOptions: Sequence[str],
+    ) -> Deferred[Refused]:
+        session = self._session()
+        if sender is None or recipients is None:
+            raise SMTPError("sendmail() takes the envelope as given: pass sender and recipients")
+        if isinstance(message, bytes):
+            stream: IO[Any] = io.BytesIO(message)
+        elif isinstance(message, str):
+            stream = io.StringIO(message)
+        else:
+            stream = message
+        outgoing, sender, recipients = outgoingFromStream(stream, sender, recipients)
+        return session.sendMessage(sender, recipients, outgoing, mailOptions, rcptOptions)
+
     def verify(self, username: str) -> Deferred[str]:
         """
         Ask the server about a user name or address (VRFY).
@@ -686,6 +732,19 @@ class Client:
         See :meth:`AsyncClient.sendMail`.
         """
         return self._call("sendMail", message, sender, recipients)
+
+    def sendmail(
+        self,
+        sender: str,
+        recipients: Sequence[str] | str,
+        message: bytes | str | IO[bytes],
+        mailOptions: Sequence[str] = (),
+        rcptOptions: Sequence[str] = (),
+    ) -> Refused:
+        """
+        See :meth:`AsyncClient.sendmail`.
+        """
+        return self._call("sendmail", sender, recipients, message, mailOptions, rcptOptions)
 
     def verify(self, username: str) -> str:
         """

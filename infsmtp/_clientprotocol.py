@@ -518,6 +518,35 @@ def _path(address: str, what: str) -> bytes:
     return b"<" + address.encode("utf-8") + b">"
 
 
+#: RFC 5321 4.1.2's esmtp-param: a keyword, and a value of printable ASCII
+#: but "="; "<" and ">" are refused too, so that no option can close or
+#: open a path.
+_ESMTP_PARAMETER = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3b\x3f-\x7e]+)?", re.ASCII)
+
+
+def esmtpParameters(options: Sequence[str] | str, what: str) -> tuple[bytes, list[str]]:
+    """
+    ``options`` (``"NOTIFY=SUCCESS,FAILURE"``, ...) as the bytes to append
+    to MAIL or RCPT (each after a space), and their keywords in upper case.
+
+    :raises SMTPError: when an option is not ``KEYWORD`` or
+        ``KEYWORD=VALUE`` (RFC 5321 4.1.2): a space, a control character,
+        ``<``, ``>`` or a second ``=`` would inject parameters or commands.
+    """
+    if isinstance(options, str):
+        options = [options]
+    encoded, keywords = [], []
+    for option in options:
+        if not isinstance(option, str) or _ESMTP_PARAMETER.fullmatch(option) is None:
+            raise SMTPError(
+                f"{what} {_shown(option)} is not KEYWORD or KEYWORD=VALUE (printable ASCII; "
+                "no space, '<', '>' or second '=')"
+            )
+        encoded.append(b" " + option.encode("ascii"))
+        keywords.append(option.partition("=")[0].upper())
+    return b"".join(encoded), keywords
+
+
 def heloArgument(heloName: str) -> bytes:
     """
     ``heloName`` as sent after EHLO or HELO.
@@ -964,11 +993,21 @@ class ESMTPSessionClient(ESMTPClient):
         return reply
 
     def sendMessage(
-        self, sender: str, recipients: Sequence[str], message: OutgoingMessage
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: OutgoingMessage,
+        mailOptions: Sequence[str] = (),
+        rcptOptions: Sequence[str] = (),
     ) -> Deferred[dict[str, tuple[int, str]]]:
         """
         Run one mail transaction: MAIL, RCPT for each recipient, DATA, the
         message.  With PIPELINING the commands go out as one group.
+
+        ``mailOptions`` are ESMTP parameters for MAIL (``"RET=HDRS"``),
+        replacing the client's own ``SIZE``, ``BODY`` or ``SMTPUTF8`` when
+        they name one; ``rcptOptions`` go on every RCPT
+        (``"NOTIFY=SUCCESS,FAILURE"``).
 
         :returns: a Deferred firing with the refused recipients, address ->
             (code, text).
@@ -986,7 +1025,14 @@ class ESMTPSessionClient(ESMTPClient):
             if b"RCPT TO:<>" in rcpts:
                 # The null path is a sender's only.
                 raise SMTPError("a recipient address is empty")
-            mail += self._mailParameters(sender, recipients, message)
+            if mailOptions or rcptOptions:
+                extra, given = esmtpParameters(mailOptions, "MAIL option")
+                mail += self._mailParameters(sender, recipients, message, given) + extra
+                if rcptOptions:
+                    extra = esmtpParameters(rcptOptions, "RCPT option")[0]
+                    rcpts = [line + extra for line in rcpts]
+            else:
+                mail += self._mailParameters(sender, recipients, message)
         except SMTPError as e:
             return _failed(e)
         if "PIPELINING" not in self.extensions:
@@ -1105,10 +1151,14 @@ class ESMTPSessionClient(ESMTPClient):
         return {r: (reply.code, quote(reply.text)) for r, reply in zip(recipients, replies) if reply.code not in (250, 251)}  # noqa: B905
 
     def _mailParameters(
-        self, sender: str, recipients: Sequence[str], message: OutgoingMessage
+        self, sender: str, recipients: Sequence[str], message: OutgoingMessage, given: Sequence[str] = ()
     ) -> bytes:
         extensions = self.extensions
         parameters = []
+        if given:
+            # The caller's own SIZE, SMTPUTF8 or BODY replaces the client's
+            # (the checks still run).
+            parameters = _Without(given)
         if "SIZE" in extensions and message.size is not None:
             limit = self._sizeLimit
             if limit is not None and limit < message.size:
@@ -1223,6 +1273,21 @@ class ESMTPSessionClient(ESMTPClient):
         if self.connected:
             self._abort(SMTPConnectError("the connection was closed by the client"))
         return self.whenLost()
+
+
+class _Without(list):  # type: ignore[type-arg]
+    """
+    A list of MAIL parameters (``b" SIZE=123"``) that leaves out those whose
+    keyword is one of ``keywords`` (upper case).
+    """
+
+    def __init__(self, keywords: Sequence[str]) -> None:
+        super().__init__()
+        self.keywords = frozenset(keywords)
+
+    def append(self, parameter: bytes) -> None:
+        if parameter[1:].partition(b"=")[0].decode("ascii") not in self.keywords:
+            super().append(parameter)
 
 
 class _ReadError(Exception):
