@@ -1,11 +1,12 @@
 """
 External peers of the interop tests (swaks, Postfix's smtp-source and
-smtp-sink, curl, openssl).
+smtp-sink, curl, openssl, haproxy, aiosmtpd).
 """
 
 import socket
 
 import pytest
+from aiosmtpd.controller import Controller
 
 
 def freePort() -> int:
@@ -33,3 +34,14 @@ def requireTool(path: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+class EphemeralController(Controller):
+    """
+    An aiosmtpd controller on a port the kernel picks (C{port=0}); the
+    port is in C{.port} once started.
+    """
+
+    def _trigger_server(self):
+        self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()

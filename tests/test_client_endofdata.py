@@ -18,7 +18,7 @@ import time
 
 import pytest
 import pytest_twisted
-from aiosmtpd.controller import Controller
+from peertools import EphemeralController
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
@@ -55,14 +55,6 @@ class SlowScanner:
         return "250 2.0.0 scanned and queued"
 
 
-class EphemeralController(Controller):
-    """
-    An aiosmtpd controller on a port the kernel picks.
-    """
-
-    def _trigger_server(self):
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 @pytest.fixture

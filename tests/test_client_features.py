@@ -15,8 +15,8 @@ import tempfile
 
 import pytest
 import pytest_twisted
-from aiosmtpd.controller import Controller, UnixSocketController
-from peertools import freePort, requireTool
+from aiosmtpd.controller import UnixSocketController
+from peertools import EphemeralController, freePort, requireTool
 from test_client_interop import waitForPort
 
 from infsmtp import AsyncClient, Client, SMTPError
@@ -38,10 +38,6 @@ class Recorder:
         return "250 2.0.0 OK"
 
 
-class EphemeralController(Controller):
-    def _trigger_server(self):
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 @pytest.fixture

@@ -29,11 +29,10 @@ import time
 
 import pytest
 import pytest_twisted
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from peertools import freePort, requireTool
+from peertools import EphemeralController, freePort, requireTool
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
@@ -185,14 +184,6 @@ class SilentAfterCredentials(LineReceiver):
             self.heard.append(line)  # and say nothing
 
 
-class EphemeralController(Controller):
-    """
-    An aiosmtpd controller on a port the kernel picks.
-    """
-
-    def _trigger_server(self):
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 def serverContext(leaf) -> ssl.SSLContext:

@@ -11,8 +11,8 @@ from email.message import EmailMessage
 
 import pytest
 import pytest_twisted
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
+from peertools import EphemeralController
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
@@ -49,10 +49,6 @@ class Recorder:
         return AuthResult(success=data.password == b"secret", handled=False)
 
 
-class EphemeralController(Controller):
-    def _trigger_server(self):
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import io
 
 import pytest
 import pytest_twisted
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
+from peertools import EphemeralController
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -56,13 +56,9 @@ class Recorder:
         return "250 2.0.0 OK"
 
 
-class DSNController(Controller):
+class DSNController(EphemeralController):
     def factory(self):
         return DSNSMTP(self.handler, **self.SMTP_kwargs)
-
-    def _trigger_server(self):
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import threading
 
 import pytest
 import pytest_twisted
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
+from peertools import EphemeralController
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent
@@ -56,10 +56,6 @@ class Smarthost:
         return AuthResult(success=authData.password.decode() == PASSWORD, handled=False)
 
 
-class EphemeralController(Controller):
-    def _trigger_server(self):
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 @pytest.fixture

@@ -33,8 +33,8 @@ import types
 
 import pytest
 import pytest_twisted
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
+from peertools import EphemeralController
 from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import globalLogPublisher
@@ -350,14 +350,6 @@ class CheckingHandler:
         return AuthResult(success=ok, handled=False)
 
 
-class EphemeralController(Controller):
-    """
-    An aiosmtpd controller on a port the kernel picks.
-    """
-
-    def _trigger_server(self):
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 # Runs in a fresh interpreter: Twisted's SMTP module loads first (it needs
