@@ -30,7 +30,7 @@ from collections import deque
 from email.message import Message
 from typing import IO, Any, Callable, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 

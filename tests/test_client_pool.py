@@ -178,14 +178,15 @@ async def failure(d: Deferred) -> BaseException:
 async def test_messagesShareAtMostMaxConnections(peer, pools):
     """
     Six messages sent at once over maxConnections=2: the server sees two
-    connections, each carrying three messages, and every message once.
+    connections, both used, and every message once.
     """
     pool = pools(peer.port, maxConnections=2)
     results = await bounded(gatherResults([pool.sendmail("ann@example.org", ["bob@example.org"], message(n)) for n in range(6)]))
     assert results == [{}] * 6
     assert peer.connections == 2
     assert sorted(peer.subjects()) == [str(n) for n in range(6)]
-    assert sorted(peer.ports().count(port) for port in set(peer.ports())) == [3, 3]
+    # Which session takes which message is the peer's speed's business.
+    assert len(set(peer.ports())) == 2
 
 
 @pytest_twisted.ensureDeferred
