@@ -132,6 +132,8 @@ class ClientPool:
             never checks (a session the server closed is replaced anyway).
         :param rateLimit: ``(messages, seconds)``: at most that many sends
             start in any ``seconds``; the others wait.  ``None``: no limit.
+            A message sent once more after its session failed does not
+            wait again.
         :param settings: the :class:`AsyncClient` settings of each session
             (``host``, ``port``, ``encryptMode``, ``authMode``, ``username``,
             ``password``, ``timeout``, ...).  With a ``username`` and no
@@ -576,7 +578,13 @@ class BlockingClientPool:
         """
         See :meth:`ClientPool.close`.
         """
-        self._call("close")
+        pool = self._pool
+        if pool._busy or pool._idle or pool._closing:
+            self._call("close")
+        else:
+            # Nothing open, so nothing for the reactor thread to do (and no
+            # reason to start one).
+            pool.close()
 
     def __enter__(self) -> BlockingClientPool:
         return self

@@ -560,3 +560,17 @@ async def test_connectionLostInTheMiddleOfTheMessageIsNotSentAgain(peer, pools):
         assert forwarder.connections == 1 and peer.delivered == []
     finally:
         await listening.stopListening()
+
+
+def test_unusedBlockingPoolClosesWithoutAReactor():
+    """
+    Closing a pool that never sent does not go through the reactor thread
+    (this test runs in it, where a blocking call would raise), and a send
+    after it fails.
+    """
+    with BlockingClientPool(host="127.0.0.1") as pool:
+        pass
+    failures = []
+    pool._pool.sendmail("ann@example.org", ["bob@example.org"], message(1)).addErrback(failures.append)
+    [closed] = failures
+    assert closed.check(SMTPError) and "the pool is closed" in str(closed.value)
