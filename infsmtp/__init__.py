@@ -19,6 +19,7 @@ from ._errors import (
     SMTPTLSError,
 )
 from ._maildir import MaildirDelivery
+from ._pool import BlockingClientPool, ClientPool
 from ._relay import RelayDelivery
 from ._server import Server
 from ._session import Session
@@ -32,6 +33,8 @@ __all__ = [
     "AsyncClient",
     "Client",
     "sendmail",
+    "ClientPool",
+    "BlockingClientPool",
     "Server",
     "Session",
     "MaildirDelivery",

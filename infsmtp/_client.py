@@ -38,7 +38,7 @@ from ._blocking import blockingCall
 from ._clientprotocol import ESMTPSessionClient, heloArgument
 from ._clienttls import clientTLSOptions
 from ._enums import AuthMode, EncryptMode, EnumAttribute
-from ._envelope import outgoingFromMessage, outgoingFromStream
+from ._envelope import OutgoingMessage, outgoingFromMessage, outgoingFromStream
 from ._errors import SMTPAuthenticationError, SMTPConnectError, SMTPError, SMTPTimeoutError
 
 T = TypeVar("T")
@@ -365,7 +365,9 @@ class AsyncClient:
         :raises SMTPError: when the message was refused; before anything is
             sent, when an address is empty (a recipient) or holds a space,
             ``<``, ``>`` or a control character, which would inject
-            parameters or commands.
+            parameters or commands.  A failure that came once the message
+            itself began to go out has ``messageStarted`` set: the server
+            may have it, and sending it again may deliver it twice.
         """
         return self._run(self._sendFile, fileName, sender, recipients)
 
@@ -453,16 +455,34 @@ class AsyncClient:
         rcptOptions: Sequence[str],
     ) -> Deferred[Refused]:
         session = self._session()
-        if sender is None or recipients is None:
-            raise SMTPError("sendmail() takes the envelope as given: pass sender and recipients")
-        if isinstance(message, bytes):
-            stream: IO[Any] = io.BytesIO(message)
-        elif isinstance(message, str):
-            stream = io.StringIO(message)
-        else:
-            stream = message
-        outgoing, sender, recipients = outgoingFromStream(stream, sender, recipients)
+        outgoing, sender, recipients = outgoingFromRaw(sender, recipients, message)
         return session.sendMessage(sender, recipients, outgoing, mailOptions, rcptOptions)
+
+    def _sendPrepared(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: OutgoingMessage,
+        mailOptions: Sequence[str] = (),
+        rcptOptions: Sequence[str] = (),
+    ) -> Deferred[Refused]:
+        """
+        Send a message whose envelope and head are already prepared
+        (:mod:`infsmtp._envelope`).  For :class:`~infsmtp.ClientPool`, which
+        prepares a message once and may send it again on a fresh connection
+        when the first one failed before any of the message went out.
+        """
+        return self._run(self._transaction, sender, recipients, message, mailOptions, rcptOptions)
+
+    def _transaction(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: OutgoingMessage,
+        mailOptions: Sequence[str],
+        rcptOptions: Sequence[str],
+    ) -> Deferred[Refused]:
+        return self._session().sendMessage(sender, recipients, message, mailOptions, rcptOptions)
 
     def verify(self, username: str) -> Deferred[str]:
         """
@@ -555,6 +575,27 @@ _SETTINGS = frozenset(
         "localHostname", "saslMechanisms",
     }
 )
+
+
+def outgoingFromRaw(
+    sender: str, recipients: Sequence[str] | str, message: bytes | str | IO[bytes]
+) -> tuple[OutgoingMessage, str, list[str]]:
+    """
+    What ``sendmail(sender, recipients, message)`` sends: ``message`` is
+    bytes, text (sent as UTF-8) or a binary file (streamed, not closed), and
+    the envelope is taken as given.
+
+    :raises SMTPError: when ``sender`` or ``recipients`` is ``None``.
+    """
+    if sender is None or recipients is None:
+        raise SMTPError("sendmail() takes the envelope as given: pass sender and recipients")
+    if isinstance(message, bytes):
+        stream: IO[Any] = io.BytesIO(message)
+    elif isinstance(message, str):
+        stream = io.StringIO(message)
+    else:
+        stream = message
+    return outgoingFromStream(stream, sender, recipients)
 
 
 def _applySettings(client: Any, kind: type, settings: Mapping[str, Any]) -> None:

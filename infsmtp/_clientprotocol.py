@@ -761,6 +761,10 @@ class ESMTPSessionClient(ESMTPClient):
         self._stopTimer()
         super().connectionLost(reason)
         error = self._failure = self._failure or self._lostError(reason)
+        if self._atEndOfMessage:
+            # The end of the message went out (or was going): the server may
+            # have it, so whoever retries must know.
+            _messageStarted(error)
         waiting, self._waiting = self._waiting, deque()
         self._gathered = []
         # Closed before anyone hears of it: what a failure's callbacks do
@@ -1079,7 +1083,9 @@ class ESMTPSessionClient(ESMTPClient):
                     if reply.code == 250:
                         result.callback(refused)
                     else:
-                        result.errback(SMTPError(reply.code, f"message refused: {self._quote(reply.text)}"))
+                        result.errback(
+                            _messageStarted(SMTPError(reply.code, f"message refused: {self._quote(reply.text)}"))
+                        )
 
                 # The whole message and its end in one write: one round trip.
                 # Its reply gets dataTimeout (set here, so that _await arms
@@ -1136,9 +1142,14 @@ class ESMTPSessionClient(ESMTPClient):
             dataReply = await self.command(b"DATA")
         if dataReply.code != 354:
             raise SMTPError(dataReply.code, f"DATA refused: {self._quote(dataReply.text)}")
-        final = await self._transmit(message)
+        try:
+            final = await self._transmit(message)
+        except SMTPError as e:
+            # Some of the message went out: it cannot simply go again.
+            _messageStarted(e)
+            raise
         if final.code != 250:
-            raise SMTPError(final.code, f"message refused: {self._quote(final.text)}")
+            raise _messageStarted(SMTPError(final.code, f"message refused: {self._quote(final.text)}"))
         return refused
 
     def _refused(self, recipients: Sequence[str], replies: list[Reply]) -> dict[str, tuple[int, str]]:
@@ -1351,6 +1362,16 @@ class _BodyProducer:
             self._done.callback(None)
         else:
             self._done.errback(result)
+
+
+def _messageStarted(error: SMTPError) -> SMTPError:
+    """
+    ``error``, marked as a failure that came after the message itself began
+    to go out (:attr:`SMTPError.messageStarted`).  Only failures are marked,
+    never the path of a message that goes well.
+    """
+    error.messageStarted = True
+    return error
 
 
 def _failed(error: Exception) -> Deferred:

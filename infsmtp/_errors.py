@@ -18,7 +18,17 @@ class SMTPError(Exception):
 
     @ivar code: the SMTP reply code, or L{None} when no reply was involved.
     @ivar text: the reply text, or a description of the failure.
+    @ivar messageStarted: set by the client when a send failed after the
+        message itself began to go out (after DATA's 354): the server may
+        have it, so sending it again may deliver it twice.  L{False} when
+        the failure came earlier (in the envelope), or had nothing to do
+        with a message.
+    @ivar step: for a send through L{ClientPool}, the step that failed:
+        C{"connect"}, C{"authenticate"} or C{"send"}; L{None} otherwise.
     """
+
+    messageStarted: bool = False
+    step: str | None = None
 
     def __init__(self, code: int | str | None = None, text: str = "") -> None:
         if isinstance(code, str) and not text and not (code.isascii() and code.isdigit()):

@@ -1,22 +1,25 @@
 """
 L{RelayDelivery}: an C{onReceive} handler that forwards every message to a
-smarthost through L{AsyncClient}, and answers the client only once the
-smarthost has answered.
+smarthost through a L{ClientPool} (a few sessions, reused), and answers the
+client only once the smarthost has answered.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from ._client import AsyncClient
 from ._enums import AuthMode, EncryptMode
 from ._errors import SMTPError, SMTPRecipientsRefused
+from ._pool import ClientPool
 from ._session import Session
 
 log = Logger(namespace="infsmtp.relay")
+
+#: The step of a pooled send that failed (L{SMTPError.step}), as logged.
+_STEPS = {"connect": "connecting to", "authenticate": "authenticating to", "send": "sending the message to"}
 
 
 class RelayDelivery:
@@ -48,6 +51,12 @@ class RelayDelivery:
     others are logged (the message went to the others, and a 451 would
     duplicate it for them).
 
+    Messages go over at most C{maxConnections} sessions to the smarthost,
+    each reused for the next message (a L{ClientPool}); more messages at
+    once wait their turn.  A session that ended before any of a message
+    went out is replaced and the message sent once more; L{close} (when
+    the server stops) ends the sessions.
+
     @param host: the smarthost.
     @param port: its port.
     @param encryptMode: an L{EncryptMode} (STARTTLS never falls back to
@@ -58,7 +67,8 @@ class RelayDelivery:
     @param verifyServerCertificate: check its certificate chain and name.
     @param timeout: milliseconds, for the connection and each reply.
     @param dataTimeout: milliseconds for the reply to the end of the message.
-    @param reactor: passed to L{AsyncClient}.
+    @param maxConnections: the most sessions open to the smarthost at once.
+    @param reactor: passed to L{ClientPool}.
     """
 
     def __init__(
@@ -74,6 +84,7 @@ class RelayDelivery:
         timeout: int = 30000,
         dataTimeout: int = 600000,
         heloName: str | None = None,
+        maxConnections: int = 4,
         reactor: Any = None,
     ) -> None:
         self.host = host
@@ -86,22 +97,37 @@ class RelayDelivery:
         self.timeout = timeout
         self.dataTimeout = dataTimeout
         self.heloName = heloName
+        self.maxConnections = maxConnections
         self._reactor = reactor
+        self._clientPool: ClientPool | None = None
 
-    def _client(self) -> AsyncClient:
-        client = AsyncClient(self._reactor)
-        client.host, client.port = self.host, self.port
-        client.encryptMode = self.encryptMode
-        client.timeout = self.timeout
-        client.dataTimeout = self.dataTimeout
-        client.verifyServerCertificate = self.verifyServerCertificate
-        client.caCertFile = self.caCertFile
-        if self.heloName:
-            client.heloName = self.heloName
-        if self.username:
-            client.authMode = AuthMode.default
-            client.username, client.password = self.username, self.password or ""
-        return client
+    def _pool(self) -> ClientPool:
+        # Made at the first message: the attributes above may change until then.
+        pool = self._clientPool
+        if pool is None:
+            settings: dict[str, Any] = dict(
+                host=self.host,
+                port=self.port,
+                encryptMode=self.encryptMode,
+                timeout=self.timeout,
+                dataTimeout=self.dataTimeout,
+                verifyServerCertificate=self.verifyServerCertificate,
+                caCertFile=self.caCertFile,
+            )
+            if self.heloName:
+                settings["heloName"] = self.heloName
+            if self.username:
+                settings.update(authMode=AuthMode.default, username=self.username, password=self.password or "")
+            pool = self._clientPool = ClientPool(self._reactor, maxConnections=self.maxConnections, **settings)
+        return pool
+
+    def close(self) -> Deferred[None]:
+        """
+        End the sessions to the smarthost, once the messages being forwarded
+        are through; a later message opens new ones.
+        """
+        pool, self._clientPool = self._clientPool, None
+        return succeed(None) if pool is None else pool.close()
 
     def __call__(self, session: Session) -> Deferred:
         """
@@ -113,33 +139,19 @@ class RelayDelivery:
     async def _forward(self, session: Session) -> bool:
         where = f"{self.host}:{self.port}"
         facts = dict(session.deliveryFacts(), smarthost=where)
-        client = self._client()
-        step = "connecting to"
         try:
-            try:
-                await client.connect()
-                step = "authenticating to"
-                if not await client.authenticate():
-                    raise SMTPError(535, "our credentials were refused")
-                step = "sending the message to"
-                # msgFile: a spooled message is streamed, never loaded whole.
-                refused = await client.sendStream(session.msgFile, session.mailFrom, list(session.rcptTo))
-            except SMTPError as e:
-                log.error(
-                    "session {sessionId} from {client}: <{sender}> -> {recipients}: "
-                    "{step} {smarthost} failed: {error}",
-                    step=step,
-                    error=str(e),
-                    **facts,
-                )
-                raise self._reply(e) from None
-            # The smarthost has the message: how the goodbye goes changes
-            # nothing (disconnect never fails).
-            await client.disconnect()
-        finally:
-            # Also when the server's receiveTimeout cancels us: no
-            # connection left behind.
-            await client.free()
+            # msgFile: a spooled message is streamed, never loaded whole.  A
+            # cancel (the server's receiveTimeout) closes its session.
+            refused = await self._pool().sendStream(session.msgFile, session.mailFrom, list(session.rcptTo))
+        except SMTPError as e:
+            log.error(
+                "session {sessionId} from {client}: <{sender}> -> {recipients}: "
+                "{step} {smarthost} failed: {error}",
+                step=_STEPS.get(e.step or "send", _STEPS["send"]),
+                error=str(e),
+                **facts,
+            )
+            raise self._reply(e) from None
         for address, (code, text) in refused.items():
             log.warn(  # noqa: G010 (twisted.logger.Logger has warn, not warning)
                 "session {sessionId}: {smarthost} refused <{address}>: {code} {text}",

@@ -126,6 +126,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["relay-user", None, None, "User name to authenticate to the smarthost with."],
         ["relay-password-file", None, None, "File whose first line is the smarthost password."],
         ["relay-timeout", None, None, "Seconds to wait for the smarthost's reply to the end of a message; past it the client is answered 451 and retries, and may deliver twice if the smarthost took it [default: 600 (RFC 5321), or 90% of --receive-timeout when that is shorter].", float],
+        ["relay-connections", None, 4, "Sessions open to the smarthost at most, each reused for message after message; more messages at once wait their turn.", int],
     ]
 
     def __init__(self) -> None:
@@ -328,6 +329,9 @@ class SMTPService(SigtermStops, service.Service):
     pidfile: str | None = None
     #: The Maildir delivery to open at startService, or L{None}.
     maildir: MaildirDelivery | None = None
+    #: The L{RelayDelivery} whose sessions to the smarthost end at
+    #: stopService, once the server's own sessions have, or L{None}.
+    relay: Any = None
 
     def __init__(
         self,
@@ -443,7 +447,11 @@ class SMTPService(SigtermStops, service.Service):
         self._listening = False
         stopped = [defer.maybeDeferred(port.stopListening) for port in ports]
         stopped.append(self.server.stopListening(self.grace))
-        return defer.gatherResults(stopped, consumeErrors=True).addCallback(lambda _: None)
+        done = defer.gatherResults(stopped, consumeErrors=True)
+        if self.relay is not None:
+            # After the sessions that may still be forwarding a message.
+            done.addBoth(lambda _: self.relay.close())
+        return done.addCallback(lambda _: None)
 
 
 # Options -> service -------------------------------------------------------
@@ -495,9 +503,12 @@ def _relayDelivery(options: Options) -> Any:
             f"--relay-timeout {relayTimeout:g}: must be over 0 and under --receive-timeout ({receiveTimeout:g}), "
             "or the client is answered 451 while the smarthost may still take the message"
         )
+    if options["relay-connections"] < 1:
+        raise ConfigurationError(f"--relay-connections {options['relay-connections']}: must be at least 1")
     return RelayDelivery(
         host,
         port,
+        maxConnections=options["relay-connections"],
         encryptMode=mode,
         username=options["relay-user"],
         password=password,
@@ -643,6 +654,8 @@ def buildService(options: Options, reactor: Any = None) -> SMTPService:
     svc = SMTPService(server, listen, options["grace"], options["proxy-timeout"], reactor)
     if isinstance(server.onReceive, MaildirDelivery):
         svc.maildir = server.onReceive
+    elif options["relay"]:
+        svc.relay = server.onReceive
     return svc
 
 

@@ -1,6 +1,7 @@
 # Receive, then forward every message to a smarthost with RelayDelivery (built
-# on AsyncClient): the client gets its 250 only once the smarthost has taken
-# the message.
+# on ClientPool: at most INFSMTP_SMARTHOST_CONNECTIONS sessions, default 4,
+# each reused for message after message): the client gets its 250 only once
+# the smarthost has taken the message.
 #
 #     INFSMTP_SMARTHOST=smtp.example.org:587 twistd -ny tac/relay.tac
 #
@@ -19,15 +20,22 @@
 import os
 
 from twisted.application import service
+from twisted.internet import reactor
 
 from infsmtp import EncryptMode, RelayDelivery, Server
 
 host, _, port = os.environ.get("INFSMTP_SMARTHOST", "localhost:25").rpartition(":")
 encryptMode = EncryptMode[os.environ.get("INFSMTP_SMARTHOST_TLS", "startTls")]
 dataTimeout = float(os.environ.get("INFSMTP_SMARTHOST_TIMEOUT", "240"))
+connections = int(os.environ.get("INFSMTP_SMARTHOST_CONNECTIONS", "4"))
 
 application = service.Application("infsmtp-relay")
 
 server = Server(endpoint=os.environ.get("INFSMTP_LISTEN", "tcp:2525:interface=127.0.0.1"), receiveTimeout=300)
-server.onReceive = RelayDelivery(host, int(port), encryptMode=encryptMode, dataTimeout=round(dataTimeout * 1000))
+relay = RelayDelivery(
+    host, int(port), encryptMode=encryptMode, dataTimeout=round(dataTimeout * 1000), maxConnections=connections
+)
+server.onReceive = relay
 server.setServiceParent(application)
+# Say QUIT to the smarthost when stopping (messages being forwarded finish first).
+reactor.addSystemEventTrigger("before", "shutdown", relay.close)

@@ -256,17 +256,18 @@ def waitForPort(port: int, process: subprocess.Popen) -> None:
 def smtpSink():
     """
     A factory of Postfix smtp-sink processes on free ports:
-    ``start(dump=False)`` returns ``(port, dumpFolder or None)``; with
-    ``dump`` each message is written into the folder.
+    ``start(dump=False, options=())`` returns ``(port, dumpFolder or
+    None)``; with ``dump`` each message is written into the folder;
+    ``options`` are smtp-sink's own (``("-Q", "MAIL")``).
     """
     # Through the one guard: skipped on a developer's machine without
     # Postfix, a failure in CI (which installs it).
     sink = requireTool(SMTP_SINK)
     processes, folders = [], []
 
-    def start(dump: bool = False):
+    def start(dump: bool = False, options: tuple[str, ...] = ()):
         port = freePort()
-        command = [sink, "127.0.0.1:%d" % port, "100"]
+        command = [sink, *options, "127.0.0.1:%d" % port, "100"]
         if os.getuid() == 0:
             command[1:1] = ["-u", "nobody"]
         folder = None

@@ -56,6 +56,27 @@ def test_relayTacKeepsTheSmarthostsClassOfRefusalAndLogsIt(relayTac, smarthost):
     assert "Starting factory" not in relayTac.log()
 
 
+def test_relayDaemonReusesItsSessionAndQuitsWhenStopped(tmp_path, smarthost):  # noqa: F811
+    """
+    C{twistd infsmtp --relay}: three messages reach the smarthost over one
+    connection; SIGTERM ends it with QUIT once the server has stopped.
+    """
+    child = Twistd(
+        ["-n", "infsmtp", "--listen", EPHEMERAL, "--relay", f"127.0.0.1:{smarthost.port}", "--relay-tls", "none"],
+        tmp_path,
+    )
+    try:
+        child.waitListening()
+        for _ in range(3):
+            assert send(child.port, "bob@example.net") == {}
+        assert len(smarthost.messages) == 3
+        [connection] = set(smarthost.peers)
+        assert child.terminate() == 0
+        assert smarthost.quits == [connection]
+    finally:
+        child.kill()
+
+
 def relayOptions(*args: str) -> Options:
     options = Options()
     options.parseOptions(["--relay", "127.0.0.1:2525", *args])
@@ -72,6 +93,13 @@ def test_relayTimeoutReachesRelayDelivery():
     assert _relayDelivery(relayOptions("--receive-timeout", "900")).dataTimeout == 600000
     with pytest.raises(ConfigurationError, match="--relay-timeout 400"):
         _relayDelivery(relayOptions("--relay-timeout", "400"))
+
+
+def test_relayConnectionsReachRelayDelivery():
+    assert _relayDelivery(relayOptions("--relay-connections", "2")).maxConnections == 2
+    assert _relayDelivery(relayOptions()).maxConnections == 4
+    with pytest.raises(ConfigurationError, match="--relay-connections 0: must be at least 1"):
+        _relayDelivery(relayOptions("--relay-connections", "0"))
 
 
 def test_relayTimeoutOverReceiveTimeoutIsOneLine(tmp_path):

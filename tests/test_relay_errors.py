@@ -16,7 +16,7 @@ import pytest_twisted
 from aiosmtpd.smtp import AuthResult
 from peertools import EphemeralController
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import formatEvent
 
 from infsmtp import AsyncClient, EncryptMode, RelayDelivery, Server, SMTPError
@@ -34,6 +34,9 @@ class Smarthost:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, list[str], bytes]] = []
+        # The relay's port for each message: one per connection.
+        self.peers: list[int] = []
+        self.quits: list[int] = []
         self.slow: threading.Event | None = None
         self.reached: Deferred[None] = Deferred()
 
@@ -50,7 +53,12 @@ class Smarthost:
         if self.slow is not None:
             await server.loop.run_in_executor(None, self.slow.wait, 30)
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        self.peers.append(session.peer[1])
         return "250 2.0.0 OK queued"
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.quits.append(session.peer[1])
+        return "221 Bye"
 
     def authenticator(self, server, session, envelope, mechanism, authData):
         return AuthResult(success=authData.password.decode() == PASSWORD, handled=False)
@@ -96,6 +104,7 @@ async def relay():
     yield start
     for server in servers:
         await server.stopListening().addTimeout(10, reactor)
+        await server.onReceive.close().addTimeout(10, reactor)
 
 
 async def send(server, sender="ann@example.org", recipients=("bob@example.org",)):
@@ -195,3 +204,20 @@ async def test_noFactoryLinesPerRelayedMessage(smarthost, relay, logEvents):
     assert len(smarthost.messages) == 2
     assert not [line for line in lines if "Starting factory" in line or "Stopping factory" in line]
     assert len([line for line in relayLog(logEvents) if "relayed to" in line]) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_relayedMessagesShareSessionsToTheSmarthost(smarthost, relay):
+    """
+    Issue 11 item 10: four messages, two at a time, reach the smarthost
+    over two connections (maxConnections=2), not four; close() says QUIT
+    and a later message opens a new one.
+    """
+    server = await relay(smarthost, maxConnections=2)
+    for _ in range(2):
+        assert await gatherResults([Deferred.fromCoroutine(send(server)) for _ in range(2)]).addTimeout(10, reactor) == [{}, {}]
+    assert len(smarthost.messages) == 4
+    assert len(set(smarthost.peers)) == 2
+    await server.onReceive.close().addTimeout(10, reactor)
+    assert await send(server) == {}
+    assert len(set(smarthost.peers)) == 3
