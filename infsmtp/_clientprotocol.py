@@ -35,7 +35,7 @@ from typing import IO, Any, Callable, Iterable, Sequence
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPullProducer
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, ISSLTransport
 from twisted.mail.interfaces import IClientAuthentication
 from twisted.mail.smtp import ESMTPClient, PLAINAuthenticator
 from twisted.python.failure import Failure
@@ -870,7 +870,10 @@ class ESMTPSessionClient(ESMTPClient):
 
         :raises SMTPConnectError: when the server refuses the session.
         """
-        greeting = await self._greeting
+        try:
+            greeting = await self._greeting
+        except SMTPConnectError as e:
+            raise self._lostBeforeTLS(e) from None
         if greeting.code != 220:
             raise SMTPConnectError(greeting.code, self._quote(greeting.text))
         return greeting
@@ -909,7 +912,25 @@ class ESMTPSessionClient(ESMTPClient):
         # Runs inside dataReceived, before any byte after the 220 is parsed.
         waiter.addCallback(self._switchToTLS, creator)
         await waiter
-        return await self.ehlo()
+        try:
+            return await self.ehlo()
+        except SMTPConnectError as e:
+            raise self._lostBeforeTLS(e) from None
+
+    def _lostBeforeTLS(self, error: SMTPConnectError) -> SMTPError:
+        """
+        ``error``, or an :class:`SMTPTLSError` when the connection was lost
+        (no reply) over TLS before the first reply, or the first after
+        STARTTLS: a server that refuses a handshake may hang up without the
+        alert that would say why (a protocol version it does not take, a
+        client certificate it wants), and the caller must know TLS failed.
+        """
+        if error.code is not None or not ISSLTransport.providedBy(self.transport):
+            return error
+        return SMTPTLSError(
+            f"TLS failed: {error.text}, before TLS was up (the server may refuse "
+            "the TLS versions offered, or want a client certificate)"
+        )
 
     def _switchToTLS(self, reply: Reply, creator: object) -> Reply:
         if reply.code != 220:
