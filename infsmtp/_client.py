@@ -40,6 +40,7 @@ from ._clienttls import connectionCreatorFor, negotiatedVersion
 from ._enums import AuthMode, EncryptMode, EnumAttribute, TLSVersion
 from ._envelope import outgoingFromMessage, outgoingFromStream
 from ._errors import SMTPAuthenticationError, SMTPConnectError, SMTPError, SMTPTimeoutError
+from ._oauth import BearerTokens
 
 T = TypeVar("T")
 
@@ -69,7 +70,20 @@ class AsyncClient:
         :attr:`verifyServerCertificate` ``False``: an explicit choice.
     :ivar authMode: an :class:`AuthMode`.
     :ivar username: for authentication.
-    :ivar password: for authentication (the bearer token for ``XOAUTH2``).
+    :ivar password: for authentication (the bearer token for ``XOAUTH2``
+        and ``OAUTHBEARER`` when there is no :attr:`tokenProvider`).
+    :ivar tokenProvider: where ``XOAUTH2`` and ``OAUTHBEARER`` get their
+        OAuth 2.0 bearer token: called as ``tokenProvider(username,
+        refresh)``, it returns the token (a ``str``), a Deferred of it or a
+        coroutine.  ``refresh`` is ``False`` at first; when the server
+        refuses the token (535) it is called again with ``True`` (give a
+        new token, not a cached one) and the mechanism is tried once more;
+        a second refusal makes :meth:`authenticate` return ``False``.
+        Needs ``authMode = AuthMode.sasl`` with ``"XOAUTH2"`` or
+        ``"OAUTHBEARER"`` in :attr:`saslMechanisms`.  A provider that
+        raises, or returns anything but a non-empty RFC 6750 token, fails
+        :meth:`authenticate` with :class:`SMTPAuthenticationError`.  Tokens
+        never appear in errors.
     :ivar timeout: milliseconds, for the connect and for each reply.
     :ivar dataTimeout: milliseconds for the reply to the end of a message:
         10 minutes by default, as RFC 5321 (4.5.3.2.6) says, since the
@@ -88,7 +102,8 @@ class AsyncClient:
         verifies.
     :ivar serverHostname: the name TLS verifies in the server's
         certificate and sends by SNI, instead of :attr:`host` (connecting
-        by address or through a tunnel).  ``None``: :attr:`host`.
+        by address or through a tunnel); also the ``host`` that
+        ``OAUTHBEARER`` sends.  ``None``: :attr:`host`.
     :ivar verifyServerCertificate: check the chain and the host name.
     :ivar useLegacyServerConnect: set OpenSSL's
         ``SSL_OP_LEGACY_SERVER_CONNECT``.
@@ -143,6 +158,7 @@ class AsyncClient:
     minProtocol = EnumAttribute(TLSVersion, TLSVersion.tls1_2)
     maxProtocol = EnumAttribute(TLSVersion, TLSVersion.tls1_3)
     tlsConnectionCreator: Any = None
+    tokenProvider: Callable[[str, bool], Any] | None = None
 
     def __init__(self, reactor: Any = None, **settings: Any) -> None:
         """
@@ -384,12 +400,17 @@ class AsyncClient:
         else LOGIN for ``default``; the first of :attr:`saslMechanisms` the
         server offers for ``sasl``, falling back to the next when the server
         refuses a mechanism for a reason other than bad credentials.
+        ``XOAUTH2`` and ``OAUTHBEARER`` take their token from
+        :attr:`tokenProvider` (asked once more after a refusal), else
+        :attr:`password`.
 
         :returns: ``True`` when the server accepted the credentials (at once
             for ``AuthMode.none``), ``False`` when it refused them (535).
         :raises SMTPAuthenticationError: when no usable mechanism is offered,
             or :attr:`username` or :attr:`password` holds a control character
-            (checked before anything is sent).
+            (checked before anything is sent); when :attr:`tokenProvider`
+            fails, gives something that is not a token, or is set without
+            ``AuthMode.sasl`` and a bearer mechanism.
         """
         return self._run(self._authenticate)
 
@@ -398,7 +419,10 @@ class AsyncClient:
         if mode == AuthMode.none:
             return True
         mechanisms = DEFAULT_MECHANISMS if mode == AuthMode.default else self.saslMechanisms
-        return await self._session().authenticate(mechanisms, self.username, self.password)
+        tokens = BearerTokens(
+            self.username, self.password, self.tokenProvider, self.serverHostname or self.host, mechanisms
+        )
+        return await self._session().authenticate(mechanisms, self.username, self.password, tokens)
 
     def sendFile(
         self, fileName: str, sender: str | None = None, recipients: Recipients = None
@@ -606,7 +630,7 @@ _SETTINGS = frozenset(
         "dataTimeout", "sourceAddress", "socketPath", "endpoint", "verifyServerCertificate",
         "useLegacyServerConnect", "allowUnsafeLegacyRenegotiation", "caCertFile", "heloName",
         "localHostname", "saslMechanisms", "serverHostname", "certFile", "keyFile", "minProtocol",
-        "maxProtocol", "tlsConnectionCreator",
+        "maxProtocol", "tlsConnectionCreator", "tokenProvider",
     }
 )
 
@@ -734,6 +758,7 @@ class Client:
     minProtocol = _Forwarded()
     maxProtocol = _Forwarded()
     tlsConnectionCreator = _Forwarded()
+    tokenProvider = _Forwarded()
 
     def __init__(self, **settings: Any) -> None:
         """

@@ -51,6 +51,7 @@ from ._errors import (
     SMTPTimeoutError,
     SMTPTLSError,
 )
+from ._oauth import BEARER_MECHANISMS, BearerTokens, saslName
 from ._writenow import writeNow
 
 CRLF = b"\r\n"
@@ -307,6 +308,48 @@ class XOAUTH2Authenticator:
         return b"user=" + self.user + b"\x01auth=Bearer " + secret + b"\x01\x01"
 
 
+@implementer(IClientAuthentication)
+class OAUTHBEARERAuthenticator:
+    """
+    ``OAUTHBEARER`` (RFC 7628): a GS2 header naming the user, the host and
+    port connected to, and the OAuth 2.0 bearer token.  A server that
+    refuses the token sends a 334 challenge with details in JSON, which is
+    answered with a lone ^A (3.2.3); it then sends its failure reply.
+
+    :raises SMTPAuthenticationError: when ``host`` holds a control
+        character, which would add a field of its own.
+    """
+
+    def __init__(self, user: bytes, host: str | None = None, port: int | None = None) -> None:
+        if host is not None:
+            bad = _CONTROL.search(host)
+            if bad is not None:
+                raise SMTPAuthenticationError(
+                    f"the host name sent by OAUTHBEARER {_shown(host)} contains "
+                    f"{_describeCharacter(bad.group())}"
+                )
+        self.user = user
+        self.host = host
+        self.port = port
+        self._sent = False
+
+    def getName(self) -> bytes:
+        return b"OAUTHBEARER"
+
+    def challengeResponse(self, secret: bytes, chal: bytes) -> bytes:
+        if self._sent:
+            return b"\x01"
+        self._sent = True
+        user = self.user.decode("utf-8")
+        header = b"n," + (b"a=" + saslName(user).encode("utf-8") if user else b"") + b",\x01"
+        fields = b""
+        if self.host:
+            fields += b"host=" + self.host.encode("utf-8") + b"\x01"
+        if self.port is not None:
+            fields += b"port=%d\x01" % self.port
+        return header + fields + b"auth=Bearer " + secret + b"\x01\x01"
+
+
 class _EmptyAuthzPLAIN(PLAINAuthenticator):
     """
     PLAIN with an empty authorization identity.  Twisted's authenticator
@@ -405,6 +448,7 @@ MECHANISMS: dict[str, tuple[Callable[[bytes], IClientAuthentication], bool]] = {
     "PLAIN": (_EmptyAuthzPLAIN, True),
     "LOGIN": (LOGINAuthenticator, False),
     "XOAUTH2": (XOAUTH2Authenticator, True),
+    "OAUTHBEARER": (OAUTHBEARERAuthenticator, True),
 }
 
 
@@ -944,18 +988,27 @@ class ESMTPSessionClient(ESMTPClient):
         return reply
 
     async def authenticate(
-        self, mechanisms: Sequence[str], username: str, password: str
+        self,
+        mechanisms: Sequence[str],
+        username: str,
+        password: str,
+        tokens: BearerTokens | None = None,
     ) -> bool:
         """
         Authenticate with the first of ``mechanisms`` the server offers that
         works, falling back to the next on any refusal other than 535.
+
+        ``XOAUTH2`` and ``OAUTHBEARER`` send the bearer token of ``tokens``
+        (by default ``password``); when the server refuses a token that
+        ``tokens`` can refresh, a fresh one is asked for and tried once
+        more.
 
         :returns: ``True`` when the server accepted the credentials, ``False``
             when it answered 535 (bad credentials).
         :raises SMTPAuthenticationError: when the server offers none of
             ``mechanisms``, or every one failed for another reason; before
             anything is sent, when a credential holds a control character
-            (:func:`checkCredentials`).
+            (:func:`checkCredentials`); when ``tokens`` fails to give one.
         """
         if self.authenticated:
             return True
@@ -973,8 +1026,11 @@ class ESMTPSessionClient(ESMTPClient):
         self._secrets.append(password)
         last: Reply | None = None
         for name in usable:
-            factory, initial = MECHANISMS[name]
-            last = await self._saslExchange(factory(user), secret, initial, self._secrets)
+            if name in BEARER_MECHANISMS:
+                last = await self._bearerExchange(name, user, tokens or BearerTokens(username, password))
+            else:
+                factory, initial = MECHANISMS[name]
+                last = await self._saslExchange(factory(user), secret, initial, self._secrets)
             if last.code == 235:
                 self.authenticated = True
                 return True
@@ -982,6 +1038,27 @@ class ESMTPSessionClient(ESMTPClient):
                 return False
         assert last is not None
         raise SMTPAuthenticationError(last.code, self._quote(last.text))
+
+    async def _bearerExchange(self, name: str, user: bytes, tokens: BearerTokens) -> Reply:
+        """
+        ``XOAUTH2`` or ``OAUTHBEARER`` with the token of ``tokens``; after a
+        535, once, with a refreshed one (an expired token is the usual
+        reason).
+        """
+        refresh = False
+        while True:
+            token = await tokens.token(refresh)
+            # Before it is sent: a server that echoes it is redacted too.
+            self._secrets.append(token)
+            if name == "OAUTHBEARER":
+                port = getattr(self.transport.getPeer(), "port", None)
+                mechanism: IClientAuthentication = OAUTHBEARERAuthenticator(user, tokens.host, port)
+            else:
+                mechanism = XOAUTH2Authenticator(user)
+            reply = await self._saslExchange(mechanism, token.encode("utf-8"), True, self._secrets)
+            if reply.code != 535 or refresh or not tokens.refreshable:
+                return reply
+            refresh = True
 
     async def _saslExchange(
         self,
