@@ -16,13 +16,13 @@ import pytest
 import pytest_twisted
 from aiosmtpd.smtp import AuthResult
 from peertools import EphemeralController
+from test_client_interop import MESSAGE, RECEIVED, failure
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent
 
 from infsmtp import AsyncClient, AuthMode, Client, SMTPAuthenticationError, sendmail
 from infsmtp._oauth import saslName
-from test_client_interop import MESSAGE, RECEIVED, failure
 
 CURRENT = "ya29.current-Token_0~+/=="
 
