@@ -85,6 +85,9 @@ MAX_QUOTED_TEXT = 1000
 #: RFC 1870: the SIZE limit is at most 20 digits.
 MAX_SIZE_DIGITS = 20
 
+#: Why calls fail after :meth:`ESMTPSessionClient.abort`.
+CLOSED_BY_CLIENT = "the connection was closed by the client"
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -969,7 +972,8 @@ class ESMTPSessionClient(ESMTPClient):
         alert that would say why (a protocol version it does not take, a
         client certificate it wants), and the caller must know TLS failed.
         """
-        if error.code is not None or not ISSLTransport.providedBy(self.transport):
+        if error.code is not None or error.text == CLOSED_BY_CLIENT or not ISSLTransport.providedBy(self.transport):
+            # A reply, or our own abort (free() while connecting).
             return error
         return SMTPTLSError(
             f"TLS failed: {error.text}, before TLS was up (the server may refuse "
@@ -1369,7 +1373,7 @@ class ESMTPSessionClient(ESMTPClient):
         Close the connection at once; fires once it is closed.
         """
         if self.connected:
-            self._abort(SMTPConnectError("the connection was closed by the client"))
+            self._abort(SMTPConnectError(CLOSED_BY_CLIENT))
         return self.whenLost()
 
 

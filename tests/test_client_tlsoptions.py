@@ -20,14 +20,20 @@ import pytest
 import pytest_twisted
 from peertools import EphemeralController, freePort
 from test_client_interop import MESSAGE, RECEIVED, failure, serverContext
+from test_client_unit import RecordingTransport, failureOf, fromCoroutine
 from twisted.internet import reactor
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides
 
 from infsmtp import AsyncClient, Client, EncryptMode, SMTPConnectError, SMTPError, SMTPTLSError, TLSVersion
+from infsmtp._clientprotocol import ESMTPSessionClient
 from infsmtp.testing import CertificateAuthority
 
 #: The bound on a wait that the client's own timeout does not bound.
@@ -247,7 +253,9 @@ async def test_blockingClientTellsWhetherTheSessionIsEncrypted(aiosmtpd, certifi
     withTls = aiosmtpd(tls_context=serverContext(certificateAuthority.localhost))
     plain = aiosmtpd()
     for server, expected in [(withTls, (True, "TLSv1.3", False)), (plain, (False, None, False))]:
-        state = await deferToThread(blockingOpportunistic, server.port, certificateAuthority.certFile)
+        state = await deferToThread(blockingOpportunistic, server.port, certificateAuthority.certFile).addTimeout(
+            WAIT, reactor
+        )
         assert state == expected
 
 
@@ -478,3 +486,31 @@ async def test_serverHostnameIsVerifiedAndSentBySni(aiosmtpd, certificateAuthori
         await c.disconnect()
     # None for the address (RFC 6066: no literal addresses in SNI).
     assert names == [None, "mail.example.test", None, "mail.example.test"], names
+
+
+# ------------------------------------------- hang-ups during the handshake
+
+
+def test_ourOwnAbortBeforeTlsIsUpIsNotCalledATlsFailure():
+    """
+    Over a TLS transport, a connection lost before the first reply is a
+    TLS failure; our own abort (free() while connecting) stays what it is.
+    """
+    outcomes = []
+    for end in ("peer", "us"):
+        protocol = ESMTPSessionClient("client.test", 5)
+        transport = RecordingTransport()
+        directlyProvides(transport, ISSLTransport)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        greeted = fromCoroutine(protocol.whenGreeted())
+        if end == "peer":
+            protocol.connectionLost(Failure(ConnectionLost("reset")))
+        else:
+            protocol.abort()
+        error = failureOf(greeted)
+        outcomes.append((type(error), error.text.split(",")[0]))
+    assert outcomes == [
+        (SMTPTLSError, "TLS failed: the connection to the server was lost (Connection to the other side was lost in a non-clean fashion: reset.)"),
+        (SMTPConnectError, "the connection was closed by the client"),
+    ]

@@ -421,7 +421,7 @@ MUTANTS = [
         "client-tls-hangup-looks-like-lost-connection",
         "a server hanging up during the handshake is an SMTPTLSError",
         "infsmtp/_clientprotocol.py",
-        "        if error.code is not None or not ISSLTransport.providedBy(self.transport):",
+        "        if error.code is not None or error.text == CLOSED_BY_CLIENT or not ISSLTransport.providedBy(self.transport):",
         "        if True:",
         ("tests/test_client_tlsoptions.py",),
     ),
