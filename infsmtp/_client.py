@@ -36,10 +36,11 @@ from twisted.python.failure import Failure
 
 from ._blocking import blockingCall
 from ._clientprotocol import ESMTPSessionClient, heloArgument
-from ._clienttls import clientTLSOptions
-from ._enums import AuthMode, EncryptMode, EnumAttribute
+from ._clienttls import connectionCreatorFor, negotiatedVersion
+from ._enums import AuthMode, EncryptMode, EnumAttribute, TLSVersion
 from ._envelope import OutgoingMessage, outgoingFromMessage, outgoingFromStream
 from ._errors import SMTPAuthenticationError, SMTPConnectError, SMTPError, SMTPTimeoutError
+from ._oauth import BearerTokens
 
 T = TypeVar("T")
 
@@ -58,12 +59,31 @@ class AsyncClient:
     Calls on one client run one after the other, in the order made, so
     several ``send`` calls may be started at once.
 
-    :ivar host: server name or address; also the name TLS verifies.
+    :ivar host: server name or address; also the name TLS verifies unless
+        :attr:`serverHostname` is set.
     :ivar port: server port.
-    :ivar encryptMode: an :class:`EncryptMode`.
+    :ivar encryptMode: an :class:`EncryptMode`.  ``opportunistic`` uses
+        STARTTLS when the server offers it and plaintext when it does not
+        (see :attr:`secure`); a STARTTLS that fails, or a certificate that
+        does not verify, is still an :class:`SMTPTLSError`.  Like Postfix's
+        ``may``, without verification, is ``opportunistic`` with
+        :attr:`verifyServerCertificate` ``False``: an explicit choice.
     :ivar authMode: an :class:`AuthMode`.
     :ivar username: for authentication.
-    :ivar password: for authentication (the bearer token for ``XOAUTH2``).
+    :ivar password: for authentication (the bearer token for ``XOAUTH2``
+        and ``OAUTHBEARER`` when there is no :attr:`tokenProvider`).
+    :ivar tokenProvider: where ``XOAUTH2`` and ``OAUTHBEARER`` get their
+        OAuth 2.0 bearer token: called as ``tokenProvider(username,
+        refresh)``, it returns the token (a ``str``), a Deferred of it or a
+        coroutine.  ``refresh`` is ``False`` at first; when the server
+        refuses the token (535) it is called again with ``True`` (give a
+        new token, not a cached one) and the mechanism is tried once more;
+        a second refusal makes :meth:`authenticate` return ``False``.
+        Needs ``authMode = AuthMode.sasl`` with ``"XOAUTH2"`` or
+        ``"OAUTHBEARER"`` in :attr:`saslMechanisms`.  A provider that
+        raises, or returns anything but a non-empty RFC 6750 token, fails
+        :meth:`authenticate` with :class:`SMTPAuthenticationError`.  Tokens
+        never appear in errors.
     :ivar timeout: milliseconds, for the connect and for each reply.
     :ivar dataTimeout: milliseconds for the reply to the end of a message:
         10 minutes by default, as RFC 5321 (4.5.3.2.6) says, since the
@@ -80,12 +100,33 @@ class AsyncClient:
         ``"tcp6:host=::1:port=25:bindAddress=::1"``) or an
         ``IStreamClientEndpoint``.  :attr:`host` remains the name TLS
         verifies.
+    :ivar serverHostname: the name TLS verifies in the server's
+        certificate and sends by SNI, instead of :attr:`host` (connecting
+        by address or through a tunnel); also the ``host`` that
+        ``OAUTHBEARER`` sends.  ``None``: :attr:`host`.
     :ivar verifyServerCertificate: check the chain and the host name.
     :ivar useLegacyServerConnect: set OpenSSL's
         ``SSL_OP_LEGACY_SERVER_CONNECT``.
     :ivar allowUnsafeLegacyRenegotiation: set OpenSSL's
         ``SSL_OP_ALLOW_UNSAFE_LEGACY_RENEGOTIATION``.
     :ivar caCertFile: PEM trust roots instead of the system's.
+    :ivar certFile: the client's certificate (PEM, its chain after it),
+        for servers that ask for one.
+    :ivar keyFile: its private key (PEM, unencrypted); ``None`` when it is
+        in :attr:`certFile`.  Both are read at :meth:`connect`, before
+        connecting: an unreadable file, no certificate or key, or a key
+        that does not match is an :class:`SMTPTLSError`.
+    :ivar minProtocol: the oldest TLS version accepted (a
+        :class:`TLSVersion`, ``tls1_2`` by default).
+    :ivar maxProtocol: the newest TLS version offered (``tls1_3`` by
+        default); below :attr:`minProtocol` is an :class:`SMTPTLSError`.
+    :ivar tlsConnectionCreator: an ``IOpenSSLClientConnectionCreator`` of
+        your own (``twisted.internet.ssl.optionsForClientTLS(...)``), used
+        as is for TLS.  It decides everything TLS does, so setting it
+        together with :attr:`caCertFile`, :attr:`certFile`,
+        :attr:`keyFile`, :attr:`minProtocol`, :attr:`maxProtocol`, the
+        legacy options or ``verifyServerCertificate = False`` is an
+        :class:`SMTPTLSError` rather than a setting silently ignored.
     :ivar heloName: the name sent in EHLO (also :attr:`localHostname`).
     :ivar saslMechanisms: order of preference for ``AuthMode.sasl``.
 
@@ -111,6 +152,13 @@ class AsyncClient:
     caCertFile: str | None = None
     heloName: str = DNSNAME.decode("ascii", "replace")
     saslMechanisms: Sequence[str] = ("CRAM-MD5", "PLAIN", "LOGIN")
+    serverHostname: str | None = None
+    certFile: str | None = None
+    keyFile: str | None = None
+    minProtocol = EnumAttribute(TLSVersion, TLSVersion.tls1_2)
+    maxProtocol = EnumAttribute(TLSVersion, TLSVersion.tls1_3)
+    tlsConnectionCreator: Any = None
+    tokenProvider: Callable[[str, bool], Any] | None = None
 
     def __init__(self, reactor: Any = None, **settings: Any) -> None:
         """
@@ -162,6 +210,26 @@ class AsyncClient:
         (any case): ``client.supportsExtension("smtputf8")``.
         """
         return name.upper() in self.esmtpFeatures
+
+    @property
+    def secure(self) -> bool:
+        """
+        Whether the session is encrypted (after :meth:`connect` with
+        ``opportunistic``, whether the server offered STARTTLS); ``False``
+        when not connected.
+        """
+        return self.tlsVersion is not None
+
+    @property
+    def tlsVersion(self) -> str | None:
+        """
+        The TLS version protecting the session (``"TLSv1.3"``), or ``None``
+        when it is plaintext or not connected.
+        """
+        protocol = self._protocol
+        if protocol is None or not protocol.connected:
+            return None
+        return negotiatedVersion(protocol.transport)
 
     def _run(self, operation: Callable[..., Awaitable[T] | Deferred[T]], *args: Any) -> Deferred[T]:
         def start() -> Deferred[T]:
@@ -221,14 +289,18 @@ class AsyncClient:
     def connect(self) -> Deferred[None]:
         """
         Connect, read the greeting, send EHLO (HELO if EHLO is refused), and
-        for ``startTls`` STARTTLS and EHLO again.
+        for ``startTls`` (for ``opportunistic``, when the server offers it)
+        STARTTLS and EHLO again.
 
         :raises SMTPConnectError: when the connection fails or the server
             refuses the session.
         :raises SMTPTimeoutError: when the connection or a reply takes longer
             than :attr:`timeout`.
         :raises SMTPTLSError: on a bad certificate, a failed handshake, or no
-            STARTTLS offered for ``startTls`` (never falls back to plaintext).
+            STARTTLS offered for ``startTls`` (never falls back to plaintext);
+            before connecting, when a TLS setting is unusable (a
+            certificate or key file, the protocol range, a
+            :attr:`tlsConnectionCreator` with other TLS settings).
         :raises SMTPProtocolError: when the server's replies are malformed or
             over the client's limits (see :mod:`infsmtp._clientprotocol`).
         :raises SMTPError: when :attr:`heloName` is empty or holds a space or
@@ -248,15 +320,8 @@ class AsyncClient:
             from twisted.internet import reactor  # type: ignore[no-redef]
         seconds = self.timeout / 1000
         mode = self.encryptMode
-        tls = None
-        if mode != EncryptMode.none:
-            tls = clientTLSOptions(
-                self.host,
-                verify=self.verifyServerCertificate,
-                caCertFile=self.caCertFile,
-                legacyServerConnect=self.useLegacyServerConnect,
-                unsafeLegacyRenegotiation=self.allowUnsafeLegacyRenegotiation,
-            )
+        # Built (files read, settings checked) before connecting.
+        tls = connectionCreatorFor(self) if mode != EncryptMode.none else None
         endpoint, where = self._endpoint(reactor, seconds)
         if mode == EncryptMode.sslTls:
             endpoint = wrapClientTLS(tls, endpoint)
@@ -281,7 +346,11 @@ class AsyncClient:
         try:
             await protocol.whenGreeted()
             await protocol.ehlo()
-            if mode == EncryptMode.startTls:
+            if mode == EncryptMode.startTls or (
+                # Only what the server offers decides: a STARTTLS that fails
+                # raises, as for startTls.
+                mode == EncryptMode.opportunistic and "STARTTLS" in protocol.extensions
+            ):
                 await protocol.startTLS(tls)
         except CancelledError:
             # At once: a QUIT would wait for the replies still due.
@@ -331,12 +400,17 @@ class AsyncClient:
         else LOGIN for ``default``; the first of :attr:`saslMechanisms` the
         server offers for ``sasl``, falling back to the next when the server
         refuses a mechanism for a reason other than bad credentials.
+        ``XOAUTH2`` and ``OAUTHBEARER`` take their token from
+        :attr:`tokenProvider` (asked once more after a refusal), else
+        :attr:`password`.
 
         :returns: ``True`` when the server accepted the credentials (at once
             for ``AuthMode.none``), ``False`` when it refused them (535).
         :raises SMTPAuthenticationError: when no usable mechanism is offered,
             or :attr:`username` or :attr:`password` holds a control character
-            (checked before anything is sent).
+            (checked before anything is sent); when :attr:`tokenProvider`
+            fails, gives something that is not a token, or is set without
+            ``AuthMode.sasl`` and a bearer mechanism.
         """
         return self._run(self._authenticate)
 
@@ -345,7 +419,10 @@ class AsyncClient:
         if mode == AuthMode.none:
             return True
         mechanisms = DEFAULT_MECHANISMS if mode == AuthMode.default else self.saslMechanisms
-        return await self._session().authenticate(mechanisms, self.username, self.password)
+        tokens = BearerTokens(
+            self.username, self.password, self.tokenProvider, self.serverHostname or self.host, mechanisms
+        )
+        return await self._session().authenticate(mechanisms, self.username, self.password, tokens)
 
     def sendFile(
         self, fileName: str, sender: str | None = None, recipients: Recipients = None
@@ -572,7 +649,8 @@ _SETTINGS = frozenset(
         "host", "port", "encryptMode", "authMode", "username", "password", "timeout",
         "dataTimeout", "sourceAddress", "socketPath", "endpoint", "verifyServerCertificate",
         "useLegacyServerConnect", "allowUnsafeLegacyRenegotiation", "caCertFile", "heloName",
-        "localHostname", "saslMechanisms",
+        "localHostname", "saslMechanisms", "serverHostname", "certFile", "keyFile", "minProtocol",
+        "maxProtocol", "tlsConnectionCreator", "tokenProvider",
     }
 )
 
@@ -715,6 +793,13 @@ class Client:
     heloName = _Forwarded()
     localHostname = _Forwarded()
     saslMechanisms = _Forwarded()
+    serverHostname = _Forwarded()
+    certFile = _Forwarded()
+    keyFile = _Forwarded()
+    minProtocol = _Forwarded()
+    maxProtocol = _Forwarded()
+    tlsConnectionCreator = _Forwarded()
+    tokenProvider = _Forwarded()
 
     def __init__(self, **settings: Any) -> None:
         """
@@ -817,6 +902,20 @@ class Client:
         See :meth:`AsyncClient.supportsExtension`.
         """
         return self._client.supportsExtension(name)
+
+    @property
+    def secure(self) -> bool:
+        """
+        See :attr:`AsyncClient.secure`.
+        """
+        return self._client.secure
+
+    @property
+    def tlsVersion(self) -> str | None:
+        """
+        See :attr:`AsyncClient.tlsVersion`.
+        """
+        return self._client.tlsVersion
 
     def disconnect(self) -> None:
         """

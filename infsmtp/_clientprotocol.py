@@ -35,7 +35,7 @@ from typing import IO, Any, Callable, Iterable, Sequence
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPullProducer
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, ISSLTransport
 from twisted.mail.interfaces import IClientAuthentication
 from twisted.mail.smtp import ESMTPClient, PLAINAuthenticator
 from twisted.python.failure import Failure
@@ -51,6 +51,7 @@ from ._errors import (
     SMTPTimeoutError,
     SMTPTLSError,
 )
+from ._oauth import BEARER_MECHANISMS, BearerTokens, saslName
 from ._writenow import writeNow
 
 CRLF = b"\r\n"
@@ -83,6 +84,9 @@ MAX_QUOTED_TEXT = 1000
 
 #: RFC 1870: the SIZE limit is at most 20 digits.
 MAX_SIZE_DIGITS = 20
+
+#: Why calls fail after :meth:`ESMTPSessionClient.abort`.
+CLOSED_BY_CLIENT = "the connection was closed by the client"
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,48 @@ class XOAUTH2Authenticator:
         return b"user=" + self.user + b"\x01auth=Bearer " + secret + b"\x01\x01"
 
 
+@implementer(IClientAuthentication)
+class OAUTHBEARERAuthenticator:
+    """
+    ``OAUTHBEARER`` (RFC 7628): a GS2 header naming the user, the host and
+    port connected to, and the OAuth 2.0 bearer token.  A server that
+    refuses the token sends a 334 challenge with details in JSON, which is
+    answered with a lone ^A (3.2.3); it then sends its failure reply.
+
+    :raises SMTPAuthenticationError: when ``host`` holds a control
+        character, which would add a field of its own.
+    """
+
+    def __init__(self, user: bytes, host: str | None = None, port: int | None = None) -> None:
+        if host is not None:
+            bad = _CONTROL.search(host)
+            if bad is not None:
+                raise SMTPAuthenticationError(
+                    f"the host name sent by OAUTHBEARER {_shown(host)} contains "
+                    f"{_describeCharacter(bad.group())}"
+                )
+        self.user = user
+        self.host = host
+        self.port = port
+        self._sent = False
+
+    def getName(self) -> bytes:
+        return b"OAUTHBEARER"
+
+    def challengeResponse(self, secret: bytes, chal: bytes) -> bytes:
+        if self._sent:
+            return b"\x01"
+        self._sent = True
+        user = self.user.decode("utf-8")
+        header = b"n," + (b"a=" + saslName(user).encode("utf-8") if user else b"") + b",\x01"
+        fields = b""
+        if self.host:
+            fields += b"host=" + self.host.encode("utf-8") + b"\x01"
+        if self.port is not None:
+            fields += b"port=%d\x01" % self.port
+        return header + fields + b"auth=Bearer " + secret + b"\x01\x01"
+
+
 class _EmptyAuthzPLAIN(PLAINAuthenticator):
     """
     PLAIN with an empty authorization identity.  Twisted's authenticator
@@ -405,6 +451,7 @@ MECHANISMS: dict[str, tuple[Callable[[bytes], IClientAuthentication], bool]] = {
     "PLAIN": (_EmptyAuthzPLAIN, True),
     "LOGIN": (LOGINAuthenticator, False),
     "XOAUTH2": (XOAUTH2Authenticator, True),
+    "OAUTHBEARER": (OAUTHBEARERAuthenticator, True),
 }
 
 
@@ -874,7 +921,10 @@ class ESMTPSessionClient(ESMTPClient):
 
         :raises SMTPConnectError: when the server refuses the session.
         """
-        greeting = await self._greeting
+        try:
+            greeting = await self._greeting
+        except SMTPConnectError as e:
+            raise self._lostBeforeTLS(e) from None
         if greeting.code != 220:
             raise SMTPConnectError(greeting.code, self._quote(greeting.text))
         return greeting
@@ -913,7 +963,26 @@ class ESMTPSessionClient(ESMTPClient):
         # Runs inside dataReceived, before any byte after the 220 is parsed.
         waiter.addCallback(self._switchToTLS, creator)
         await waiter
-        return await self.ehlo()
+        try:
+            return await self.ehlo()
+        except SMTPConnectError as e:
+            raise self._lostBeforeTLS(e) from None
+
+    def _lostBeforeTLS(self, error: SMTPConnectError) -> SMTPError:
+        """
+        ``error``, or an :class:`SMTPTLSError` when the connection was lost
+        (no reply) over TLS before the first reply, or the first after
+        STARTTLS: a server that refuses a handshake may hang up without the
+        alert that would say why (a protocol version it does not take, a
+        client certificate it wants), and the caller must know TLS failed.
+        """
+        if error.code is not None or error.text == CLOSED_BY_CLIENT or not ISSLTransport.providedBy(self.transport):
+            # A reply, or our own abort (free() while connecting).
+            return error
+        return SMTPTLSError(
+            f"TLS failed: {error.text}, before TLS was up (the server may refuse "
+            "the TLS versions offered, or want a client certificate)"
+        )
 
     def _switchToTLS(self, reply: Reply, creator: object) -> Reply:
         if reply.code != 220:
@@ -927,18 +996,27 @@ class ESMTPSessionClient(ESMTPClient):
         return reply
 
     async def authenticate(
-        self, mechanisms: Sequence[str], username: str, password: str
+        self,
+        mechanisms: Sequence[str],
+        username: str,
+        password: str,
+        tokens: BearerTokens | None = None,
     ) -> bool:
         """
         Authenticate with the first of ``mechanisms`` the server offers that
         works, falling back to the next on any refusal other than 535.
+
+        ``XOAUTH2`` and ``OAUTHBEARER`` send the bearer token of ``tokens``
+        (by default ``password``); when the server refuses a token that
+        ``tokens`` can refresh, a fresh one is asked for and tried once
+        more.
 
         :returns: ``True`` when the server accepted the credentials, ``False``
             when it answered 535 (bad credentials).
         :raises SMTPAuthenticationError: when the server offers none of
             ``mechanisms``, or every one failed for another reason; before
             anything is sent, when a credential holds a control character
-            (:func:`checkCredentials`).
+            (:func:`checkCredentials`); when ``tokens`` fails to give one.
         """
         if self.authenticated:
             return True
@@ -956,8 +1034,11 @@ class ESMTPSessionClient(ESMTPClient):
         self._secrets.append(password)
         last: Reply | None = None
         for name in usable:
-            factory, initial = MECHANISMS[name]
-            last = await self._saslExchange(factory(user), secret, initial, self._secrets)
+            if name in BEARER_MECHANISMS:
+                last = await self._bearerExchange(name, user, tokens or BearerTokens(username, password))
+            else:
+                factory, initial = MECHANISMS[name]
+                last = await self._saslExchange(factory(user), secret, initial, self._secrets)
             if last.code == 235:
                 self.authenticated = True
                 return True
@@ -965,6 +1046,27 @@ class ESMTPSessionClient(ESMTPClient):
                 return False
         assert last is not None
         raise SMTPAuthenticationError(last.code, self._quote(last.text))
+
+    async def _bearerExchange(self, name: str, user: bytes, tokens: BearerTokens) -> Reply:
+        """
+        ``XOAUTH2`` or ``OAUTHBEARER`` with the token of ``tokens``; after a
+        535, once, with a refreshed one (an expired token is the usual
+        reason).
+        """
+        refresh = False
+        while True:
+            token = await tokens.token(refresh)
+            # Before it is sent: a server that echoes it is redacted too.
+            self._secrets.append(token)
+            if name == "OAUTHBEARER":
+                port = getattr(self.transport.getPeer(), "port", None)
+                mechanism: IClientAuthentication = OAUTHBEARERAuthenticator(user, tokens.host, port)
+            else:
+                mechanism = XOAUTH2Authenticator(user)
+            reply = await self._saslExchange(mechanism, token.encode("utf-8"), True, self._secrets)
+            if reply.code != 535 or refresh or not tokens.refreshable:
+                return reply
+            refresh = True
 
     async def _saslExchange(
         self,
@@ -1282,7 +1384,7 @@ class ESMTPSessionClient(ESMTPClient):
         Close the connection at once; fires once it is closed.
         """
         if self.connected:
-            self._abort(SMTPConnectError("the connection was closed by the client"))
+            self._abort(SMTPConnectError(CLOSED_BY_CLIENT))
         return self.whenLost()
 
 

@@ -1,17 +1,22 @@
 """
 The client's TLS settings: which certificates it trusts, which name it
-checks, which protocol versions and legacy OpenSSL behaviours it allows.
+checks, which certificate it shows, which protocol versions and legacy
+OpenSSL behaviours it allows.
 
-Used for both ``sslTls`` (TLS from the first byte) and ``startTls``.
+Used for ``sslTls`` (TLS from the first byte), ``startTls`` and
+``opportunistic``.  Every file is read and every combination checked
+before the client connects: a mistake in the settings never reaches the
+wire, and never quietly weakens what was asked for.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from OpenSSL import SSL, crypto
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, ISSLTransport
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -22,6 +27,7 @@ from zope.interface import implementer
 
 from ._enums import TLSVersion
 from ._errors import SMTPTLSError
+from ._tls import loadKeyPair
 
 #: OpenSSL's ``SSL_OP_LEGACY_SERVER_CONNECT``: talk to servers that do not
 #: support secure renegotiation (RFC 5746).
@@ -35,12 +41,68 @@ _PEM_CERTIFICATE = re.compile(
 )
 
 
+#: The client settings a ``tlsConnectionCreator`` of the user's own takes
+#: the place of, with their defaults: one changed beside such a creator is
+#: an error, since the creator would silently ignore it.
+CREATOR_REPLACES: dict[str, object] = {
+    "verifyServerCertificate": True,
+    "caCertFile": None,
+    "certFile": None,
+    "keyFile": None,
+    "minProtocol": TLSVersion.tls1_2,
+    "maxProtocol": TLSVersion.tls1_3,
+    "useLegacyServerConnect": False,
+    "allowUnsafeLegacyRenegotiation": False,
+}
+
+
+def connectionCreatorFor(client: Any) -> IOpenSSLClientConnectionCreator:
+    """
+    The connection creator for a client's TLS settings, read by their
+    attribute names (see :class:`infsmtp.AsyncClient`): its own
+    ``tlsConnectionCreator`` as is, or one built by
+    :func:`clientTLSOptions` for ``serverHostname`` (else ``host``).
+
+    :raises SMTPTLSError: when ``tlsConnectionCreator`` does not provide
+        ``IOpenSSLClientConnectionCreator`` or comes with a setting of
+        :data:`CREATOR_REPLACES` changed; as :func:`clientTLSOptions` does.
+    """
+    own = client.tlsConnectionCreator
+    if own is not None:
+        if not IOpenSSLClientConnectionCreator.providedBy(own):
+            raise SMTPTLSError(
+                f"tlsConnectionCreator must provide IOpenSSLClientConnectionCreator "
+                f"(optionsForClientTLS() makes one), not {type(own).__name__}"
+            )
+        changed = [name for name, default in CREATOR_REPLACES.items() if getattr(client, name) != default]
+        if changed:
+            raise SMTPTLSError(
+                f"tlsConnectionCreator decides every TLS setting itself: it cannot be combined "
+                f"with {', '.join(changed)} (set them on the creator instead)"
+            )
+        return own
+    return clientTLSOptions(
+        client.serverHostname or client.host,
+        verify=client.verifyServerCertificate,
+        caCertFile=client.caCertFile,
+        certFile=client.certFile,
+        keyFile=client.keyFile,
+        minimumVersion=client.minProtocol,
+        maximumVersion=client.maxProtocol,
+        legacyServerConnect=client.useLegacyServerConnect,
+        unsafeLegacyRenegotiation=client.allowUnsafeLegacyRenegotiation,
+    )
+
+
 def clientTLSOptions(
     host: str,
     *,
     verify: bool = True,
     caCertFile: str | None = None,
+    certFile: str | None = None,
+    keyFile: str | None = None,
     minimumVersion: TLSVersion = TLSVersion.tls1_2,
+    maximumVersion: TLSVersion = TLSVersion.tls1_3,
     legacyServerConnect: bool = False,
     unsafeLegacyRenegotiation: bool = False,
 ) -> IOpenSSLClientConnectionCreator:
@@ -53,14 +115,37 @@ def clientTLSOptions(
     Without it, any certificate is accepted: an explicit choice, never a
     fallback.  The server name is sent (SNI) whenever ``host`` is a DNS name.
 
+    :param certFile: the client's certificate (PEM, leaf first, its chain
+        after it), shown when the server asks for one.
+    :param keyFile: its private key (PEM, unencrypted); ``None`` when it is
+        in ``certFile``.
     :param minimumVersion: the oldest TLS version accepted.
+    :param maximumVersion: the newest TLS version offered.
     :param legacyServerConnect: set ``SSL_OP_LEGACY_SERVER_CONNECT``.
     :param unsafeLegacyRenegotiation: set
         ``SSL_OP_ALLOW_UNSAFE_LEGACY_RENEGOTIATION``.
     :raises SMTPTLSError: when ``caCertFile`` cannot be read or holds no
-        certificate.
+        certificate; when ``certFile`` or ``keyFile`` cannot be read, holds
+        no certificate or key, or the key does not match the certificate;
+        when ``minimumVersion`` is above ``maximumVersion``.
     """
-    extra = {"raiseMinimumTo": minimumVersion.twisted}
+    minimumVersion, maximumVersion = TLSVersion(minimumVersion), TLSVersion(maximumVersion)
+    if minimumVersion > maximumVersion:
+        raise SMTPTLSError(
+            f"minProtocol {minimumVersion.name} is above maxProtocol {maximumVersion.name}"
+        )
+    extra: dict[str, Any] = {
+        # Exactly the range asked for: raiseMinimumTo would keep Twisted's
+        # own minimum when it is higher.
+        "insecurelyLowerMinimumTo": minimumVersion.twisted,
+        "lowerMaximumSecurityTo": maximumVersion.twisted,
+    }
+    if certFile is not None or keyFile is not None:
+        if not certFile:
+            raise SMTPTLSError("keyFile is set without certFile")
+        chain, key = loadKeyPair(certFile, keyFile or certFile, "certFile")
+        # pyOpenSSL takes cryptography's objects directly.
+        extra.update(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
     creator: IOpenSSLClientConnectionCreator
     if verify:
         trustRoot = _loadTrustRoot(caCertFile) if caCertFile else None
@@ -73,6 +158,21 @@ def clientTLSOptions(
     if options:
         creator = _ConnectionSettings(creator, options=options)
     return creator
+
+
+def negotiatedVersion(transport: object) -> str | None:
+    """
+    The TLS version protecting ``transport`` (``"TLSv1.3"``), or ``None``
+    when it is plaintext.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None
+    try:
+        # Twisted's TLS transports, and a TCP one after startTLS, hand out
+        # the SSL.Connection.
+        return transport.getHandle().get_protocol_version_name()  # type: ignore[attr-defined]
+    except Exception:
+        return "TLS"
 
 
 def _loadTrustRoot(caCertFile: str):

@@ -17,11 +17,16 @@ class EncryptMode(IntEnum):
     - ``none``: plaintext.
     - ``sslTls``: TLS from the first byte (RFC 8314, usually port 465).
     - ``startTls``: plaintext, then ``STARTTLS``; never falls back to plaintext.
+    - ``opportunistic``: ``STARTTLS`` when the server offers it, plaintext
+      when it does not.  A STARTTLS that fails (refused, a failed handshake,
+      a certificate that does not verify) is still an error: only a server
+      that never offered TLS gets plaintext.  Never the default.
     """
 
     none = 0
     sslTls = 1
     startTls = 2
+    opportunistic = 3
 
 
 class AuthMode(IntEnum):

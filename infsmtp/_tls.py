@@ -6,6 +6,7 @@ out, with every problem reported at load time in one clear sentence.
 from __future__ import annotations
 
 import ssl as _stdlibSSL
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -63,6 +64,24 @@ def _publicBytes(key) -> bytes:
     )
 
 
+def loadKeyPair(
+    certFile: str, keyFile: str, what: str = "certificate file"
+) -> tuple[list[x509.Certificate], Any]:
+    """
+    The certificates of C{certFile} (leaf first) and the private key of
+    C{keyFile}, which may be the same file.  Used by the server's
+    certificate and the client's.
+
+    @raise SMTPTLSError: a file is unreadable or holds no certificate or no
+        usable key, or the key does not match the leaf certificate.
+    """
+    chain = loadCertificates(certFile, what)
+    key = loadKey(keyFile)
+    if _publicBytes(key.public_key()) != _publicBytes(chain[0].public_key()):
+        raise SMTPTLSError(f"key {keyFile} does not match certificate {certFile}")
+    return chain, key
+
+
 def verifyChain(
     chain: list[x509.Certificate], roots: list[x509.Certificate] | None, certFile: str
 ) -> None:
@@ -111,10 +130,7 @@ def serverTLSOptions(
         raise SMTPTLSError(
             f"minProtocol {minProtocol.name} is above maxProtocol {maxProtocol.name}"
         )
-    chain = loadCertificates(certFile)
-    key = loadKey(keyFile)
-    if _publicBytes(key.public_key()) != _publicBytes(chain[0].public_key()):
-        raise SMTPTLSError(f"key {keyFile} does not match certificate {certFile}")
+    chain, key = loadKeyPair(certFile, keyFile)
     roots = loadCertificates(rootCertFile, "root certificate file") if rootCertFile else []
     if verify:
         verifyChain(chain, roots or None, certFile)

@@ -100,9 +100,11 @@ class CertificateAuthority:
         _writeKey(key, keyFile)
         return cls(directory, certFile, keyFile, key, cert)
 
-    def issue(self, *names: str, prefix: str | None = None) -> IssuedCertificate:
+    def issue(self, *names: str, prefix: str | None = None, client: bool = False) -> IssuedCertificate:
         """
-        Issue a server certificate for C{names} (DNS names or IP addresses).
+        Issue a server certificate for C{names} (DNS names or IP addresses);
+        with C{client}, one that may also authenticate a TLS client (servers
+        that check client certificates want the clientAuth key usage).
         """
         names = names or ("localhost", "127.0.0.1")
         key = ec.generate_private_key(ec.SECP256R1())
@@ -124,7 +126,10 @@ class CertificateAuthority:
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+                ),
+                critical=False,
             )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
