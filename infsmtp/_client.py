@@ -129,6 +129,15 @@ class AsyncClient:
         :class:`SMTPTLSError` rather than a setting silently ignored.
     :ivar heloName: the name sent in EHLO (also :attr:`localHostname`).
     :ivar saslMechanisms: order of preference for ``AuthMode.sasl``.
+    :ivar lmtp: speak LMTP (RFC 2033), to deliver into a mail store such
+        as Dovecot (``socketPath="/run/dovecot/lmtp"``): LHLO instead of
+        EHLO, and the server answers the end of each message once per
+        recipient, so a recipient it refuses then (a full mailbox) is among
+        the refused that a send returns.
+    :ivar chunking: send messages with BDAT (RFC 3030) when the server
+        offers CHUNKING and PIPELINING: no dot-stuffing, and a message read
+        whole goes out with its envelope, one round trip instead of two.
+        ``False`` always uses DATA.
 
     A call's Deferred may be cancelled (``d.cancel()``, ``d.addTimeout()``):
     the connection is then closed at once, since the replies still to come
@@ -158,6 +167,8 @@ class AsyncClient:
     minProtocol = EnumAttribute(TLSVersion, TLSVersion.tls1_2)
     maxProtocol = EnumAttribute(TLSVersion, TLSVersion.tls1_3)
     tlsConnectionCreator: Any = None
+    lmtp: bool = False
+    chunking: bool = True
     tokenProvider: Callable[[str, bool], Any] | None = None
 
     def __init__(self, reactor: Any = None, **settings: Any) -> None:
@@ -326,7 +337,13 @@ class AsyncClient:
         if mode == EncryptMode.sslTls:
             endpoint = wrapClientTLS(tls, endpoint)
         dataSeconds = self.dataTimeout / 1000
-        factory = Factory.forProtocol(lambda: ESMTPSessionClient(heloName, seconds, dataSeconds))
+        lmtp, chunking = self.lmtp, self.chunking
+        for name, value in (("lmtp", lmtp), ("chunking", chunking)):
+            if not isinstance(value, bool):
+                raise SMTPError(f"{name} must be True or False, not {value!r}")
+        factory = Factory.forProtocol(
+            lambda: ESMTPSessionClient(heloName, seconds, dataSeconds, lmtp=lmtp, chunking=chunking)
+        )
         # No "Starting factory" / "Stopping factory" log lines for every
         # connection (a relay makes one per message).
         factory.noisy = False
@@ -650,7 +667,7 @@ _SETTINGS = frozenset(
         "dataTimeout", "sourceAddress", "socketPath", "endpoint", "verifyServerCertificate",
         "useLegacyServerConnect", "allowUnsafeLegacyRenegotiation", "caCertFile", "heloName",
         "localHostname", "saslMechanisms", "serverHostname", "certFile", "keyFile", "minProtocol",
-        "maxProtocol", "tlsConnectionCreator", "tokenProvider",
+        "maxProtocol", "tlsConnectionCreator", "tokenProvider", "lmtp", "chunking",
     }
 )
 
@@ -800,6 +817,8 @@ class Client:
     maxProtocol = _Forwarded()
     tlsConnectionCreator = _Forwarded()
     tokenProvider = _Forwarded()
+    lmtp = _Forwarded()
+    chunking = _Forwarded()
 
     def __init__(self, **settings: Any) -> None:
         """

@@ -59,6 +59,10 @@ CRLF = b"\r\n"
 #: Bytes read from a message file per write while streaming DATA.
 CHUNK_SIZE = 65536
 
+#: BDAT chunks sent ahead of their replies, at most: CHUNK_SIZE bytes
+#: each, what is in flight on a high-latency path.
+MAX_CHUNKS_UNANSWERED = 8
+
 #: Give up a SASL exchange that asks for more rounds than any mechanism we
 #: speak needs.
 MAX_SASL_ROUNDS = 5
@@ -248,9 +252,18 @@ class DotStuffer:
     >>> stuffer = DotStuffer()
     >>> stuffer.feed(b".hi\\r") + stuffer.feed(b"\\n.") + stuffer.finish()
     b'..hi\\r\\n..\\r\\n.\\r\\n'
+
+    With ``dots=False`` it only makes the line endings CRLF and ends the
+    last line, which is what BDAT sends (RFC 3030: counted, not stuffed):
+
+    >>> lines = DotStuffer(dots=False)
+    >>> lines.feed(b".hi\\n.") + lines.finish()
+    b'.hi\\r\\n.\\r\\n'
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dots: bool = True) -> None:
+        # Whether dots are doubled and the terminating "." added (DATA).
+        self._dots = dots
         # Whether the next byte starts a line (true before the first one).
         self._atLineStart = True
         # Whether the previous chunk ended with CR, already sent as CRLF, so
@@ -275,18 +288,22 @@ class DotStuffer:
             if b"\r" in chunk:
                 chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             chunk = chunk.replace(b"\n", CRLF)
-        if b"\n." in chunk:
-            chunk = chunk.replace(b"\n.", b"\n..")
-        if self._atLineStart and chunk[:1] == b".":
-            chunk = b"." + chunk
+        if self._dots:
+            if b"\n." in chunk:
+                chunk = chunk.replace(b"\n.", b"\n..")
+            if self._atLineStart and chunk[:1] == b".":
+                chunk = b"." + chunk
         self._atLineStart = chunk[-1:] == b"\n"
         return chunk
 
     def finish(self) -> bytes:
         """
-        Return the bytes that end DATA.
+        Return the bytes that end DATA (with ``dots=False``: that end the
+        last line, if it needs it).
         """
-        return b".\r\n" if self._atLineStart else b"\r\n.\r\n"
+        if self._dots:
+            return b".\r\n" if self._atLineStart else b"\r\n.\r\n"
+        return b"" if self._atLineStart else CRLF
 
 
 @implementer(IClientAuthentication)
@@ -659,8 +676,26 @@ class ESMTPSessionClient(ESMTPClient):
     #: The longest reply line, its line ending included.
     MAX_LENGTH = MAX_REPLY_LINE
 
-    def __init__(self, heloName: str, timeout: float, dataTimeout: float | None = None) -> None:
-        super().__init__(secret=None, identity=heloArgument(heloName))
+    def __init__(
+        self,
+        heloName: str,
+        timeout: float,
+        dataTimeout: float | None = None,
+        *,
+        lmtp: bool = False,
+        chunking: bool = True,
+    ) -> None:
+        # Not ESMTPClient.__init__: of the ten attributes it and
+        # SMTPClient.__init__ set, only `identity` serves here (the others
+        # feed their state machine and line log, which are not used), and
+        # each one more in the instance's dict costs every attribute access
+        # on the send path (see the comment on `_atEndOfMessage`).
+        self.identity = heloArgument(heloName)
+        # RFC 2033: LHLO, and one reply per accepted recipient after the data.
+        self._lmtp = lmtp
+        # Whether to send the message with BDAT when the server offers
+        # CHUNKING (RFC 3030).
+        self._chunking = chunking
         self.timeout = timeout
         self.dataTimeout = timeout if dataTimeout is None else dataTimeout
         # Whether the reply awaited is the one to the end of a message, which
@@ -932,8 +967,15 @@ class ESMTPSessionClient(ESMTPClient):
     async def ehlo(self) -> dict[str, str]:
         """
         Send EHLO, or HELO when the server does not know EHLO, and remember
-        the extensions announced.
+        the extensions announced; LHLO in LMTP (RFC 2033), which has no
+        fallback.
         """
+        if self._lmtp:
+            reply = await self.command(b"LHLO " + self.identity)
+            if reply.code == 250:
+                self._announced(parseExtensions(reply))
+                return self.extensions
+            raise SMTPConnectError(reply.code, self._quote(reply.text))
         reply = await self.command(b"EHLO " + self.identity)
         if reply.code == 250:
             self._announced(parseExtensions(reply))
@@ -1107,8 +1149,15 @@ class ESMTPSessionClient(ESMTPClient):
         rcptOptions: Sequence[str] = (),
     ) -> Deferred[dict[str, tuple[int, str]]]:
         """
-        Run one mail transaction: MAIL, RCPT for each recipient, DATA, the
-        message.  With PIPELINING the commands go out as one group.
+        Run one mail transaction: MAIL, RCPT for each recipient, then the
+        message.  With PIPELINING the commands go out as one group.  When
+        the server offers CHUNKING too, the message goes with BDAT (RFC
+        3030): a message read whole goes in the same write as the envelope
+        (``BDAT n LAST``: one round trip), a longer one in counted chunks
+        after the envelope was answered; otherwise with DATA.
+
+        In LMTP (RFC 2033) the server answers the end of the message once
+        per accepted recipient: those it refuses then are among the refused.
 
         ``mailOptions`` are ESMTP parameters for MAIL (``"RET=HDRS"``),
         replacing the client's own ``SIZE``, ``BODY`` or ``SMTPUTF8`` when
@@ -1117,7 +1166,8 @@ class ESMTPSessionClient(ESMTPClient):
 
         :returns: a Deferred firing with the refused recipients, address ->
             (code, text).
-        :raises SMTPRecipientsRefused: when every recipient was refused.
+        :raises SMTPRecipientsRefused: when every recipient was refused (in
+            LMTP, also after the message).
         :raises SMTPError: when the sender, DATA or the message was refused;
             before sending anything, when the message is over the server's
             SIZE limit or an address could inject (a space, ``<``, ``>`` or
@@ -1141,14 +1191,21 @@ class ESMTPSessionClient(ESMTPClient):
                 mail += self._mailParameters(sender, recipients, message)
         except SMTPError as e:
             return _failed(e)
-        if "PIPELINING" not in self.extensions:
+        extensions = self.extensions
+        if "PIPELINING" not in extensions:
+            # (BDAT too only with PIPELINING: a server that wants each
+            # command answered before the next would make a round trip of
+            # every chunk.)
             return Deferred.fromCoroutine(
                 self._sendStepByStep(sender, recipients, message, mail, rcpts)
             )
+        result: Deferred[dict[str, tuple[int, str]]] = Deferred()
+        if self._chunking and "CHUNKING" in extensions:
+            self._sendChunked(result, sender, recipients, message, mail, rcpts)
+            return result
         # One write, one waiter for the group's replies, and when all went
         # well one more write and one more waiter: no Deferred but the
         # caller's, and no coroutine.
-        result: Deferred[dict[str, tuple[int, str]]] = Deferred()
         commands = [b"RSET", mail, *rcpts, b"DATA"] if self._inTransaction else [mail, *rcpts, b"DATA"]
         skip = len(commands) - len(rcpts) - 2
 
@@ -1179,26 +1236,136 @@ class ESMTPSessionClient(ESMTPClient):
             refused = self._refused(recipients, rcptReplies)
             if len(refused) < len(recipients):
                 self._inTransaction = True
+                count = self._finalCount(rcptReplies)
 
-                def final(reply: Reply) -> None:
+                def final(reply: Reply | list[Reply]) -> None:
                     self._inTransaction = self._atEndOfMessage = False
-                    if reply.code == 250:
+                    if count == 1 and reply.code == 250:  # type: ignore[union-attr]
                         result.callback(refused)
-                    else:
-                        result.errback(
-                            _messageStarted(SMTPError(reply.code, f"message refused: {self._quote(reply.text)}"))
-                        )
+                        return
+                    try:
+                        finals = reply if count > 1 else [reply]
+                        result.callback(self._delivered(recipients, rcptReplies, refused, finals))  # type: ignore[arg-type]
+                    except SMTPError as e:
+                        result.errback(e)
 
                 # The whole message and its end in one write: one round trip.
                 # Its reply gets dataTimeout (set here, so that _await arms
                 # the timer with it).
                 self._atEndOfMessage = True
-                self._await(1, final, result.errback)
+                self._await(count, final, result.errback)
                 self._write(message.stuffed)
                 return
         Deferred.fromCoroutine(
             self._afterEnvelope(mailReply, rcptReplies, dataReply, sender, recipients, message)
         ).chainDeferred(result)
+
+    def _sendChunked(
+        self,
+        result: Deferred[dict[str, tuple[int, str]]],
+        sender: str,
+        recipients: Sequence[str],
+        message: OutgoingMessage,
+        mail: bytes,
+        rcpts: list[bytes],
+    ) -> None:
+        """
+        The envelope and, when the message was read whole, ``BDAT n LAST``
+        with it, in one write; a longer message is streamed in chunks once
+        the envelope was answered.
+        """
+        commands = [b"RSET", mail, *rcpts] if self._inTransaction else [mail, *rcpts]
+        skip = len(commands) - len(rcpts) - 1
+        if message.rest is not None:
+
+            def answeredFirst(replies: list[Reply]) -> None:
+                mailReply, rcptReplies = replies[skip], replies[skip + 1 :]
+                Deferred.fromCoroutine(
+                    self._afterEnvelope(mailReply, rcptReplies, None, sender, recipients, message, chunked=True)
+                ).chainDeferred(result)
+
+            self._write(CRLF.join(commands) + CRLF)
+            self._await(len(commands), answeredFirst, result.errback)
+            return
+
+        lines = DotStuffer(dots=False)
+        content = lines.feed(message.head) + lines.finish()
+
+        def answered(replies: list[Reply]) -> None:
+            mailReply, rcptReplies = replies[skip], replies[skip + 1 :]
+            refused = self._refused(recipients, rcptReplies)
+            # The transaction is open until the reply to BDAT LAST.
+            self._inTransaction = mailReply.code == 250
+            if mailReply.code != 250 or len(refused) == len(recipients):
+                # BDAT LAST gets one reply (503 or 554): the server read the
+                # chunk and dropped it.  The envelope's refusal is the news,
+                # and the message cannot have been delivered, whatever
+                # happens to that reply.
+                envelopeError = (
+                    SMTPError(mailReply.code, f"sender {sender!r} refused: {self._quote(mailReply.text)}")
+                    if mailReply.code != 250
+                    else SMTPRecipientsRefused(refused)
+                )
+                self._await(1, lambda _: result.errback(envelopeError), lambda _: result.errback(envelopeError))
+                return
+            count = self._finalCount(rcptReplies)
+
+            def final(reply: Reply | list[Reply]) -> None:
+                self._atEndOfMessage = False
+                finals = reply if count > 1 else [reply]
+                # A refused BDAT leaves the transaction to an RSET (RFC 3030
+                # does not say the server ends it).
+                self._inTransaction = finals[0].code != 250 and not self._lmtp  # type: ignore[union-attr]
+                try:
+                    result.callback(self._delivered(recipients, rcptReplies, refused, finals))  # type: ignore[arg-type]
+                except SMTPError as e:
+                    result.errback(e)
+
+            self._atEndOfMessage = True
+            self._await(count, final, result.errback)
+
+        self._write(CRLF.join(commands) + CRLF + b"BDAT %d LAST\r\n" % len(content) + content)
+        # The message went out with the envelope: a failure before the
+        # replies (a lost connection, a timeout) may come after the server
+        # took it.
+        self._await(len(commands), answered, lambda e: result.errback(_messageStarted(e)))
+
+    def _finalCount(self, rcptReplies: list[Reply]) -> int:
+        """
+        How many replies the end of the message gets: one, or in LMTP one
+        per accepted recipient.
+        """
+        if not self._lmtp:
+            return 1
+        return sum(1 for reply in rcptReplies if reply.code in (250, 251))
+
+    def _delivered(
+        self,
+        recipients: Sequence[str],
+        rcptReplies: list[Reply],
+        refused: dict[str, tuple[int, str]],
+        finals: list[Reply],
+    ) -> dict[str, tuple[int, str]]:
+        """
+        The refused recipients once the end of the message was answered.
+
+        :raises SMTPError: when the message was refused.
+        :raises SMTPRecipientsRefused: when, in LMTP, every recipient was
+            refused, before or after the message.
+        """
+        if not self._lmtp:
+            final = finals[0]
+            if final.code != 250:
+                raise _messageStarted(SMTPError(final.code, f"message refused: {self._quote(final.text)}"))
+            return refused
+        accepted = [r for r, reply in zip(recipients, rcptReplies) if reply.code in (250, 251)]  # noqa: B905
+        refused = dict(refused)
+        for recipient, reply in zip(accepted, finals):  # noqa: B905
+            if reply.code != 250:
+                refused[recipient] = (reply.code, self._quote(reply.text))
+        if all(reply.code != 250 for reply in finals):
+            raise _messageStarted(SMTPRecipientsRefused(refused))
+        return refused
 
     async def _sendStepByStep(
         self,
@@ -1225,8 +1392,9 @@ class ESMTPSessionClient(ESMTPClient):
         sender: str,
         recipients: Sequence[str],
         message: OutgoingMessage,
+        chunked: bool = False,
     ) -> dict[str, tuple[int, str]]:
-        # Every case but the pipelined one where all went well.
+        # Every case but the pipelined ones where all went well at once.
         self._inTransaction = mailReply.code == 250
         if mailReply.code != 250:
             if dataReply is not None and dataReply.code == 354:
@@ -1240,19 +1408,19 @@ class ESMTPSessionClient(ESMTPClient):
                 await self._endData(b".\r\n")
             raise SMTPRecipientsRefused(refused)
 
-        if dataReply is None:
-            dataReply = await self.command(b"DATA")
-        if dataReply.code != 354:
-            raise SMTPError(dataReply.code, f"DATA refused: {self._quote(dataReply.text)}")
+        count = self._finalCount(rcptReplies)
+        if not chunked:
+            if dataReply is None:
+                dataReply = await self.command(b"DATA")
+            if dataReply.code != 354:
+                raise SMTPError(dataReply.code, f"DATA refused: {self._quote(dataReply.text)}")
         try:
-            final = await self._transmit(message)
+            finals = await (self._transmitChunked(message, count) if chunked else self._transmit(message, count))
         except SMTPError as e:
             # Some of the message went out: it cannot simply go again.
             _messageStarted(e)
             raise
-        if final.code != 250:
-            raise _messageStarted(SMTPError(final.code, f"message refused: {self._quote(final.text)}"))
-        return refused
+        return self._delivered(recipients, rcptReplies, refused, finals)
 
     def _refused(self, recipients: Sequence[str], replies: list[Reply]) -> dict[str, tuple[int, str]]:
         """
@@ -1298,23 +1466,38 @@ class ESMTPSessionClient(ESMTPClient):
             parameters.append(b" BODY=8BITMIME")
         return b"".join(parameters)
 
-    async def _endData(self, data: bytes) -> Reply:
+    def _expectReplies(self, count: int) -> Deferred[list[Reply]]:
+        """
+        A Deferred for the list of the next ``count`` replies not yet
+        claimed.
+        """
+        waiter: Deferred[list[Reply]] = Deferred()
+        if count == 1:
+            self._await(1, lambda reply: waiter.callback([reply]), waiter.errback)
+        else:
+            self._await(count, waiter.callback, waiter.errback)
+        return waiter
+
+    async def _endData(self, data: bytes, count: int = 1) -> list[Reply]:
         self._endOfMessage(True)
-        final = self._expect()
+        finals = self._expectReplies(count)
         self._write(data)
-        reply = await final
+        replies = await finals
         self._endOfMessage(False)
         self._inTransaction = False
-        return reply
+        return replies
 
-    async def _transmit(self, message: OutgoingMessage) -> Reply:
+    async def _transmit(self, message: OutgoingMessage, count: int = 1) -> list[Reply]:
+        """
+        Send the message after DATA's 354; its ``count`` final replies.
+        """
         stuffer = DotStuffer()
         if message.rest is None:
             # One write for the whole message and its end: one round trip.
-            return await self._endData(stuffer.feed(message.head) + stuffer.finish())
+            return await self._endData(stuffer.feed(message.head) + stuffer.finish(), count)
         # The reply to the message is awaited while it streams, so that the
         # timer runs (reset at each chunk) and a lost connection fails it.
-        final = self._expect()
+        finals = self._expectReplies(count)
         self._write(stuffer.feed(message.head))
         try:
             await _BodyProducer(message.rest, stuffer, self).start()
@@ -1322,11 +1505,49 @@ class ESMTPSessionClient(ESMTPClient):
             # Nothing can be sent to cancel DATA: the connection has to go.
             self._abort(SMTPError(f"reading the message failed: {e.reason}"))
         except _Stopped:
-            pass  # The connection was lost: `final` says why.
-        reply = await final
+            pass  # The connection was lost: `finals` says why.
+        replies = await finals
         self._endOfMessage(False)
         self._inTransaction = False
-        return reply
+        return replies
+
+    async def _transmitChunked(self, message: OutgoingMessage, count: int) -> list[Reply]:
+        """
+        Send the message in BDAT chunks after the envelope was accepted; the
+        ``count`` replies to the last one.
+
+        Unlike DATA, BDAT can be given up between chunks: a stream that
+        fails to read, or a chunk the server refuses, ends the message
+        without a last chunk, and the session goes on (the next transaction
+        starts with RSET).
+        """
+        lines = DotStuffer(dots=False)
+        producer = _ChunkProducer(message.rest, lines, self, count)  # type: ignore[arg-type]
+        producer.chunk(lines.feed(message.head))
+        try:
+            await producer.start()
+        except _ReadError as e:
+            raise SMTPError(f"reading the message failed: {e.reason}") from None
+        except _ChunkRefused as e:
+            # The transaction is over, but only RSET says so for sure.
+            self._inTransaction = True
+            reply = e.reply
+            raise SMTPError(reply.code, f"message refused: {self._quote(reply.text)}") from None
+        except _Stopped:
+            # The connection was lost: say why.
+            raise self._failure or SMTPConnectError("the connection was lost") from None
+        assert producer.finals is not None
+        replies = await producer.finals
+        self._endOfMessage(False)
+        if producer.refusal is not None:
+            # Refused after the last chunk went: that refusal is the reason
+            # (the reply to the last chunk is only a 503 that follows it).
+            self._inTransaction = True
+            reply = producer.refusal
+            raise SMTPError(reply.code, f"message refused: {self._quote(reply.text)}")
+        # A refused last chunk leaves the transaction to an RSET.
+        self._inTransaction = replies[0].code != 250 and not self._lmtp
+        return replies
 
     async def verify(self, address: str) -> str:
         """
@@ -1445,14 +1666,27 @@ class _BodyProducer:
                 return
             if not chunk:
                 transport.unregisterProducer()
-                self._protocol._endOfMessage(True)
-                self._protocol._armTimer()
-                transport.write(self._stuffer.finish())
+                self._end()
                 self._finish(None)
                 return
             data = self._stuffer.feed(chunk)
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        """
+        Send the next piece of the message.
+        """
         self._protocol._armTimer()
-        transport.write(data)
+        self._protocol.transport.write(data)
+
+    def _end(self) -> None:
+        """
+        Send the end of the message.
+        """
+        protocol = self._protocol
+        protocol._endOfMessage(True)
+        protocol._armTimer()
+        protocol.transport.write(self._stuffer.finish())
 
     def stopProducing(self) -> None:
         self._finish(Failure(_Stopped()))
@@ -1464,6 +1698,88 @@ class _BodyProducer:
             self._done.callback(None)
         else:
             self._done.errback(result)
+
+
+class _ChunkRefused(Exception):
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+class _ChunkProducer(_BodyProducer):
+    """
+    Stream the rest of a message as BDAT chunks (RFC 3030), one per piece
+    read, each chunk's reply awaited on the side; the end is ``BDAT n
+    LAST``.  Once the server refuses a chunk no other one is sent (RFC
+    3030 section 2 says the sender MUST NOT).
+
+    :ivar finals: once the last chunk went, a Deferred of the ``count``
+        replies to it.
+    """
+
+    def __init__(
+        self, source: IO[bytes], lines: DotStuffer, protocol: ESMTPSessionClient, count: int
+    ) -> None:
+        super().__init__(source, lines, protocol)
+        self._count = count
+        self.refusal: Reply | None = None
+        self.finals: Deferred[list[Reply]] | None = None
+        # Chunks sent and not yet answered, and whether the next one waits
+        # for an answer (the transport, asked for nothing, asks no more).
+        self._unanswered = 0
+        self._stalled = False
+
+    def chunk(self, data: bytes) -> None:
+        """
+        Send ``data`` (canonical, CRLF lines) as one chunk.
+        """
+        if not data:
+            return
+        protocol = self._protocol
+        self._unanswered += 1
+        protocol._await(1, self._answered, _ignore)
+        protocol._armTimer()
+        protocol.transport.write(b"BDAT %d\r\n" % len(data))
+        protocol.transport.write(data)
+
+    def _answered(self, reply: Reply) -> None:
+        self._unanswered -= 1
+        if reply.code != 250 and self.refusal is None:
+            self.refusal = reply
+        if self._stalled:
+            self._stalled = False
+            self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        if self._done.called:
+            return
+        if self.refusal is not None:
+            self._protocol.transport.unregisterProducer()
+            self._finish(Failure(_ChunkRefused(self.refusal)))
+            return
+        if self._unanswered >= MAX_CHUNKS_UNANSWERED:
+            # A refusal must stop the chunks soon after it (and a server
+            # counts every chunk it refuses as an error: Postfix hangs up
+            # after 20), and the replies awaited stay few.
+            self._stalled = True
+            return
+        super().resumeProducing()
+
+    _send = chunk
+
+    def _end(self) -> None:
+        protocol = self._protocol
+        tail = self._stuffer.finish()
+        protocol._endOfMessage(True)
+        self.finals = protocol._expectReplies(self._count)
+        protocol.transport.write(b"BDAT %d LAST\r\n" % len(tail) + tail)
+
+
+def _ignore(failure: object) -> None:
+    """
+    For a chunk's reply lost with the connection: what waits for the last
+    chunk's reply says so.
+    """
 
 
 def _messageStarted(error: SMTPError) -> SMTPError:

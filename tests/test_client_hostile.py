@@ -210,8 +210,8 @@ class MeasuredSessionClient(ESMTPSessionClient):
 
     instances: list[MeasuredSessionClient] = []
 
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)
+    def __init__(self, *args: object, **settings: object) -> None:
+        super().__init__(*args, **settings)
         self.instances.append(self)
         self.reads = self.peakBuffered = self.peakLines = self.peakReplySize = 0
 
