@@ -9,6 +9,11 @@ Client benchmark against Postfix's smtp-sink (C, accepts and discards):
 - 20 connections: ``infsmtp.AsyncClient`` vs ``aiosmtplib.SMTP``, twenty
   connections at once, each sending its share in turn.
 
+With ``--chunking`` the server is instead the floor sink offering CHUNKING
+(``sinks/floor_sink.py --chunking``; smtp-sink does not offer it), and the
+contenders are ``Client`` sending with BDAT, ``Client`` with
+``chunking=False`` (DATA) and smtplib (DATA), one connection each.
+
 Each measurement runs in a fresh interpreter (so no reactor, event loop or
 warm cache is shared); rounds are interleaved (every contender once per
 round) so that drift on the machine hits all of them alike.  The table
@@ -16,6 +21,7 @@ gives median messages per second and the ratios that matter.
 
     python bench/client.py                   # 5 rounds, 2000 messages of 1 KiB
     python bench/client.py --rounds 9 --messages 5000 --size 10240
+    python bench/client.py --chunking
 
 Needs /usr/sbin/smtp-sink (Debian's postfix) and aiosmtplib.  Not a test.
 """
@@ -51,10 +57,10 @@ def message(size: int) -> bytes:
 # figures, for every contender alike.
 
 
-def runClient(port: int, warmup: int, count: int, data: bytes) -> float:
+def runClient(port: int, warmup: int, count: int, data: bytes, chunking: bool = True) -> float:
     from infsmtp import Client
 
-    client = Client()
+    client = Client(chunking=chunking)
     client.host, client.port = "127.0.0.1", port
     client.connect()
     for _ in range(warmup):
@@ -156,9 +162,22 @@ CASES = {
     "20 connections": ("AsyncClient x20", "aiosmtplib x20"),
 }
 
+# --chunking: against a server that offers CHUNKING.
+CHUNKING_CONTENDERS = {
+    "Client": runClient,
+    "Client DATA": lambda *a: runClient(*a, chunking=False),
+    "smtplib": runSmtplib,
+}
+CHUNKING_CASES = {
+    "one connection, BDAT": ("Client", "smtplib"),
+    "one connection, DATA": ("Client DATA", "smtplib"),
+    "BDAT against DATA": ("Client", "Client DATA"),
+}
+ALL_CONTENDERS = {**CONTENDERS, **CHUNKING_CONTENDERS}
+
 
 def worker(name: str, port: int, count: int, size: int) -> None:
-    print(CONTENDERS[name](port, count // 5, count, message(size)))
+    print(ALL_CONTENDERS[name](port, count // 5, count, message(size)))
 
 
 def pinTo(cpus: set[int]):
@@ -196,13 +215,17 @@ def measure(name: str, port: int, count: int, size: int) -> float:
     return count / float(out.split()[-1])
 
 
-def startSink() -> tuple[subprocess.Popen, int]:
+def startSink(chunking: bool = False) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [SINK, "-m", "1000", "127.0.0.1:%d" % port, "1000"]
-    if os.getuid() == 0:
-        command[1:1] = ["-u", "nobody"]
+    if chunking:
+        floor = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sinks", "floor_sink.py")
+        command = [sys.executable, floor, str(port), "--chunking"]
+    else:
+        command = [SINK, "-m", "1000", "127.0.0.1:%d" % port, "1000"]
+        if os.getuid() == 0:
+            command[1:1] = ["-u", "nobody"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=pinTo(SINK_CPUS))
     deadline = time.monotonic() + 10
     while True:
@@ -212,7 +235,7 @@ def startSink() -> tuple[subprocess.Popen, int]:
         except OSError:
             # Another program's readiness: nothing to wait on but its port.
             if time.monotonic() > deadline or process.poll() is not None:
-                raise SystemExit("smtp-sink did not start") from None
+                raise SystemExit(f"{command[0]} did not start") from None
             time.sleep(0.02)
 
 
@@ -221,6 +244,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--size", type=int, default=1024, help="message size in bytes")
+    parser.add_argument("--chunking", action="store_true", help="against a sink offering CHUNKING")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -228,24 +252,26 @@ def main() -> None:
         worker(options.worker, options.port, options.messages, options.size)
         return
 
-    sink, port = startSink()
-    rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    contenders, cases = (CHUNKING_CONTENDERS, CHUNKING_CASES) if options.chunking else (CONTENDERS, CASES)
+    sink, port = startSink(options.chunking)
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
     try:
         for round in range(options.rounds):
-            for name in CONTENDERS:
+            for name in contenders:
                 rates[name].append(measure(name, port, options.messages, options.size))
             print(f"round {round + 1}/{options.rounds} done", file=sys.stderr)
     finally:
         sink.terminate()
         sink.wait()
 
-    print(f"{options.messages} messages of {options.size} bytes to smtp-sink, "
+    server = "the floor sink with CHUNKING" if options.chunking else "smtp-sink"
+    print(f"{options.messages} messages of {options.size} bytes to {server}, "
           f"medians of {options.rounds} interleaved rounds")
     print(f"{'contender':<18}{'msg/s':>10}")
     median = {name: statistics.median(r) for name, r in rates.items()}
     for name, value in median.items():
         print(f"{name:<18}{value:>10.0f}")
-    for case, (ours, theirs) in CASES.items():
+    for case, (ours, theirs) in cases.items():
         print(f"{case}: {ours} / {theirs} = {median[ours] / median[theirs]:.2f}x")
 
 
