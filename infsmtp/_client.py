@@ -45,6 +45,10 @@ from ._oauth import BearerTokens
 T = TypeVar("T")
 
 Recipients = Sequence[str] | str | None
+#: ESMTP parameters for MAIL (``"RET=HDRS"``).
+MailOptions = Sequence[str]
+#: ESMTP parameters for every RCPT, or recipient -> its own.
+RcptOptions = Sequence[str] | Mapping[str, Sequence[str]]
 Refused = dict[str, tuple[int, str]]
 
 #: AuthMode.default: username and password, PLAIN preferred.
@@ -442,7 +446,13 @@ class AsyncClient:
         return await self._session().authenticate(mechanisms, self.username, self.password, tokens)
 
     def sendFile(
-        self, fileName: str, sender: str | None = None, recipients: Recipients = None
+        self,
+        fileName: str,
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Deferred[Refused]:
         """
         Send the message in file ``fileName``, streaming it.
@@ -451,8 +461,16 @@ class AsyncClient:
         ``Sender`` or ``From``, the recipients from ``To``, ``Cc`` and ``Bcc``
         (the ``Resent-`` fields when the message was resent).  ``Bcc`` and
         ``Resent-Bcc`` are never transmitted.  PIPELINING, SIZE, 8BITMIME and
-        SMTPUTF8 are used when the server offers them.
+        SMTPUTF8 are used when the server offers them, CHUNKING too (see
+        :attr:`chunking`).
 
+        :param mailOptions: ESMTP parameters for MAIL (DSN's
+            ``"RET=HDRS"``, ``"ENVID=x1"``; ``"REQUIRETLS"``, which RFC 8689
+            lets go only over TLS to a server that offers it); one naming
+            ``SIZE``, ``BODY`` or ``SMTPUTF8`` replaces the client's own.
+        :param rcptOptions: ESMTP parameters for every RCPT
+            (``"NOTIFY=SUCCESS,FAILURE"``), or a mapping of recipient -> its
+            own (``{"bob@example.org": ["NOTIFY=NEVER"]}``).
         :returns: the refused recipients, address -> (code, text); empty
             when all were accepted.
         :raises SMTPRecipientsRefused: when every recipient was refused.
@@ -463,16 +481,23 @@ class AsyncClient:
             itself began to go out has ``messageStarted`` set: the server
             may have it, and sending it again may deliver it twice.
         """
-        return self._run(self._sendFile, fileName, sender, recipients)
+        return self._run(self._sendFile, fileName, sender, recipients, mailOptions, rcptOptions)
 
-    def _sendFile(self, fileName: str, sender: str | None, recipients: Recipients) -> Deferred[Refused]:
+    def _sendFile(
+        self,
+        fileName: str,
+        sender: str | None,
+        recipients: Recipients,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Deferred[Refused]:
         self._session()
         try:
             stream = open(fileName, "rb")
         except OSError as e:
             raise SMTPError(f"cannot read {fileName!r}: {e.strerror}") from None
         try:
-            sent = self._sendStream(stream, sender, recipients)
+            sent = self._sendStream(stream, sender, recipients, mailOptions, rcptOptions)
         except BaseException:
             stream.close()
             raise
@@ -487,51 +512,77 @@ class AsyncClient:
     send = sendFile
 
     def sendStream(
-        self, stream: IO[bytes] | IO[str], sender: str | None = None, recipients: Recipients = None
+        self,
+        stream: IO[bytes] | IO[str],
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Deferred[Refused]:
         """
         Send the message read from ``stream`` (binary, or text sent as
         UTF-8), streaming it, as :meth:`sendFile` does.  The stream is read
         in the reactor thread and not closed.
         """
-        return self._run(self._sendStream, stream, sender, recipients)
+        return self._run(self._sendStream, stream, sender, recipients, mailOptions, rcptOptions)
 
-    def _sendStream(self, stream: IO[Any], sender: str | None, recipients: Recipients) -> Deferred[Refused]:
+    def _sendStream(
+        self,
+        stream: IO[Any],
+        sender: str | None,
+        recipients: Recipients,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Deferred[Refused]:
         session = self._session()
         message, sender, recipients = outgoingFromStream(stream, sender, recipients)
-        return session.sendMessage(sender, recipients, message)
+        return session.sendMessage(sender, recipients, message, mailOptions, rcptOptions)
 
     def sendMail(
-        self, message: Message, sender: str | None = None, recipients: Recipients = None
+        self,
+        message: Message,
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Deferred[Refused]:
         """
         Send an :class:`email.message.Message`, as :meth:`sendFile` does.
         """
-        return self._run(self._sendMail, message, sender, recipients)
+        return self._run(self._sendMail, message, sender, recipients, mailOptions, rcptOptions)
 
-    def _sendMail(self, message: Message, sender: str | None, recipients: Recipients) -> Deferred[Refused]:
+    def _sendMail(
+        self,
+        message: Message,
+        sender: str | None,
+        recipients: Recipients,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Deferred[Refused]:
         session = self._session()
         outgoing, sender, recipients = outgoingFromMessage(message, sender, recipients)
-        return session.sendMessage(sender, recipients, outgoing)
+        return session.sendMessage(sender, recipients, outgoing, mailOptions, rcptOptions)
 
     def sendmail(
         self,
         sender: str,
         recipients: Sequence[str] | str,
         message: bytes | str | IO[bytes],
-        mailOptions: Sequence[str] = (),
-        rcptOptions: Sequence[str] = (),
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Deferred[Refused]:
         """
         smtplib's ``sendmail``: send ``message`` (bytes, text sent as UTF-8,
         or a binary file, streamed and not closed) from ``sender`` (``""``
         for the null sender) to ``recipients``, as :meth:`sendStream` does.
 
-        :param mailOptions: ESMTP parameters for MAIL (``"RET=HDRS"``,
-            ``"ENVID=x1"``, ``"REQUIRETLS"``); one naming ``SIZE``, ``BODY``
-            or ``SMTPUTF8`` replaces the client's own.
+        :param mailOptions: ESMTP parameters for MAIL, as for
+            :meth:`sendFile`.
         :param rcptOptions: ESMTP parameters for every RCPT
-            (``"NOTIFY=SUCCESS,FAILURE"``, ``"ORCPT=rfc822;bob@example.org"``).
+            (``"NOTIFY=SUCCESS,FAILURE"``, ``"ORCPT=rfc822;bob@example.org"``),
+            or recipient -> its own, as for :meth:`sendFile`.
         :returns: the refused recipients, as :meth:`sendFile` does.
         :raises SMTPError: before anything is sent, when an option is not
             ``KEYWORD`` or ``KEYWORD=VALUE`` (RFC 5321 4.1.2: printable
@@ -545,8 +596,8 @@ class AsyncClient:
         sender: str,
         recipients: Sequence[str] | str,
         message: bytes | str | IO[bytes],
-        mailOptions: Sequence[str],
-        rcptOptions: Sequence[str],
+        mailOptions: MailOptions,
+        rcptOptions: RcptOptions,
     ) -> Deferred[Refused]:
         session = self._session()
         outgoing, sender, recipients = outgoingFromRaw(sender, recipients, message)
@@ -557,8 +608,8 @@ class AsyncClient:
         sender: str,
         recipients: Sequence[str],
         message: OutgoingMessage,
-        mailOptions: Sequence[str] = (),
-        rcptOptions: Sequence[str] = (),
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Deferred[Refused]:
         """
         Send a message whose envelope and head are already prepared
@@ -573,8 +624,8 @@ class AsyncClient:
         sender: str,
         recipients: Sequence[str],
         message: OutgoingMessage,
-        mailOptions: Sequence[str],
-        rcptOptions: Sequence[str],
+        mailOptions: MailOptions,
+        rcptOptions: RcptOptions,
     ) -> Deferred[Refused]:
         return self._session().sendMessage(sender, recipients, message, mailOptions, rcptOptions)
 
@@ -706,6 +757,8 @@ def sendmail(
     sender: str | None = None,
     recipients: Recipients = None,
     *,
+    mailOptions: MailOptions = (),
+    rcptOptions: RcptOptions = (),
     reactor: Any = None,
     **settings: Any,
 ) -> Deferred[Refused]:
@@ -726,6 +779,10 @@ def sendmail(
     :param sender: the envelope sender; from the headers when ``None``.
     :param recipients: the envelope recipients; from the headers when
         ``None``.
+    :param mailOptions: ESMTP parameters for MAIL, as for
+        :meth:`AsyncClient.sendFile`.
+    :param rcptOptions: ESMTP parameters for RCPT, as for
+        :meth:`AsyncClient.sendFile`.
     :param reactor: as for :class:`AsyncClient`.
     :param settings: the :class:`AsyncClient` attributes (``host``,
         ``port``, ``encryptMode``, ``authMode``, ``username``, ``password``,
@@ -743,22 +800,27 @@ def sendmail(
     if settings.get("username") and "authMode" not in settings:
         settings["authMode"] = AuthMode.default
     client = AsyncClient(reactor, **settings)
-    return Deferred.fromCoroutine(_sendmail(client, message, sender, recipients))
+    options = {"mailOptions": mailOptions, "rcptOptions": rcptOptions}
+    return Deferred.fromCoroutine(_sendmail(client, message, sender, recipients, options))
 
 
 async def _sendmail(
-    client: AsyncClient, message: Message | bytes | str | IO[bytes], sender: str | None, recipients: Recipients
+    client: AsyncClient,
+    message: Message | bytes | str | IO[bytes],
+    sender: str | None,
+    recipients: Recipients,
+    options: dict[str, Any],
 ) -> Refused:
     async with client:
         if not await client.authenticate():
             raise SMTPAuthenticationError(535, f"the server refused the credentials of {client.username!r}")
         if isinstance(message, Message):
-            return await client.sendMail(message, sender, recipients)
+            return await client.sendMail(message, sender, recipients, **options)
         if isinstance(message, bytes):
-            return await client.sendStream(io.BytesIO(message), sender, recipients)
+            return await client.sendStream(io.BytesIO(message), sender, recipients, **options)
         if isinstance(message, str):
-            return await client.sendStream(io.StringIO(message), sender, recipients)
-        return await client.sendStream(message, sender, recipients)
+            return await client.sendStream(io.StringIO(message), sender, recipients, **options)
+        return await client.sendStream(message, sender, recipients, **options)
 
 
 class _Forwarded:
@@ -827,9 +889,9 @@ class Client:
         self._client = AsyncClient()
         _applySettings(self, type(self), settings)
 
-    def _call(self, name: str, *args: Any) -> Any:
+    def _call(self, name: str, *args: Any, **options: Any) -> Any:
         return blockingCall(
-            f"Client.{name}()", f"AsyncClient.{name}()", getattr(self._client, name), *args
+            f"Client.{name}()", f"AsyncClient.{name}()", getattr(self._client, name), *args, **options
         )
 
     @property
@@ -852,39 +914,57 @@ class Client:
         return self._call("authenticate")
 
     def sendFile(
-        self, fileName: str, sender: str | None = None, recipients: Recipients = None
+        self,
+        fileName: str,
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Refused:
         """
         See :meth:`AsyncClient.sendFile`.
         """
-        return self._call("sendFile", fileName, sender, recipients)
+        return self._call("sendFile", fileName, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
 
     #: The reference's name for :meth:`sendFile`.
     send = sendFile
 
     def sendStream(
-        self, stream: IO[bytes] | IO[str], sender: str | None = None, recipients: Recipients = None
+        self,
+        stream: IO[bytes] | IO[str],
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Refused:
         """
         See :meth:`AsyncClient.sendStream`.
         """
-        return self._call("sendStream", stream, sender, recipients)
+        return self._call("sendStream", stream, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
 
     def sendMail(
-        self, message: Message, sender: str | None = None, recipients: Recipients = None
+        self,
+        message: Message,
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Refused:
         """
         See :meth:`AsyncClient.sendMail`.
         """
-        return self._call("sendMail", message, sender, recipients)
+        return self._call("sendMail", message, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
 
     def sendmail(
         self,
         sender: str,
         recipients: Sequence[str] | str,
         message: bytes | str | IO[bytes],
-        mailOptions: Sequence[str] = (),
-        rcptOptions: Sequence[str] = (),
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Refused:
         """
         See :meth:`AsyncClient.sendmail`.

@@ -30,7 +30,7 @@ import hmac
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterable, Sequence
+from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -41,6 +41,7 @@ from twisted.mail.smtp import ESMTPClient, PLAINAuthenticator
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._clienttls import negotiatedVersion
 from ._envelope import OutgoingMessage
 from ._errors import (
     SMTPAuthenticationError,
@@ -611,6 +612,29 @@ def esmtpParameters(options: Sequence[str] | str, what: str) -> tuple[bytes, lis
     return b"".join(encoded), keywords
 
 
+def _withRcptOptions(
+    rcpts: list[bytes], recipients: Sequence[str], rcptOptions: Sequence[str] | Mapping[str, Sequence[str]]
+) -> list[bytes]:
+    """
+    The RCPT commands ``rcpts`` (one per recipient) with their options:
+    the same for every one, or from a mapping of recipient -> options.
+
+    :raises SMTPError: when an option is malformed, or the mapping names an
+        address that is not a recipient (a typo would otherwise drop the
+        options silently).
+    """
+    if not isinstance(rcptOptions, Mapping):
+        extra = esmtpParameters(rcptOptions, "RCPT option")[0]
+        return [line + extra for line in rcpts]
+    unknown = [address for address in rcptOptions if address not in recipients]
+    if unknown:
+        raise SMTPError(f"rcptOptions names {_shown(str(unknown[0]))}, which is not a recipient")
+    return [
+        line + esmtpParameters(rcptOptions.get(recipient, ()), "RCPT option")[0]
+        for line, recipient in zip(rcpts, recipients)  # noqa: B905
+    ]
+
+
 def heloArgument(heloName: str) -> bytes:
     """
     ``heloName`` as sent after EHLO or HELO.
@@ -1161,8 +1185,10 @@ class ESMTPSessionClient(ESMTPClient):
 
         ``mailOptions`` are ESMTP parameters for MAIL (``"RET=HDRS"``),
         replacing the client's own ``SIZE``, ``BODY`` or ``SMTPUTF8`` when
-        they name one; ``rcptOptions`` go on every RCPT
-        (``"NOTIFY=SUCCESS,FAILURE"``).
+        they name one; ``REQUIRETLS`` (RFC 8689) only goes over TLS to a
+        server that offers it.  ``rcptOptions`` go on every RCPT
+        (``"NOTIFY=SUCCESS,FAILURE"``), or, a mapping, on each recipient's
+        own (``{"bob@example.org": ["NOTIFY=NEVER"]}``).
 
         :returns: a Deferred firing with the refused recipients, address ->
             (code, text).
@@ -1183,10 +1209,11 @@ class ESMTPSessionClient(ESMTPClient):
                 raise SMTPError("a recipient address is empty")
             if mailOptions or rcptOptions:
                 extra, given = esmtpParameters(mailOptions, "MAIL option")
+                if "REQUIRETLS" in given:
+                    self._checkRequireTLS()
                 mail += self._mailParameters(sender, recipients, message, given) + extra
                 if rcptOptions:
-                    extra = esmtpParameters(rcptOptions, "RCPT option")[0]
-                    rcpts = [line + extra for line in rcpts]
+                    rcpts = _withRcptOptions(rcpts, recipients, rcptOptions)
             else:
                 mail += self._mailParameters(sender, recipients, message)
         except SMTPError as e:
@@ -1329,6 +1356,16 @@ class ESMTPSessionClient(ESMTPClient):
         # replies (a lost connection, a timeout) may come after the server
         # took it.
         self._await(len(commands), answered, lambda e: result.errback(_messageStarted(e)))
+
+    def _checkRequireTLS(self) -> None:
+        """
+        RFC 8689: a message sent with REQUIRETLS goes only over TLS, to a
+        server that offers REQUIRETLS; else it is not sent at all.
+        """
+        if "REQUIRETLS" not in self.extensions:
+            raise SMTPError(550, "5.7.10 REQUIRETLS: the server does not offer REQUIRETLS, so the message must not go")
+        if negotiatedVersion(self.transport) is None:
+            raise SMTPError(550, "5.7.10 REQUIRETLS: the session is not encrypted, so the message must not go")
 
     def _finalCount(self, rcptReplies: list[Reply]) -> int:
         """

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from ._blocking import blockingCall
-from ._client import AsyncClient, Recipients, Refused, outgoingFromRaw
+from ._client import AsyncClient, MailOptions, RcptOptions, Recipients, Refused, outgoingFromRaw
 from ._enums import AuthMode
 from ._envelope import OutgoingMessage, outgoingFromMessage, outgoingFromStream
 from ._errors import SMTPAuthenticationError, SMTPConnectError, SMTPError
@@ -197,24 +197,46 @@ class ClientPool:
 
     # The send API ----------------------------------------------------------
 
-    def sendMail(self, message: Message, sender: str | None = None, recipients: Recipients = None) -> Deferred[Refused]:
+    def sendMail(
+        self,
+        message: Message,
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Deferred[Refused]:
         """
         Send an :class:`email.message.Message`, as
         :meth:`AsyncClient.sendMail` does.
         """
-        return self._send(lambda: outgoingFromMessage(message, sender, recipients))
+        return self._send(lambda: outgoingFromMessage(message, sender, recipients), mailOptions, rcptOptions)
 
     def sendStream(
-        self, stream: IO[bytes] | IO[str], sender: str | None = None, recipients: Recipients = None
+        self,
+        stream: IO[bytes] | IO[str],
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Deferred[Refused]:
         """
         Send the message read from ``stream``, as
         :meth:`AsyncClient.sendStream` does; it is read once a session is
         free, and not closed.
         """
-        return self._send(lambda: outgoingFromStream(stream, sender, recipients))
+        return self._send(lambda: outgoingFromStream(stream, sender, recipients), mailOptions, rcptOptions)
 
-    def sendFile(self, fileName: str, sender: str | None = None, recipients: Recipients = None) -> Deferred[Refused]:
+    def sendFile(
+        self,
+        fileName: str,
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Deferred[Refused]:
         """
         Send the message in file ``fileName``, as :meth:`AsyncClient.sendFile`
         does; it is opened once a session is free.
@@ -234,7 +256,7 @@ class ClientPool:
                 stream.close()
             return result
 
-        return self._send(prepare).addBoth(close)
+        return self._send(prepare, mailOptions, rcptOptions).addBoth(close)
 
     #: The reference's name for :meth:`sendFile`.
     send = sendFile
@@ -244,8 +266,8 @@ class ClientPool:
         sender: str,
         recipients: Sequence[str] | str,
         message: bytes | str | IO[bytes],
-        mailOptions: Sequence[str] = (),
-        rcptOptions: Sequence[str] = (),
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Deferred[Refused]:
         """
         smtplib's ``sendmail``, as :meth:`AsyncClient.sendmail` does.
@@ -253,14 +275,14 @@ class ClientPool:
         return self._send(lambda: outgoingFromRaw(sender, recipients, message), mailOptions, rcptOptions)
 
     def _send(
-        self, prepare: Callable[[], Prepared], mailOptions: Sequence[str] = (), rcptOptions: Sequence[str] = ()
+        self, prepare: Callable[[], Prepared], mailOptions: MailOptions = (), rcptOptions: RcptOptions = ()
     ) -> Deferred[Refused]:
         if self._closed:
             return fail(SMTPError("the pool is closed: create a new one"))
         return Deferred.fromCoroutine(self._deliver(prepare, mailOptions, rcptOptions))
 
     async def _deliver(
-        self, prepare: Callable[[], Prepared], mailOptions: Sequence[str], rcptOptions: Sequence[str]
+        self, prepare: Callable[[], Prepared], mailOptions: MailOptions, rcptOptions: RcptOptions
     ) -> Refused:
         session = await self._acquire()
         try:
@@ -535,28 +557,52 @@ class BlockingClientPool:
         """
         self._pool = ClientPool(**settings)
 
-    def _call(self, name: str, *args: Any) -> Any:
-        return blockingCall(f"BlockingClientPool.{name}()", f"ClientPool.{name}()", getattr(self._pool, name), *args)
+    def _call(self, name: str, *args: Any, **options: Any) -> Any:
+        return blockingCall(
+            f"BlockingClientPool.{name}()", f"ClientPool.{name}()", getattr(self._pool, name), *args, **options
+        )
 
-    def sendMail(self, message: Message, sender: str | None = None, recipients: Recipients = None) -> Refused:
+    def sendMail(
+        self,
+        message: Message,
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Refused:
         """
         See :meth:`ClientPool.sendMail`.
         """
-        return self._call("sendMail", message, sender, recipients)
+        return self._call("sendMail", message, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
 
     def sendStream(
-        self, stream: IO[bytes] | IO[str], sender: str | None = None, recipients: Recipients = None
+        self,
+        stream: IO[bytes] | IO[str],
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Refused:
         """
         See :meth:`ClientPool.sendStream`.
         """
-        return self._call("sendStream", stream, sender, recipients)
+        return self._call("sendStream", stream, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
 
-    def sendFile(self, fileName: str, sender: str | None = None, recipients: Recipients = None) -> Refused:
+    def sendFile(
+        self,
+        fileName: str,
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Refused:
         """
         See :meth:`ClientPool.sendFile`.
         """
-        return self._call("sendFile", fileName, sender, recipients)
+        return self._call("sendFile", fileName, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
 
     #: The reference's name for :meth:`sendFile`.
     send = sendFile
@@ -566,8 +612,8 @@ class BlockingClientPool:
         sender: str,
         recipients: Sequence[str] | str,
         message: bytes | str | IO[bytes],
-        mailOptions: Sequence[str] = (),
-        rcptOptions: Sequence[str] = (),
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
     ) -> Refused:
         """
         See :meth:`ClientPool.sendmail`.

@@ -74,6 +74,11 @@ class HeldMessage:
     sender: str
     recipients: list[str]
     content: bytes
+    #: Postfix's named attributes of the message (``envelope_id``,
+    #: ``ret_flags``), and of each recipient (``notify_flags``,
+    #: ``dsn_orig_rcpt``).
+    attributes: dict[str, str]
+    recipientAttributes: dict[str, dict[str, str]]
 
 
 class PostfixServer:
@@ -208,9 +213,25 @@ class PostfixServer:
         content = subprocess.run(
             [POSTCAT, "-c", str(self.config), "-bh", str(path)], capture_output=True, timeout=30, check=True
         ).stdout
-        sender = re.search(r"^sender: (.*)$", envelope, re.M)
-        recipients = re.findall(r"^recipient: (.*)$", envelope, re.M)
-        return HeldMessage(sender.group(1) if sender else "", recipients, content)
+        sender, recipients = "", []
+        attributes: dict[str, str] = {}
+        recipientAttributes: dict[str, dict[str, str]] = {}
+        # A recipient's attributes come just before it.
+        pending: dict[str, str] = {}
+        for line in envelope.splitlines():
+            name, _, value = line.partition(": ")
+            if name == "named_attribute":
+                key, _, value = value.partition("=")
+                pending[key] = value
+            elif name == "sender":
+                sender = value
+                attributes.update(pending)
+                pending = {}
+            elif name == "recipient":
+                recipients.append(value)
+                recipientAttributes[value] = pending
+                pending = {}
+        return HeldMessage(sender, recipients, content, attributes, recipientAttributes)
 
 
 class DovecotLMTP:

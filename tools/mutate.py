@@ -519,7 +519,7 @@ MUTANTS = [
         "infsmtp/_clientprotocol.py",
         '        if self._chunking and "CHUNKING" in extensions:',
         "        if False:",
-        ("tests/test_client_chunking.py",),
+        ("tests/test_client_postfix.py",),
     ),
     Mutant(
         "client-bdat-stuffs-dots",
@@ -527,7 +527,7 @@ MUTANTS = [
         "infsmtp/_clientprotocol.py",
         "        lines = DotStuffer(dots=False)\n        content = ",
         "        lines = DotStuffer(dots=True)\n        content = ",
-        ("tests/test_client_chunking.py",),
+        ("tests/test_client_postfix.py",),
     ),
     Mutant(
         "client-bdat-goes-on-after-refusal",
@@ -535,7 +535,7 @@ MUTANTS = [
         "infsmtp/_clientprotocol.py",
         "        if self.refusal is not None:\n            self._protocol.transport.unregisterProducer()",
         "        if False:\n            self._protocol.transport.unregisterProducer()",
-        ("tests/test_client_chunking.py",),
+        ("tests/test_client_postfix.py",),
     ),
     Mutant(
         "client-bdat-unbounded-window",
@@ -543,7 +543,31 @@ MUTANTS = [
         "infsmtp/_clientprotocol.py",
         "        if self._unanswered >= MAX_CHUNKS_UNANSWERED:",
         "        if False:",
-        ("tests/test_client_chunking.py",),
+        ("tests/test_client_postfix.py",),
+    ),
+    Mutant(
+        "client-rcpt-options-for-a-stranger",
+        "per-recipient options naming no recipient are refused, not dropped",
+        "infsmtp/_clientprotocol.py",
+        "    if unknown:\n        raise SMTPError(f\"rcptOptions names",
+        "    if False:\n        raise SMTPError(f\"rcptOptions names",
+        ("tests/test_client_postfix.py",),
+    ),
+    Mutant(
+        "client-requiretls-unchecked",
+        "REQUIRETLS goes only over TLS to a server that offers it (RFC 8689)",
+        "infsmtp/_clientprotocol.py",
+        '                if "REQUIRETLS" in given:',
+        "                if False:",
+        ("tests/test_client_postfix.py",),
+    ),
+    Mutant(
+        "client-sendfile-drops-options",
+        "sendFile passes its MAIL and RCPT options on",
+        "infsmtp/_client.py",
+        "            sent = self._sendStream(stream, sender, recipients, mailOptions, rcptOptions)",
+        "            sent = self._sendStream(stream, sender, recipients)",
+        ("tests/test_client_postfix.py",),
     ),
     Mutant(
         "client-bdat-no-rset-after-refusal",
@@ -551,7 +575,7 @@ MUTANTS = [
         "infsmtp/_clientprotocol.py",
         "            # The transaction is over, but only RSET says so for sure.\n            self._inTransaction = True",
         "            # The transaction is over, but only RSET says so for sure.\n            self._inTransaction = False",
-        ("tests/test_client_chunking.py",),
+        ("tests/test_client_postfix.py",),
     ),
 ]
 

@@ -1,13 +1,21 @@
 """
-Issue 11, item 12: the client sends with BDAT (RFC 3030) when the server
-offers CHUNKING, against a real Postfix smtpd started by the test (it
-offers PIPELINING and CHUNKING; smtp-sink does neither CHUNKING), and
-falls back to DATA otherwise.  Postfix's own log counts the commands of
-each session (``bdat=1``), so what went on the wire is Postfix's word.
+The client against a real Postfix smtpd started by the test (it offers
+PIPELINING, CHUNKING, DSN and SMTPUTF8; smtp-sink offers neither CHUNKING
+nor DSN).
+
+- Issue 11, item 12: the client sends with BDAT (RFC 3030) when the server
+  offers CHUNKING, and falls back to DATA otherwise.  Postfix's own log
+  counts the commands of each session (``bdat=1``), so what went on the
+  wire is Postfix's word.
+- Issue 11, item 4: MAIL and RCPT options (DSN's ``RET``, ``ENVID``,
+  ``NOTIFY``, ``ORCPT``) on every send form, per recipient when asked;
+  Postfix's queue file says what it understood.
 """
 
 from __future__ import annotations
 
+import email
+import email.policy
 import io
 import re
 
@@ -17,7 +25,7 @@ from mailservers import PostfixServer
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
-from infsmtp import AsyncClient, SMTPError, SMTPRecipientsRefused
+from infsmtp import AsyncClient, ClientPool, SMTPError, SMTPRecipientsRefused
 from infsmtp._clientprotocol import MAX_CHUNKS_UNANSWERED, ESMTPSessionClient
 from infsmtp._envelope import outgoingFromStream
 
@@ -236,3 +244,72 @@ def test_withoutPipeliningChunkingIsNotUsed():
     message, sender, recipients = outgoingFromStream(io.BytesIO(DOTTED), SENDER, ["b@x.test"])
     protocol.sendMessage(sender, recipients, message)
     assert transport.value() == b"MAIL FROM:<ann@example.org>\r\n"
+
+
+# ------------------------------------------------------ DSN and options
+
+
+BOB, CARL = "bob@example.net", "carl@example.net"
+PER_RECIPIENT = {BOB: ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bee@example.net"], CARL: ["NOTIFY=NEVER"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_dsnParametersEachRecipientItsOwn(held, tmp_path):
+    # Postfix keeps DSN's parameters in its queue file: RET=HDRS is
+    # ret_flags 2; NOTIFY=SUCCESS,FAILURE is notify_flags 2|4, NEVER is 1.
+    path = tmp_path / "dsn.eml"
+    path.write_bytes(DOTTED)
+    async with client(held) as c:
+        assert c.supportsExtension("DSN")
+        await c.sendFile(
+            str(path), SENDER, [BOB, CARL], mailOptions=["RET=HDRS", "ENVID=env42"], rcptOptions=PER_RECIPIENT
+        )
+    [message] = held.held(1)
+    assert message.attributes["envelope_id"] == "env42"
+    assert message.attributes["ret_flags"] == "2"
+    assert message.recipientAttributes[BOB]["notify_flags"] == "6"
+    assert message.recipientAttributes[BOB]["dsn_orig_rcpt"] == "rfc822;bee@example.net"
+    assert message.recipientAttributes[CARL]["notify_flags"] == "1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_optionsOnEverySendForm(held):
+    parsed = email.message_from_bytes(DOTTED, policy=email.policy.SMTP)
+    async with client(held) as c:
+        await c.sendMail(parsed, SENDER, [BOB], rcptOptions=["NOTIFY=DELAY"])
+        await c.sendStream(io.BytesIO(DOTTED), SENDER, [BOB], mailOptions=["RET=FULL"])
+    async with ClientPool(host="127.0.0.1", port=held.port) as pool:
+        await pool.sendMail(parsed, SENDER, [CARL], rcptOptions={CARL: ["NOTIFY=NEVER"]})
+    viaMail, viaStream, viaPool = held.held(3)
+    assert viaMail.recipientAttributes[BOB]["notify_flags"] == "8"
+    assert viaStream.attributes["ret_flags"] == "1"
+    assert viaPool.recipientAttributes[CARL]["notify_flags"] == "1"
+
+
+def test_optionsForSomeoneElseAreRefusedBeforeSending():
+    protocol, transport = chunkingSession()
+    message, sender, recipients = outgoingFromStream(io.BytesIO(DOTTED), SENDER, [BOB])
+    failures = []
+    protocol.sendMessage(sender, recipients, message, (), {"bobby@example.net": ["NOTIFY=NEVER"]}).addErrback(
+        failures.append
+    )
+    assert "'bobby@example.net', which is not a recipient" in str(failures[0].value)
+    assert transport.value() == b""
+
+
+@pytest.mark.parametrize(
+    "extensions, why",
+    [
+        (b"250-PIPELINING\r\n250 CHUNKING\r\n", "does not offer REQUIRETLS"),
+        (b"250-PIPELINING\r\n250 REQUIRETLS\r\n", "not encrypted"),
+    ],
+)
+def test_requireTlsOnlyOverTlsToAServerThatOffersIt(extensions, why):
+    protocol, transport = chunkingSession(extensions)
+    message, sender, recipients = outgoingFromStream(io.BytesIO(DOTTED), SENDER, [BOB])
+    failures = []
+    protocol.sendMessage(sender, recipients, message, ["REQUIRETLS"]).addErrback(failures.append)
+    [failure] = failures
+    assert failure.value.code == 550 and "5.7.10" in failure.value.text and why in failure.value.text
+    # RFC 8689: the message does not go at all.
+    assert transport.value() == b""
