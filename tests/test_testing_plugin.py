@@ -138,7 +138,7 @@ def test_under_pytest_twisted_an_async_test_works_and_a_sync_one_is_told_why_not
 
         def test_sync(smtpd):
             import smtplib
-            smtplib.SMTP(smtpd.host, smtpd.port)  # would hang: never reached
+            smtplib.SMTP(smtpd.host, smtpd.port, timeout=3)  # would hang: never reached
         """
     )
     result = run(project, *PLUGIN)
