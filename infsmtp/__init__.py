@@ -4,46 +4,73 @@ plugin that runs it, and an SMTP client with a Deferred API and a blocking
 facade.  A port of the ``infinity.smtp`` module, the Twisted way.
 
 This module only re-exports the public names; the machinery lives in the
-private modules beside it.
+private modules beside it.  The names are imported on first use (PEP 562):
+``import infsmtp`` alone imports no Twisted module, so it installs no
+reactor.  That matters to the pytest plugin in L{infsmtp.testing}, which
+pytest imports at startup in every project that has infsmtp installed,
+before pytest-twisted (or the program) chooses its reactor.
 """
 
-from ._client import AsyncClient, Client, sendmail
-from ._enums import AuthMode, EncryptMode, TLSVersion
-from ._errors import (
-    SMTPAuthenticationError,
-    SMTPConnectError,
-    SMTPError,
-    SMTPProtocolError,
-    SMTPRecipientsRefused,
-    SMTPTimeoutError,
-    SMTPTLSError,
-)
-from ._maildir import MaildirDelivery
-from ._pool import BlockingClientPool, ClientPool
-from ._relay import RelayDelivery
-from ._server import Server
-from ._session import Session
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AuthMode",
-    "EncryptMode",
-    "TLSVersion",
-    "AsyncClient",
-    "Client",
-    "sendmail",
-    "ClientPool",
-    "BlockingClientPool",
-    "Server",
-    "Session",
-    "MaildirDelivery",
-    "RelayDelivery",
-    "SMTPError",
-    "SMTPConnectError",
-    "SMTPTimeoutError",
-    "SMTPTLSError",
-    "SMTPAuthenticationError",
-    "SMTPProtocolError",
-    "SMTPRecipientsRefused",
-]
+#: Public name -> the private module defining it.
+_PUBLIC = {
+    "AuthMode": "_enums",
+    "EncryptMode": "_enums",
+    "TLSVersion": "_enums",
+    "AsyncClient": "_client",
+    "Client": "_client",
+    "sendmail": "_client",
+    "ClientPool": "_pool",
+    "BlockingClientPool": "_pool",
+    "Server": "_server",
+    "Session": "_session",
+    "MaildirDelivery": "_maildir",
+    "RelayDelivery": "_relay",
+    "SMTPError": "_errors",
+    "SMTPConnectError": "_errors",
+    "SMTPTimeoutError": "_errors",
+    "SMTPTLSError": "_errors",
+    "SMTPAuthenticationError": "_errors",
+    "SMTPProtocolError": "_errors",
+    "SMTPRecipientsRefused": "_errors",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from ._client import AsyncClient, Client, sendmail
+    from ._enums import AuthMode, EncryptMode, TLSVersion
+    from ._errors import (
+        SMTPAuthenticationError,
+        SMTPConnectError,
+        SMTPError,
+        SMTPProtocolError,
+        SMTPRecipientsRefused,
+        SMTPTimeoutError,
+        SMTPTLSError,
+    )
+    from ._maildir import MaildirDelivery
+    from ._pool import BlockingClientPool, ClientPool
+    from ._relay import RelayDelivery
+    from ._server import Server
+    from ._session import Session

@@ -135,7 +135,9 @@ class ServerFactory(smtp.SMTPFactory):
                 log.failure("sending replies for session {session!r}", session=getattr(protocol, "session", None))
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
-        return ServerProtocol(self)
+        # self.protocol, as Twisted factories do: the testing kit's server
+        # builds a subclass that can cut a connection on purpose.
+        return self.protocol(self)
 
     @property
     def handlers(self) -> dict[str, Callable[[Any], Any] | None]:

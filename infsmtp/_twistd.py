@@ -93,6 +93,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["require-auth", None, "Refuse MAIL (530) until the client has authenticated."],
         ["no-received-header", None, "Do not add a Received: trace header."],
         ["relay-no-verify", None, "Do not verify the smarthost's certificate (tests only)."],
+        ["print", None, "Print each message (envelope, headers, readable body) to standard output instead of storing it: a development sink (with -n)."],
     ]
 
     optParameters: ClassVar[list[list[Any]]] = [
@@ -569,6 +570,9 @@ def buildServer(options: Options) -> Server:
         raise ConfigurationError("--implicit-tls needs --cert and --key")
     if options["relay"] and options["maildir"]:
         raise ConfigurationError("--relay and --maildir are exclusive: a message is either forwarded or stored")
+    if options["print"] and (options["relay"] or options["maildir"]):
+        which = "--relay" if options["relay"] else "--maildir"
+        raise ConfigurationError(f"--print and {which} are exclusive: a message is either printed or delivered")
     try:
         server = Server(
             ssl=bool(options["cert"]),
@@ -620,11 +624,16 @@ def buildServer(options: Options) -> Server:
             f"{which} needs TLS: add --cert and --key (AUTH is offered only over TLS), "
             "or --allow-insecure-auth on a trusted network"
         )
-    if "onReceive" in handlers and (options["relay"] or options["maildir"]):
-        which = "--relay" if options["relay"] else "--maildir"
+    if "onReceive" in handlers and (options["relay"] or options["maildir"] or options["print"]):
+        which = "--relay" if options["relay"] else ("--maildir" if options["maildir"] else "--print")
         raise ConfigurationError(f"{which} and an onReceive in --handlers are exclusive: choose one")
     if "onReceive" not in handlers:
-        if options["relay"]:
+        if options["print"]:
+            from ._printer import PrintDelivery
+
+            # The terminal itself: twistd turns sys.stdout into log lines.
+            handlers["onReceive"] = PrintDelivery(sys.__stdout__)
+        elif options["relay"]:
             handlers["onReceive"] = _relayDelivery(options)
         else:
             try:
@@ -757,8 +766,10 @@ def makeService(options: Options) -> Any:
             pool = buildWorkerPool(options, sys.argv)
             pool.handleSigterm = True
             return pool
-        svc = buildService(options)
         twistdOptions = getattr(options, "parent", None) or {}
+        if options["print"] and not twistdOptions.get("nodaemon", True):
+            raise ConfigurationError("--print writes to the terminal, which a daemon has not: add -n")
+        svc = buildService(options)
         if not twistdOptions.get("nodaemon") and not options["inherit-fd"]:
             checkCanListen(options["listen"])
     except ConfigurationError as e:

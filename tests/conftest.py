@@ -65,6 +65,13 @@ def _bounded(test, seconds: float):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "bound(seconds): the bound on this asynchronous test, instead of ASYNC_TEST_BOUND")
+    # The testing kit's plugin (the smtpd fixture), as the package's pytest11
+    # entry point registers it once installed: from this checkout, unless an
+    # install already did (registering the module twice is an error).
+    import infsmtp.testing.pytest_plugin as kit
+
+    if not config.pluginmanager.is_registered(kit):
+        config.pluginmanager.register(kit, "infsmtp")
 
 
 def pytest_collection_modifyitems(items):

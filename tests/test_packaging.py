@@ -1,6 +1,7 @@
 """
 The twistd plugin is found after ``pip install .`` and after
-``pip install -e .``, without shadowing Twisted's own package.
+``pip install -e .``, without shadowing Twisted's own package; so is the
+pytest plugin (a project's test names the smtpd fixture, nothing more).
 
 Each install goes into a bare venv that borrows this test environment's
 dependencies (twisted, crochet, ...) through a ``.pth`` line: paths listed
@@ -81,3 +82,22 @@ def test_twistd_lists_the_plugin(tmp_path, editable):
     # Twisted is not shadowed by the checkout's twisted/plugins folder.
     assert not where[0].startswith(os.path.join(REPO, "twisted") + os.sep)
     assert where[1].startswith(os.path.join(REPO, "infsmtp") + os.sep) == editable
+    # The pytest11 entry point: a fresh project's test gets smtpd by name
+    # (without pytest-twisted, as such a project has it).
+    (elsewhere / "test_signup.py").write_text(SIGNUP_TEST)
+    tested = subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:twisted", "-p", "no:cacheprovider", "test_signup.py"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert tested.returncode == 0 and "1 passed" in tested.stdout, tested.stdout + tested.stderr
+
+
+SIGNUP_TEST = """
+import smtplib
+
+
+def test_signup(smtpd):
+    with smtplib.SMTP(smtpd.host, smtpd.port, timeout=10) as client:
+        client.sendmail("app@example.org", ["alice@example.net"], b"Subject: Welcome\\r\\n\\r\\nHello.\\r\\n")
+    assert smtpd.messages[0]["Subject"] == "Welcome"
+"""

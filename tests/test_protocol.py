@@ -12,70 +12,21 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 
 from infsmtp import Server, SMTPError
 from infsmtp._enums import TLSVersion
 from infsmtp._tls import serverTLSOptions
+from infsmtp.testing import MemoryTransport, ServerHarness
 
 REPLY = re.compile(rb"^\d{3}[ -].*$")
 
 
-class Transport(StringTransport):
-    """
-    A StringTransport that counts writes and records STARTTLS.
-    """
-
-    def __init__(self):
-        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 4242))
-        self.writes = 0
-        self.tlsStarted = None
-
-    def write(self, data):
-        self.writes += 1
-        super().write(data)
-
-    def startTLS(self, options):
-        self.tlsStarted = options
-
-    aborted = False
-
-    def abortConnection(self):
-        self.aborted = True
-        self.loseConnection()
-
-
-class Harness:
-    """
-    One session: C{send(bytes)} returns the replies it produced.
-    """
-
-    def __init__(self, server: Server, tls=None):
-        self.server = server
-        factory = server.buildFactory()
-        if tls is not None:
-            factory.tlsOptions = tls
-        self.factory = factory
-        self.protocol = factory.buildProtocol(None)
-        self.transport = Transport()
-        self.protocol.makeConnection(self.transport)
-
-    def take(self) -> list[bytes]:
-        data = self.transport.value()
-        self.transport.clear()
-        return [line for line in data.split(b"\r\n") if line]
-
-    def send(self, data: bytes) -> list[bytes]:
-        self.protocol.dataReceived(data)
-        return self.take()
-
-    def codes(self, data: bytes) -> list[int]:
-        return [int(line[:3]) for line in self.send(data) if line[3:4] == b" "]
-
-    def lose(self):
-        self.protocol.connectionLost(None)
+# The harness is public (infsmtp.testing); these names are the ones the
+# protocol tests (and test_hardening.py) grew up with.
+Transport = MemoryTransport
+Harness = ServerHarness
 
 
 def makeServer(**kw) -> Server:

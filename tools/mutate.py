@@ -64,6 +64,7 @@ PROTOCOL = "infsmtp/_protocol.py"
 WIRE = "infsmtp/_wire.py"
 MAILDIR = "infsmtp/_maildir.py"
 LIMITS = "infsmtp/_limits.py"
+RECORDING = "infsmtp/testing/_recording.py"
 
 MUTANTS = [
     # Maildir: the 250 means the message is on disk (issue 16, items 1, 4).
@@ -576,6 +577,104 @@ MUTANTS = [
         "            # The transaction is over, but only RSET says so for sure.\n            self._inTransaction = True",
         "            # The transaction is over, but only RSET says so for sure.\n            self._inTransaction = False",
         ("tests/test_client_postfix.py",),
+    ),
+    # The testing kit (issue 13): what the smtpd fixture records and the
+    # faults it injects, the plugin's behaviour, the development sink.
+    Mutant(
+        "kit-records-refused-message",
+        "a message is recorded only once onReceive accepted it",
+        RECORDING,
+        "        if accepted is True:\n            self._record(session)",
+        "        if True:\n            self._record(session)",
+        ("tests/test_testing_server.py",),
+    ),
+    Mutant(
+        "kit-fault-times-ignored",
+        "fail(..., times=N) fails N matching commands, then lets them through",
+        RECORDING,
+        "                        rule.remaining -= 1",
+        "                        pass",
+        ("tests/test_testing_server.py",),
+    ),
+    Mutant(
+        "kit-fault-address-ignored",
+        "fail(command, address) fails only that address",
+        RECORDING,
+        "        return self.address is None or self.address in addresses",
+        "        return True",
+        ("tests/test_testing_server.py",),
+    ),
+    Mutant(
+        "kit-failafter-off-by-one",
+        "failAfter(n): n messages per session, then the MAIL is refused",
+        RECORDING,
+        "session.data.get(_COUNT_KEY, 0) >= limit[0]:",
+        "session.data.get(_COUNT_KEY, 0) > limit[0]:",
+        ("tests/test_testing_server.py",),
+    ),
+    Mutant(
+        "kit-no-cut-mid-data",
+        "disconnectDuring('DATA') cuts the connection once the message has begun",
+        RECORDING,
+        "        if self._cutMessage and self._dataFramer is not None:",
+        "        if False:",
+        ("tests/test_testing_server.py",),
+    ),
+    Mutant(
+        "kit-waitfor-count-early",
+        "waitFor(n) waits for n messages",
+        RECORDING,
+        "            return list(self._messages) if len(self._messages) >= what else None",
+        "            return list(self._messages) if len(self._messages) >= what - 1 else None",
+        ("tests/test_testing_server.py",),
+    ),
+    Mutant(
+        "kit-tls-not-recorded",
+        "a message says which TLS protected it",
+        RECORDING,
+        '        message.tls = (session.tlsVersion or "TLS") if session.secure else None',
+        "        message.tls = None",
+        ("tests/test_testing_server.py",),
+    ),
+    Mutant(
+        "kit-any-password",
+        "users={...}: a login is checked against them",
+        RECORDING,
+        "            return users is not None and users.get(session.username) == session.password",
+        "            return users is not None",
+        ("tests/test_testing_server.py",),
+    ),
+    Mutant(
+        "kit-sync-test-under-pytest-twisted",
+        "under pytest-twisted a synchronous test using smtpd fails at once, not hangs",
+        "infsmtp/testing/pytest_plugin.py",
+        "        if not _isAsynchronousTest(request.function):",
+        "        if False:",
+        ("tests/test_testing_plugin.py",),
+    ),
+    Mutant(
+        "kit-plugin-imports-twisted",
+        "loading the pytest plugin imports no Twisted (installs no reactor)",
+        "infsmtp/testing/__init__.py",
+        "import importlib\n",
+        "import importlib, twisted.internet.reactor  # noqa\n",
+        ("tests/test_testing_plugin.py",),
+    ),
+    Mutant(
+        "sink-print-with-maildir",
+        "twistd --print refuses --maildir and --relay",
+        "infsmtp/_twistd.py",
+        '    if options["print"] and (options["relay"] or options["maildir"]):',
+        "    if False:",
+        ("tests/test_devsink.py",),
+    ),
+    Mutant(
+        "sink-no-body",
+        "the sink prints the body, readable",
+        "infsmtp/_printer.py",
+        "        lines.append(_text(body).rstrip())",
+        "        pass",
+        ("tests/test_devsink.py",),
     ),
 ]
 
