@@ -32,6 +32,7 @@ _PUBLIC = {
     "Session": "_session",
     "MaildirDelivery": "_maildir",
     "RelayDelivery": "_relay",
+    "LMTPDelivery": "_relay",
     "SMTPError": "_errors",
     "SMTPConnectError": "_errors",
     "SMTPTimeoutError": "_errors",
@@ -71,6 +72,6 @@ if TYPE_CHECKING:
     )
     from ._maildir import MaildirDelivery
     from ._pool import BlockingClientPool, ClientPool
-    from ._relay import RelayDelivery
+    from ._relay import LMTPDelivery, RelayDelivery
     from ._server import Server
     from ._session import Session

@@ -1,7 +1,8 @@
 """
 L{RelayDelivery}: an C{onReceive} handler that forwards every message to a
 smarthost through a L{ClientPool} (a few sessions, reused), and answers the
-client only once the smarthost has answered.
+client only once the smarthost has answered; L{LMTPDelivery}, the same
+into a mail store that speaks LMTP (Dovecot).
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ class RelayDelivery:
 
     @param host: the smarthost.
     @param port: its port.
+    @param endpoint: reach it through this Twisted client endpoint
+        (C{"unix:/run/smtp.sock"}) instead of C{host} and C{port}; C{host}
+        is then only the name TLS verifies.
+    @param lmtp: speak LMTP (RFC 2033): the server answers for each
+        recipient after the message, and those it refuses then are handled
+        as recipients refused (logged when others took the message; C{550}
+        or C{451} when none did).
     @param encryptMode: an L{EncryptMode} (STARTTLS never falls back to
         plaintext).
     @param username: authenticate with it (L{AuthMode.default}) when given.
@@ -71,11 +79,17 @@ class RelayDelivery:
     @param reactor: passed to L{ClientPool}.
     """
 
+    #: How replies and logs name the server messages go to.
+    _peer = "the smarthost"
+    _verb = "relayed to"
+
     def __init__(
         self,
-        host: str,
+        host: str | None = None,
         port: int = 25,
         *,
+        endpoint: str | None = None,
+        lmtp: bool = False,
         encryptMode: EncryptMode = EncryptMode.none,
         username: str | None = None,
         password: str | None = None,
@@ -87,8 +101,12 @@ class RelayDelivery:
         maxConnections: int = 4,
         reactor: Any = None,
     ) -> None:
+        if host is None and endpoint is None:
+            raise ValueError("give the smarthost's host (and port) or an endpoint")
         self.host = host
         self.port = port
+        self.endpoint = endpoint
+        self.lmtp = lmtp
         self.encryptMode = EncryptMode(encryptMode)
         self.username = username
         self.password = password
@@ -106,14 +124,18 @@ class RelayDelivery:
         pool = self._clientPool
         if pool is None:
             settings: dict[str, Any] = dict(
-                host=self.host,
                 port=self.port,
+                lmtp=self.lmtp,
                 encryptMode=self.encryptMode,
                 timeout=self.timeout,
                 dataTimeout=self.dataTimeout,
                 verifyServerCertificate=self.verifyServerCertificate,
                 caCertFile=self.caCertFile,
             )
+            if self.host is not None:
+                settings["host"] = self.host
+            if self.endpoint is not None:
+                settings["endpoint"] = self.endpoint
             if self.heloName:
                 settings["heloName"] = self.heloName
             if self.username:
@@ -137,7 +159,7 @@ class RelayDelivery:
         return Deferred.fromCoroutine(self._forward(session))
 
     async def _forward(self, session: Session) -> bool:
-        where = f"{self.host}:{self.port}"
+        where = self.endpoint or f"{self.host}:{self.port}"
         facts = dict(session.deliveryFacts(), smarthost=where)
         try:
             # msgFile: a spooled message is streamed, never loaded whole.  A
@@ -162,7 +184,8 @@ class RelayDelivery:
             )
         log.info(
             "session {sessionId} from {client}: <{sender}> -> {recipients}, "
-            "{size} bytes, TLS {tls}, relayed to {smarthost}",
+            "{size} bytes, TLS {tls}, {verb} {smarthost}",
+            verb=self._verb,
             **facts,
         )
         return True
@@ -174,15 +197,63 @@ class RelayDelivery:
         if isinstance(error, SMTPRecipientsRefused):
             codes = {code for code, _ in error.refused.values()}
             if codes and all(500 <= code < 600 for code in codes):
-                return SMTPError(550, "Recipients refused by the smarthost")
+                return SMTPError(550, f"Recipients refused by {self._peer}")
         elif error.code == 553 and error.text.startswith("5.6.7"):
             # Refused before it was sent: the smarthost cannot take
             # non-ASCII addresses (RFC 6531 3.6.2), today or tomorrow.
             return SMTPError(554, "5.6.7 Non-ASCII addresses cannot be relayed: the smarthost lacks SMTPUTF8")
         elif error.code is not None and 500 <= error.code < 600 and error.code != 535:
-            return SMTPError(554, f"Refused by the smarthost: {error.text}")
+            return SMTPError(554, f"Refused by {self._peer}: {error.text}")
         if error.code is not None and 400 <= error.code < 500 and error.code != 454:
             # The smarthost's own temporary refusal: its reason helps the
             # sender's postmaster (our credentials' 454 stays ours).
             return SMTPError(451, f"Cannot forward the message now, try again later ({error.code} {error.text})")
         return SMTPError(451, "Cannot forward the message now, try again later")
+
+
+class LMTPDelivery(RelayDelivery):
+    """
+    Deliver each received message into a mail store over LMTP (RFC 2033),
+    such as Dovecot's C{lmtp} service; use it as a server's C{onReceive}
+    handler::
+
+        server.onReceive = LMTPDelivery("unix:/run/dovecot/lmtp")
+
+    The client gets C{250} only once the store took the message for at
+    least one recipient.  The store answers for each recipient: those it
+    refuses while it takes the message for others are logged (there is no
+    queue to bounce from, and a C{451} would deliver it twice to the
+    others); when it refuses them all, the client gets C{550} if every
+    refusal was permanent (unknown users), else C{451} (a full mailbox
+    that may empty, the store unreachable), so the sender retries.
+
+    @param endpoint: a Twisted client endpoint string
+        (C{"unix:/run/dovecot/lmtp"}, C{"tcp:127.0.0.1:24"}).
+    @param timeout: milliseconds, for the connection and each reply.
+    @param dataTimeout: milliseconds for the replies to the end of the
+        message.
+    @param maxConnections: the most sessions open to the store at once.
+    """
+
+    _peer = "the mail store"
+    _verb = "delivered over LMTP to"
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout: int = 30000,
+        dataTimeout: int = 600000,
+        heloName: str | None = None,
+        maxConnections: int = 4,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__(
+            endpoint=endpoint,
+            lmtp=True,
+            timeout=timeout,
+            dataTimeout=dataTimeout,
+            heloName=heloName,
+            maxConnections=maxConnections,
+            reactor=reactor,
+        )

@@ -122,6 +122,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["proxy-timeout", None, 5.0, "Seconds a haproxy: listener waits for the PROXY header.", float],
         ["workers", None, 1, "Worker processes sharing the tcp: listeners (one per core); one that dies is restarted.", int],
         ["relay", None, None, "Forward every message to the smarthost HOST:PORT instead of storing it."],
+        ["deliver", None, None, "Deliver every message into a mail store over LMTP instead of storing it: lmtp:ENDPOINT, a Twisted client endpoint (lmtp:unix:/run/dovecot/lmtp, lmtp:tcp:127.0.0.1:24)."],
         ["relay-tls", None, "starttls", "TLS to the smarthost: none, starttls or implicit."],
         ["relay-ca", None, None, "PEM trust roots for the smarthost's certificate [default: the system's]."],
         ["relay-user", None, None, "User name to authenticate to the smarthost with."],
@@ -475,6 +476,33 @@ def _hostPort(text: str, default: int = 25) -> tuple[str, int]:
     return host, int(port)
 
 
+def _lmtpDelivery(options: Options) -> Any:
+    from twisted.internet.endpoints import clientFromString
+
+    from ._relay import LMTPDelivery
+
+    target = options["deliver"]
+    scheme, _, endpoint = target.partition(":")
+    if scheme.lower() != "lmtp" or not endpoint:
+        raise ConfigurationError(f"--deliver {target}: expected lmtp:ENDPOINT (lmtp:unix:/run/dovecot/lmtp)")
+    try:
+        # Parsed now (no reactor needed to parse), so that a typo refuses
+        # to start.
+        clientFromString(None, endpoint)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigurationError(f"--deliver {target}: {endpoint!r} is not a client endpoint ({e})") from None
+    if options["relay-connections"] < 1:
+        raise ConfigurationError(f"--relay-connections {options['relay-connections']}: must be at least 1")
+    receiveTimeout = options["receive-timeout"]
+    return LMTPDelivery(
+        endpoint,
+        # The store's replies to the end of a message come before the
+        # server's own receiveTimeout answers 451.
+        dataTimeout=round(min(600.0, 0.9 * receiveTimeout) * 1000),
+        maxConnections=options["relay-connections"],
+    )
+
+
 def _relayDelivery(options: Options) -> Any:
     from ._relay import RelayDelivery
 
@@ -573,6 +601,10 @@ def buildServer(options: Options) -> Server:
     if options["print"] and (options["relay"] or options["maildir"]):
         which = "--relay" if options["relay"] else "--maildir"
         raise ConfigurationError(f"--print and {which} are exclusive: a message is either printed or delivered")
+    if options["deliver"]:
+        other = next((o for o in ("relay", "maildir", "print") if options[o]), None)
+        if other is not None:
+            raise ConfigurationError(f"--deliver and --{other} are exclusive: a message goes one way")
     try:
         server = Server(
             ssl=bool(options["cert"]),
@@ -624,8 +656,8 @@ def buildServer(options: Options) -> Server:
             f"{which} needs TLS: add --cert and --key (AUTH is offered only over TLS), "
             "or --allow-insecure-auth on a trusted network"
         )
-    if "onReceive" in handlers and (options["relay"] or options["maildir"] or options["print"]):
-        which = "--relay" if options["relay"] else ("--maildir" if options["maildir"] else "--print")
+    if "onReceive" in handlers and (options["relay"] or options["maildir"] or options["print"] or options["deliver"]):
+        which = next(f"--{o}" for o in ("relay", "maildir", "print", "deliver") if options[o])
         raise ConfigurationError(f"{which} and an onReceive in --handlers are exclusive: choose one")
     if "onReceive" not in handlers:
         if options["print"]:
@@ -635,6 +667,8 @@ def buildServer(options: Options) -> Server:
             handlers["onReceive"] = PrintDelivery(sys.__stdout__)
         elif options["relay"]:
             handlers["onReceive"] = _relayDelivery(options)
+        elif options["deliver"]:
+            handlers["onReceive"] = _lmtpDelivery(options)
         else:
             try:
                 # Created in SMTPService.startService: once listening
@@ -663,7 +697,8 @@ def buildService(options: Options, reactor: Any = None) -> SMTPService:
     svc = SMTPService(server, listen, options["grace"], options["proxy-timeout"], reactor)
     if isinstance(server.onReceive, MaildirDelivery):
         svc.maildir = server.onReceive
-    elif options["relay"]:
+    elif options["relay"] or options["deliver"]:
+        # Its sessions end when the service stops.
         svc.relay = server.onReceive
     return svc
 

@@ -240,7 +240,8 @@ class DovecotLMTP:
     ``127.0.0.1:port``, delivering into ``<root>/mail/<user>/Maildir``.
 
     Users: ``alice`` (delivers), ``bob`` (quota of 1 KiB: refuses after the
-    data with 552).  Anyone else is refused at RCPT (550 5.1.1).
+    data with 552), in any domain (``alice@example.org`` is ``alice``).
+    Anyone else is refused at RCPT (550 5.1.1).
     """
 
     def __init__(self) -> None:
@@ -273,6 +274,8 @@ default_login_user = dovenull
 mail_location = maildir:~/Maildir
 mail_plugins = quota
 first_valid_uid = 1
+# alice@example.org is alice.
+auth_username_format = %Ln
 passdb {{
   driver = passwd-file
   args = {users}

@@ -578,6 +578,22 @@ MUTANTS = [
         "            # The transaction is over, but only RSET says so for sure.\n            self._inTransaction = False",
         ("tests/test_client_postfix.py",),
     ),
+    Mutant(
+        "deliver-lmtp-ignored",
+        "twistd infsmtp --deliver lmtp:ENDPOINT delivers into the store",
+        "infsmtp/_twistd.py",
+        "            handlers[\"onReceive\"] = _lmtpDelivery(options)",
+        "            pass",
+        ("tests/test_deliver_lmtp.py",),
+    ),
+    Mutant(
+        "deliver-lmtp-speaks-smtp",
+        "LMTPDelivery speaks LMTP",
+        "infsmtp/_relay.py",
+        "            endpoint=endpoint,\n            lmtp=True,",
+        "            endpoint=endpoint,\n            lmtp=False,",
+        ("tests/test_deliver_lmtp.py",),
+    ),
     # The testing kit (issue 13): what the smtpd fixture records and the
     # faults it injects, the plugin's behaviour, the development sink.
     Mutant(
