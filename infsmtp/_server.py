@@ -34,7 +34,7 @@ from ._limits import ClientLimits, MemoryBudget, parseNetworks
 from ._protocol import ServerProtocol
 from ._proxy import ProxyProtocolFactory
 from ._signals import SigtermStops, runningUnderTwistd
-from ._tls import CurrentCertificate, serverTLSOptions
+from ._tls import CurrentCertificate, certificateHostname, checkCertificateNames, serverTLSOptions
 
 log = Logger(namespace="infsmtp.server")
 
@@ -423,6 +423,8 @@ class Server(SigtermStops, service.Service):
             from twisted.internet import reactor
         self._reactor = reactor
         self._certificate: tuple[str, str, str | None, bool] | None = None
+        # Host name -> the files of its certificate (SNI).
+        self._namedCertificates: dict[str, tuple[str, str, str | None, bool]] = {}
         self._tlsOptions: Any = None
         # What every new TLS connection gets: the options set last.
         self._sessionTLS = CurrentCertificate()
@@ -441,9 +443,16 @@ class Server(SigtermStops, service.Service):
         keyFile: str,
         rootCertFile: str | None = None,
         verify: bool | None = None,
+        *,
+        hostname: str | None = None,
     ) -> None:
         """
         Load the TLS certificate (PEM, the chain may follow the leaf) and key.
+
+        With C{hostname} (C{"mail.example.org"}, or C{"*.example.org"} for
+        any one label under it), the certificate is served to clients that
+        ask for that name by SNI (RFC 6066); the one set without a hostname
+        is the default, for every other client, and must be set too.
 
         On a running server the new certificate takes effect for new
         connections at once (a renewal needs no restart); connections
@@ -454,10 +463,28 @@ class Server(SigtermStops, service.Service):
         @param verify: check at once that the chain is valid (default: the
             constructor's C{verifyCertificate}).  The key is always checked
             against the certificate.
-        @raise SMTPTLSError: with a sentence saying what is wrong.
+        @raise SMTPTLSError: with a sentence saying what is wrong; also when
+            C{hostname} is no host name, or the certificate is not valid for
+            it (clients asking for it would refuse it).
         """
         if verify is None:
             verify = self.verifyCertificate
+        if hostname is not None:
+            name = certificateHostname(hostname)
+            checkCertificateNames(certFile, name)
+            options = serverTLSOptions(certFile, keyFile, rootCertFile, verify, self.minProtocol, self.maxProtocol)
+            self._namedCertificates[name] = (certFile, keyFile, rootCertFile, verify)
+            sessions = self._sessionTLS
+            if self._factory is not None:
+                sessions.setNamed(name, options)
+                if not sessions.choosesByName and self._certificate is not None:
+                    # The default context served connections already and
+                    # cannot take the choice by name: fresh default options.
+                    certFile, keyFile, rootCertFile, verify = self._certificate
+                    sessions.options = serverTLSOptions(
+                        certFile, keyFile, rootCertFile, verify, self.minProtocol, self.maxProtocol
+                    )
+            return
         self._tlsOptions = serverTLSOptions(
             certFile, keyFile, rootCertFile, verify, self.minProtocol, self.maxProtocol
         )
@@ -565,12 +592,20 @@ class Server(SigtermStops, service.Service):
         if not self.ssl:
             return None
         if self._tlsOptions is None:
-            raise SMTPTLSError("ssl=True needs setCertificate() before the server starts")
+            raise SMTPTLSError(
+                "ssl=True needs setCertificate() before the server starts"
+                + (" (without hostname: the certificate for clients that ask for no other name)"
+                   if self._namedCertificates else "")
+            )
         if self._certificate is not None:
             # min/maxProtocol may have changed since setCertificate().
             certFile, keyFile, root, verify = self._certificate
             self._tlsOptions = serverTLSOptions(
                 certFile, keyFile, root, verify, self.minProtocol, self.maxProtocol
+            )
+        for name, (certFile, keyFile, root, verify) in self._namedCertificates.items():
+            self._sessionTLS.setNamed(
+                name, serverTLSOptions(certFile, keyFile, root, verify, self.minProtocol, self.maxProtocol)
             )
         return self._tlsOptions
 
@@ -715,13 +750,14 @@ class Server(SigtermStops, service.Service):
         if self._certificate is None:
             log.info("SIGHUP: no certificate to reload")
             return
-        certFile, keyFile, root, verify = self._certificate
-        try:
-            self.setCertificate(certFile, keyFile, root, verify)
-        except SMTPError as e:
-            log.error("SIGHUP: kept the certificate in use: {error}", error=str(e))
-            return
-        log.info("SIGHUP: reloaded certificate {cert}", cert=certFile)
+        certificates = [(None, self._certificate), *self._namedCertificates.items()]
+        for hostname, (certFile, keyFile, root, verify) in certificates:
+            try:
+                self.setCertificate(certFile, keyFile, root, verify, hostname=hostname)
+            except SMTPError as e:
+                log.error("SIGHUP: kept the certificate in use: {error}", error=str(e))
+                continue
+            log.info("SIGHUP: reloaded certificate {cert}", cert=certFile)
 
     def privilegedStartService(self) -> None:
         """

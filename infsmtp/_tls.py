@@ -5,6 +5,7 @@ out, with every problem reported at load time in one clear sentence.
 
 from __future__ import annotations
 
+import re
 import ssl as _stdlibSSL
 from typing import Any
 
@@ -106,6 +107,54 @@ def verifyChain(
         raise SMTPTLSError(f"certificate {certFile} does not verify: {e}") from None
 
 
+def certificateHostname(hostname: str) -> str:
+    """
+    C{hostname} as L{CurrentCertificate} keys it: lower case, IDNA
+    (A-labels), a wildcard only as the whole first label.
+
+    @raise SMTPTLSError: when it is no host name.
+    """
+    name = hostname.strip().rstrip(".").lower()
+    wildcard = name.startswith("*.")
+    labels = (name[2:] if wildcard else name).split(".")
+    try:
+        encoded = [label.encode("idna").decode("ascii") for label in labels]
+    except UnicodeError:
+        encoded = []
+    if not encoded or not all(_LABEL.fullmatch(label) for label in encoded):
+        raise SMTPTLSError(f"hostname {hostname!r} is not a host name (or *.domain)")
+    return ("*." if wildcard else "") + ".".join(encoded)
+
+
+def checkCertificateNames(certFile: str, hostname: str) -> None:
+    """
+    Check that the certificate in C{certFile} is valid for C{hostname}
+    (as L{certificateHostname} gives it): a client asking for that name
+    would otherwise refuse it, so it is an error now.
+
+    @raise SMTPTLSError: when it names it not.
+    """
+    leaf = loadCertificates(certFile)[0]
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dnsNames = [n.lower() for n in names.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        dnsNames = []
+    if hostname.startswith("*."):
+        ok = hostname in dnsNames
+    else:
+        parent = hostname.split(".", 1)[1] if "." in hostname else None
+        ok = hostname in dnsNames or (parent is not None and "*." + parent in dnsNames)
+    if not ok:
+        raise SMTPTLSError(
+            f"certificate {certFile} is not valid for {hostname} "
+            f"(it names {', '.join(dnsNames) or 'no DNS name'})"
+        )
+
+
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
 def serverTLSOptions(
     certFile: str,
     keyFile: str,
@@ -153,15 +202,77 @@ class CurrentCertificate:
     renewed certificate) takes effect for the next connection without a
     restart, while connections already up keep theirs.
 
-    @ivar options: the current L{CertificateOptions}, or L{None}.
+    With certificates for host names (L{setNamed}), a client that asks for
+    one of those names by SNI (RFC 6066) gets its certificate; any other
+    client, the default one.
+
+    @ivar options: the current default L{CertificateOptions}, or L{None}.
     """
 
     def __init__(self, options: CertificateOptions | None = None) -> None:
-        self.options = options
+        self._options = options
+        # Host name (lower case; "*.example.org" for a wildcard) -> options.
+        self._byName: dict[str, CertificateOptions] = {}
+        # The options whose context has the servername callback, and the
+        # last ones a connection was made with (OpenSSL contexts cannot
+        # change once used).
+        self._choosing: CertificateOptions | None = None
+        self._used: CertificateOptions | None = None
+        self._install()
+
+    @property
+    def options(self) -> CertificateOptions | None:
+        return self._options
+
+    @options.setter
+    def options(self, options: CertificateOptions | None) -> None:
+        self._options = options
+        self._install()
+
+    def setNamed(self, hostname: str, options: CertificateOptions) -> None:
+        """
+        Serve C{options} to clients asking for C{hostname} (a lower-case
+        name, or C{"*.example.org"} for any one label under it).
+        """
+        self._byName[hostname] = options
+        self._install()
+
+    @property
+    def choosesByName(self) -> bool:
+        """
+        Whether every certificate set for a name is served: false when a
+        name was added after the default context served a connection, which
+        then needs fresh default options (L{Server.setCertificate} does it).
+        """
+        return not self._byName or self._choosing is self._options
+
+    def _install(self) -> None:
+        # The choice by name happens in OpenSSL's servername callback, set
+        # on the default context once and only when there are names (no
+        # cost per handshake otherwise): it moves a connection to the named
+        # certificate's context.
+        options = self._options
+        if options is None or not self._byName or self._choosing is options or self._used is options:
+            return
+        options.getContext().set_tlsext_servername_callback(self._chooseByName)
+        self._choosing = options
+
+    def _chooseByName(self, connection: SSL.Connection) -> None:
+        asked = connection.get_servername()
+        if not asked:
+            return
+        name = asked.decode("ascii", "replace").lower().rstrip(".")
+        options = self._byName.get(name)
+        if options is None and "." in name:
+            options = self._byName.get("*." + name.split(".", 1)[1])
+        if options is not None:
+            connection.set_context(options.getContext())
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         # What Twisted does for a context factory, through public calls:
         # a connection on the current options' context.
-        if self.options is None:
+        options = self._options
+        if options is None:
             raise SMTPTLSError("no certificate set")
-        return SSL.Connection(self.options.getContext(), None)
+        self._used = options
+        return SSL.Connection(options.getContext(), None)

@@ -594,6 +594,30 @@ MUTANTS = [
         "            endpoint=endpoint,\n            lmtp=False,",
         ("tests/test_deliver_lmtp.py",),
     ),
+    Mutant(
+        "sni-never-chooses",
+        "a client asking for a name by SNI gets that name's certificate",
+        "infsmtp/_tls.py",
+        "            connection.set_context(options.getContext())",
+        "            pass",
+        ("tests/test_sni.py",),
+    ),
+    Mutant(
+        "sni-live-name-ignored",
+        "a name's certificate set on a running server serves the next connection",
+        "infsmtp/_server.py",
+        "                if not sessions.choosesByName and self._certificate is not None:",
+        "                if False:",
+        ("tests/test_sni.py",),
+    ),
+    Mutant(
+        "sni-wrong-certificate-accepted",
+        "a certificate not valid for its name is refused at once",
+        "infsmtp/_server.py",
+        "            checkCertificateNames(certFile, name)",
+        "            pass",
+        ("tests/test_sni.py",),
+    ),
     # The testing kit (issue 13): what the smtpd fixture records and the
     # faults it injects, the plugin's behaviour, the development sink.
     Mutant(
