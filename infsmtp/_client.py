@@ -116,6 +116,11 @@ class AsyncClient:
         in :attr:`certFile`.  Both are read at :meth:`connect`, before
         connecting: an unreadable file, no certificate or key, or a key
         that does not match is an :class:`SMTPTLSError`.
+    :ivar debug: log the session's transcript, every line to and from the
+        server (``twisted.logger``, namespace ``infsmtp.client``, debug
+        level), with AUTH secrets replaced by ``***`` and message data by
+        its size; like smtplib's ``set_debuglevel(1)``.  Read at
+        :meth:`connect`.
     :ivar minProtocol: the oldest TLS version accepted (a
         :class:`TLSVersion`, ``tls1_2`` by default).
     :ivar maxProtocol: the newest TLS version offered (``tls1_3`` by
@@ -159,6 +164,7 @@ class AsyncClient:
     maxProtocol = EnumAttribute(TLSVersion, TLSVersion.tls1_3)
     tlsConnectionCreator: Any = None
     tokenProvider: Callable[[str, bool], Any] | None = None
+    debug: bool = False
 
     def __init__(self, reactor: Any = None, **settings: Any) -> None:
         """
@@ -330,6 +336,11 @@ class AsyncClient:
         # No "Starting factory" / "Stopping factory" log lines for every
         # connection (a relay makes one per message).
         factory.noisy = False
+        debug = self.debug
+        if debug:
+            from ._clientdebug import TranscriptFactory
+
+            factory = TranscriptFactory(factory, where)
         attempt = endpoint.connect(factory)
         # The endpoint's own timeout does not cover name resolution.
         attempt.addTimeout(seconds, reactor)
@@ -342,6 +353,8 @@ class AsyncClient:
             raise SMTPTimeoutError(f"connecting to {where} took over {seconds:g} seconds") from None
         except (netError.ConnectError, netError.DNSLookupError, OSError) as e:
             raise SMTPConnectError(f"cannot connect to {where}: {e}") from None
+        if debug:
+            protocol = protocol.wrappedProtocol
         self._protocol = protocol
         try:
             await protocol.whenGreeted()
@@ -650,7 +663,7 @@ _SETTINGS = frozenset(
         "dataTimeout", "sourceAddress", "socketPath", "endpoint", "verifyServerCertificate",
         "useLegacyServerConnect", "allowUnsafeLegacyRenegotiation", "caCertFile", "heloName",
         "localHostname", "saslMechanisms", "serverHostname", "certFile", "keyFile", "minProtocol",
-        "maxProtocol", "tlsConnectionCreator", "tokenProvider",
+        "maxProtocol", "tlsConnectionCreator", "tokenProvider", "debug",
     }
 )
 
@@ -800,6 +813,7 @@ class Client:
     maxProtocol = _Forwarded()
     tlsConnectionCreator = _Forwarded()
     tokenProvider = _Forwarded()
+    debug = _Forwarded()
 
     def __init__(self, **settings: Any) -> None:
         """

@@ -237,9 +237,9 @@ class SessionEvents:
         word = verb.split(" ", 1)[0].upper()
         sender: str | None = session.mailFrom if protocol._mailStarted else None
         recipients: list[str] = list(session.rcptTo)
-        if word == "MAIL":
-            # The sender refused, when a handler refused it.
-            sender = session.address if handler == "onMailFrom" else None
+        if word == "MAIL" and handler == "onMailFrom":
+            # The sender the handler refused.
+            sender = session.address
         elif word == "RCPT":
             # The recipient refused, not those accepted before it.
             recipients = [session.address] if handler == "onRcptTo" else []

@@ -516,13 +516,16 @@ class ServerProtocol(smtp.ESMTP):
             enhanced = defaultEnhancedCode(code)
         self._out.append((formatReply if varies else cachedReply)(code, text, enhanced))
         if code >= 400:
-            self._refused(code, f"{enhanced} {text}" if enhanced else text, reason)
+            self._refused(code, reason)
 
-    def _refused(self, code: int, reply: str, reason: str | None) -> None:
+    def _refused(self, code: int, reason: str | None) -> None:
         """
-        Report a 4xx/5xx reply to the session log: the command that caused
-        it and the handler that chose it.
+        Report the 4xx/5xx reply just queued to the session log: the
+        command that caused it and the handler that chose it.
         """
+        # The text as sent (its lines joined), after the code.
+        lines = self._out[-1].decode("utf-8", "replace").split("\r\n")
+        reply = " / ".join(line[4:] for line in lines if line)
         self._rejects += 1
         handler = self._deciding
         if handler == "onLogin" and code >= 500:
