@@ -32,7 +32,7 @@ import json
 import time
 from typing import IO, Any, Callable
 
-from twisted.logger import FileLogObserver, ILogObserver, LogLevel, Logger, formatEvent, globalLogPublisher
+from twisted.logger import FileLogObserver, ILogObserver, Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 

@@ -43,7 +43,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._errors import SMTPError
-from ._events import describeCommand
 from ._handlers import callHandler, toDeferred
 from ._session import Session
 from ._wire import (

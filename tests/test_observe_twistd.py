@@ -92,7 +92,7 @@ def test_fail2ban_filter_in_the_docs_matches_the_auth_failures(tmp_path, twistd)
     fail2banRegex = requireTool("fail2ban-regex")
     filterFile = _filterFromDocs(tmp_path)
     child = twistd("--auth", "memory:bob:right", "--allow-insecure-auth", "--auth-failure-delay", "0")
-    for attempt in range(2):
+    for _ in range(2):
         with smtplib.SMTP("127.0.0.1", child.port, local_hostname="client.test", timeout=10) as client:
             # A user name that tries to forge the address fail2ban bans.
             with pytest.raises(smtplib.SMTPAuthenticationError):
@@ -203,6 +203,6 @@ def test_workers_log_their_number_and_unique_session_ids(tmp_path):
         assert all(int(worker) == index for index, (worker, _) in found)
         ids = [int(session) for _, (_, session) in found]
         assert len(set(ids)) == 8
-        assert all(i % 2 == (1 if index == 0 else 0) for (index, _), i in zip(found, ids))
+        assert all(i % 2 == (1 if index == 0 else 0) for (index, _), i in zip(found, ids, strict=True))
     finally:
         assert child.terminate() == 0
