@@ -533,3 +533,33 @@ async def test_healthz(tmp_path):
         assert await inThread(_scrape, port, "/healthz") == (503, "not listening\n")
     finally:
         await metricsPort.stopListening()
+
+
+def test_client_transcript_redaction_each_way(logEvents):
+    """
+    Each of the client transcript's redactions alone: the AUTH line, the
+    answer to a 334 challenge, and a secret of the session's wherever it is.
+    """
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import StringTransport
+
+    from infsmtp._clientdebug import TranscriptFactory
+
+    inner = Protocol()
+    inner._secrets = ["hunter2"]
+    factory = TranscriptFactory(Factory.forProtocol(lambda: inner), "mx.test:25")
+    wrapper = factory.buildProtocol(None)
+    wrapper.makeConnection(StringTransport())
+    wrapper.write(b"AUTH PLAIN AGJvYgBub3RpbnNlY3JldHM=\r\n")
+    wrapper.dataReceived(b"334 VXNlcm5hbWU6\r\n")
+    wrapper.write(b"Ym9i\r\n")
+    wrapper.write(b"XSECRET hunter2 here\r\n")
+    wrapper.write(b"NOOP\r\n")
+    lines = [(e["direction"], e["line"]) for e in logEvents if e.get("log_namespace") == "infsmtp.client"]
+    assert lines == [
+        (">", "AUTH PLAIN ***"),
+        ("<", "334 VXNlcm5hbWU6"),
+        (">", "***"),
+        (">", "XSECRET *** here"),
+        (">", "NOOP"),
+    ]
