@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from typing import IO, Any, Callable
 
 from twisted.logger import FileLogObserver, ILogObserver, Logger, LogLevel, formatEvent, globalLogPublisher
@@ -79,20 +80,6 @@ def describeCommand(line: bytes | None) -> str:
     if verb == "AUTH":
         return " ".join(["AUTH", *argument.split()[:1]]).upper()
     return escape(f"{verb} {argument}" if argument else verb)
-
-
-class _Text:
-    """
-    An event's text, formatted only if an observer asks (C{"{text()}"}).
-    """
-
-    __slots__ = ("event",)
-
-    def __init__(self, event: dict[str, Any]) -> None:
-        self.event = event
-
-    def __call__(self) -> str:
-        return formatLine(self.event)
 
 
 def _client(event: dict[str, Any]) -> str:
@@ -185,22 +172,23 @@ class SessionEvents:
 
     def _emit(self, level: LogLevel, name: str, protocol: Any, fields: dict[str, Any]) -> None:
         session = protocol.session
-        event = {
-            "log_namespace": NAMESPACE,
-            "log_level": level,
-            "log_format": "{text()}",
-            "log_time": time.time(),
-            "log_source": None,
-            "log_logger": _logger,
-            "event": name,
-            "session": session.id,
-            "worker": self.worker,
-            "ip": session.ip,
-            "port": session.port,
-            "queue": session.queueId or None,
-        }
-        event.update(fields)
-        event["text"] = _Text(event)
+        fields["event"] = name
+        fields["session"] = session.id
+        fields["worker"] = self.worker
+        fields["ip"] = session.ip
+        fields["port"] = session.port
+        fields["queue"] = session.queueId or None
+        event = fields.copy()
+        event["log_namespace"] = NAMESPACE
+        event["log_level"] = level
+        event["log_format"] = "{text()}"
+        event["log_time"] = time.time()
+        event["log_source"] = None
+        event["log_logger"] = _logger
+        # The text, formatted only if an observer asks ("{text()}"); from
+        # the fields, not the event, so that no cycle keeps an event alive
+        # until the garbage collector runs.
+        event["text"] = partial(formatLine, fields)
         if self.metrics is not None:
             try:
                 self.metrics(event)
