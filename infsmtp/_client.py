@@ -120,6 +120,11 @@ class AsyncClient:
         in :attr:`certFile`.  Both are read at :meth:`connect`, before
         connecting: an unreadable file, no certificate or key, or a key
         that does not match is an :class:`SMTPTLSError`.
+    :ivar debug: log the session's transcript, every line to and from the
+        server (``twisted.logger``, namespace ``infsmtp.client``, debug
+        level), with AUTH secrets replaced by ``***`` and message data by
+        its size; like smtplib's ``set_debuglevel(1)``.  Read at
+        :meth:`connect`.
     :ivar minProtocol: the oldest TLS version accepted (a
         :class:`TLSVersion`, ``tls1_2`` by default).
     :ivar maxProtocol: the newest TLS version offered (``tls1_3`` by
@@ -174,6 +179,7 @@ class AsyncClient:
     lmtp: bool = False
     chunking: bool = True
     tokenProvider: Callable[[str, bool], Any] | None = None
+    debug: bool = False
 
     def __init__(self, reactor: Any = None, **settings: Any) -> None:
         """
@@ -351,6 +357,11 @@ class AsyncClient:
         # No "Starting factory" / "Stopping factory" log lines for every
         # connection (a relay makes one per message).
         factory.noisy = False
+        debug = self.debug
+        if debug:
+            from ._clientdebug import TranscriptFactory
+
+            factory = TranscriptFactory(factory, where)
         attempt = endpoint.connect(factory)
         # The endpoint's own timeout does not cover name resolution.
         attempt.addTimeout(seconds, reactor)
@@ -363,6 +374,8 @@ class AsyncClient:
             raise SMTPTimeoutError(f"connecting to {where} took over {seconds:g} seconds") from None
         except (netError.ConnectError, netError.DNSLookupError, OSError) as e:
             raise SMTPConnectError(f"cannot connect to {where}: {e}") from None
+        if debug:
+            protocol = protocol.wrappedProtocol
         self._protocol = protocol
         try:
             await protocol.whenGreeted()
@@ -718,7 +731,7 @@ _SETTINGS = frozenset(
         "dataTimeout", "sourceAddress", "socketPath", "endpoint", "verifyServerCertificate",
         "useLegacyServerConnect", "allowUnsafeLegacyRenegotiation", "caCertFile", "heloName",
         "localHostname", "saslMechanisms", "serverHostname", "certFile", "keyFile", "minProtocol",
-        "maxProtocol", "tlsConnectionCreator", "tokenProvider", "lmtp", "chunking",
+        "maxProtocol", "tlsConnectionCreator", "tokenProvider", "lmtp", "chunking", "debug",
     }
 )
 
@@ -881,6 +894,7 @@ class Client:
     tokenProvider = _Forwarded()
     lmtp = _Forwarded()
     chunking = _Forwarded()
+    debug = _Forwarded()
 
     def __init__(self, **settings: Any) -> None:
         """

@@ -222,6 +222,17 @@ class MaildirDelivery:
             )
         return removed
 
+    def healthProblem(self) -> str | None:
+        """
+        For C{/healthz}: why the Maildir cannot take a message now (its
+        C{tmp/} or C{new/} missing or not writable), or L{None}.
+        """
+        for sub in ("tmp", "new"):
+            folder = os.path.join(self.path, sub)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return f"Maildir {self.path}: {folder} is not writable"
+        return None
+
     def __call__(self, session: Session) -> Deferred:
         """
         Deliver C{session.msg}; the Deferred fires with C{True} (250) once
@@ -238,7 +249,7 @@ class MaildirDelivery:
         def delivered(key: str) -> bool:
             log.info(
                 "session {sessionId} from {client}: <{sender}> -> {recipients}, "
-                "{size} bytes, TLS {tls}, stored in Maildir as {key}",
+                "{size} bytes, TLS {tls}, stored in Maildir as {key}, queue {queueId}",
                 key=key,
                 maildir=self.path,
                 queueId=queueId,

@@ -32,7 +32,7 @@ import email.utils
 import inspect
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -120,6 +120,24 @@ MAX_QUEUED_REPLIES = 64
 MAX_HELD_WHILE_BUSY = 65536
 
 
+class SessionInfo(NamedTuple):
+    """
+    One live session, as L{Server.sessions} lists it.
+    """
+
+    #: C{session.id}.
+    id: int
+    #: C{[ip]:port}, or C{unix socket}.
+    peer: str
+    #: C{connected}, C{greeted}, C{mail}, C{data}, C{waiting for onReceive}
+    #: (a handler deciding), or C{closing}.
+    state: str
+    #: Seconds since it connected.
+    age: float
+    #: Bytes read from the client so far.
+    bytes: int
+
+
 class _TimedOut:
     """
     The outcome of a handler that did not answer within its deadline.
@@ -134,7 +152,7 @@ class _Pending:
     A handler's decision not made yet: what to do with it once it is.
     """
 
-    __slots__ = ("name", "apply", "temporary", "then", "synchronous", "timer", "deferred")
+    __slots__ = ("name", "apply", "temporary", "then", "synchronous", "timer", "deferred", "started")
 
     def __init__(
         self,
@@ -150,11 +168,44 @@ class _Pending:
         self.synchronous = True
         self.timer: Any = None
         self.deferred: Deferred | None = None
+        self.started = 0.0
 
 # The replies of every transaction, formatted once.
 _SENDER_OK = formatReply(250, "Sender OK", "2.1.0")
 _RECIPIENT_OK = formatReply(250, "Recipient OK", "2.1.5")
 _GO_AHEAD = formatReply(354, "End data with <CR><LF>.<CR><LF>")
+_AUTH_REFUSED = formatReply(535, "Authentication credentials invalid", "5.7.8")
+
+
+def _nothing() -> None:
+    """
+    C{session.disconnect()} of a connection refused before its session.
+    """
+
+
+def refusalLimit(refusal: str) -> str:
+    """
+    The limit behind a connection refusal (L{ServerFactory.admit}'s text),
+    for the session log and the metrics.
+    """
+    if refusal.startswith("too many connections from"):
+        return "maxConnectionRate"
+    if refusal.startswith("too many concurrent"):
+        return "maxConnectionsPerClient"
+    return "maxConnections"
+
+
+def describeListener(address: Any) -> str:
+    """
+    C{127.0.0.1:2525}, C{[::1]:2525} or C{unix:/path}: where a session came in.
+    """
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return f"unix:{name}" if name else str(address)
 
 
 def _shortRepr(value: Any) -> str:
@@ -204,6 +255,14 @@ class ServerProtocol(smtp.ESMTP):
     _pending: _Pending | None = None
     _sink: SpoolSink | None = None
     _delayed: Any = None
+    #: For the session log: the last command line, the handler whose
+    #: decision is being turned into a reply, the AUTH mechanism in use,
+    #: and the session's counters.
+    _line: bytes | None = None
+    _deciding: str | None = None
+    _mechanism = ""
+    _rejects = 0
+    _startedAt = 0.0
 
     def __init__(self, factory: "ServerFactory") -> None:
         super().__init__(contextFactory=factory.tlsOptions)
@@ -221,6 +280,19 @@ class ServerProtocol(smtp.ESMTP):
         # than the class's defaults.
         self._busy = self._paused = self._writeBlocked = self._closing = self._mailStarted = False
         self._dataFramer = self._lineHandler = self._sink = None
+        self._commands = self._bytesIn = 0
+        events = self._events = factory.events
+        # Read on the success path: only the flags, never the events, when
+        # no session log, metrics or debug asks for them.
+        self._verbose = events.verbose
+        self._timing = events.timing
+        self._debug = events.debug
+        if events.debug:
+            # The transcript: wrappers on the instance, so that the
+            # methods themselves stay as they are when debug is off.
+            self._command = self._debugCommand  # type: ignore[method-assign]
+            self.flushNow = self._debugFlushNow  # type: ignore[method-assign]
+            self._feedData = self._debugFeedData  # type: ignore[method-assign]
 
     # Connection life ------------------------------------------------------
 
@@ -247,7 +319,11 @@ class ServerProtocol(smtp.ESMTP):
                 ip = ip[7:]
         refusal = self.factory.admit(self, ip if host is not None else None)
         if refusal is not None:
-            self._reply(421, f"{self.factory.settings.hostname} {refusal}", "4.7.0", varies=True)
+            # No session: the log's is 0.
+            self.session = Session(0, ip, int(getattr(peer, "port", 0) or 0), _nothing)
+            self._reply(
+                421, f"{self.factory.settings.hostname} {refusal}", "4.7.0", varies=True, reason=refusalLimit(refusal)
+            )
             self._close()
             return
         # Twisted pauses its producer when the replies waiting to be sent
@@ -263,7 +339,9 @@ class ServerProtocol(smtp.ESMTP):
         self.session.secure = self._handshaking = ISSLTransport.providedBy(self.transport)
         self._batchWrites = isPlainTCP(self.transport)
         self._started = True
-        self._lastInput = self._seconds()
+        self._lastInput = self._startedAt = self._seconds()
+        if self._verbose:
+            self._events.connected(self, describeListener(self.transport.getHost()), self.session.secure)
         self._armTimer(self.timeout)
         self._decide("onConnect", self._afterConnect, _CONNECT_TRY_AGAIN)
         self._flush()
@@ -292,6 +370,8 @@ class ServerProtocol(smtp.ESMTP):
             self.session.tlsVersion = self.transport.getHandle().get_protocol_version_name()
         except Exception:
             self.session.tlsVersion = "TLS"
+        if self._verbose:
+            self._events.tlsStarted(self, self.session.tlsVersion)
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:
         self._open = False
@@ -314,6 +394,10 @@ class ServerProtocol(smtp.ESMTP):
         if self._started:
             self._started = False
             session = self.session
+            if self._verbose:
+                self._events.disconnected(
+                    self, self._commands, self._messages, self._rejects, self._bytesIn, self._seconds() - self._startedAt
+                )
             handler = self._handlers["onDisconnect"]
             if handler is not None:
                 d = callHandler(handler, session)
@@ -378,7 +462,13 @@ class ServerProtocol(smtp.ESMTP):
             if self.transport is not None:
                 self.transport.abortConnection()
             return
-        self._reply(421, f"{self.factory.settings.hostname} Error: timeout exceeded", "4.4.2")
+        inData = self._dataFramer is not None
+        self._reply(
+            421,
+            f"{self.factory.settings.hostname} Error: timeout exceeded",
+            "4.4.2",
+            reason="minDataRate" if inData else "timeout",
+        )
         self._close()
 
     def _disconnectRequested(self) -> None:
@@ -394,8 +484,8 @@ class ServerProtocol(smtp.ESMTP):
         self._drop()
 
     def _drop(self) -> None:
+        self._reply(421, f"{self.factory.settings.hostname} Closing connection", "4.7.0", reason="disconnect")
         self._resetTransaction()
-        self._reply(421, f"{self.factory.settings.hostname} Closing connection", "4.7.0")
         self._close()
 
     def shutdown(self) -> None:
@@ -405,30 +495,58 @@ class ServerProtocol(smtp.ESMTP):
         """
         self._shuttingDown = True
         if self._open and not self._busy and self._dataFramer is None and not self._mailStarted:
-            self._reply(421, f"{self.factory.settings.hostname} Service shutting down", "4.3.2")
+            self._reply(421, f"{self.factory.settings.hostname} Service shutting down", "4.3.2", reason="shutdown")
             self._close()
 
     # Output -----------------------------------------------------------------
 
-    def _reply(self, code: int, text: str, enhanced: str | None = None, varies: bool = False) -> None:
+    def _reply(
+        self, code: int, text: str, enhanced: str | None = None, varies: bool = False, reason: str | None = None
+    ) -> None:
         """
         Queue a reply.  C{enhanced}: the RFC 2034 code; L{None} picks a
         generic one, C{""} sends none (EHLO's extension list).  C{varies}:
         the text changes from one use to the next (not worth caching).
+        C{reason}: for a 4xx or 5xx, the short name the session log and
+        the metrics give it (the limit, C{protocol}, ...; a handler's
+        decision is the handler's name).
         """
         if enhanced is None:
             enhanced = defaultEnhancedCode(code)
         self._out.append((formatReply if varies else cachedReply)(code, text, enhanced))
+        if code >= 400:
+            self._refused(code, reason)
 
-    def _error(self, code: int, text: str, enhanced: str | None = None) -> None:
+    def _refused(self, code: int, reason: str | None) -> None:
+        """
+        Report the 4xx/5xx reply just queued to the session log: the
+        command that caused it and the handler that chose it.
+        """
+        # The text as sent (its lines joined), after the code.
+        lines = self._out[-1].decode("utf-8", "replace").split("\r\n")
+        reply = " / ".join(line[4:] for line in lines if line)
+        self._rejects += 1
+        handler = self._deciding
+        if handler == "onLogin" and code >= 500:
+            # An onLogin that refused with its own 5xx: a failed login.
+            self._events.authenticated(self, self._mechanism, False)
+            return
+        self._events.rejected(self, code, reply, self._line, handler, reason or handler or "protocol")
+
+    def _error(self, code: int, text: str, enhanced: str | None = None, reason: str = "protocol") -> None:
         """
         Answer a client error, and end a session that makes too many.
         Not cached: errors are rare, and their text may echo the client.
         """
-        self._reply(code, text, enhanced, varies=True)
+        self._reply(code, text, enhanced, varies=True, reason=reason)
         self._errors += 1
         if self._errors >= self.factory.settings.maxErrors:
-            self._reply(421, f"{self.factory.settings.hostname} Too many errors, closing connection", "4.7.0")
+            self._reply(
+                421,
+                f"{self.factory.settings.hostname} Too many errors, closing connection",
+                "4.7.0",
+                reason="maxErrors",
+            )
             self._close()
 
     def _flush(self) -> None:
@@ -526,6 +644,7 @@ class ServerProtocol(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        self._bytesIn += len(data)
         now = self._seconds()
         if self._dataFramer is not None and not self._busy:
             # In DATA, bytes buy time at the minimum data rate, never more
@@ -583,8 +702,11 @@ class ServerProtocol(smtp.ESMTP):
                 break
             if self._lineHandler is not None:
                 handler, self._lineHandler = self._lineHandler, None
+                if self._debug:
+                    # A SASL response: it holds the password.
+                    self._events.transcript(self, "<", "***")
                 if line is LINE_TOO_LONG:
-                    self._error(500, "Line too long", "5.5.2")
+                    self._error(500, "Line too long", "5.5.2", reason="maxLineLength")
                 else:
                     handler(line)
             else:
@@ -613,13 +735,16 @@ class ServerProtocol(smtp.ESMTP):
         self._process()
 
     def _command(self, line: bytes | object) -> None:
+        self._commands += 1
         if line is LINE_TOO_LONG:
-            self._error(500, "Line too long", "5.5.2")
+            self._line = None
+            self._error(500, "Line too long", "5.5.2", reason="maxLineLength")
             return
         assert isinstance(line, bytes)
+        self._line = line
         verb, argument = parseCommand(line)
         if self._shuttingDown and not self._mailStarted and verb != b"QUIT":
-            self._reply(421, f"{self.factory.settings.hostname} Service shutting down", "4.3.2")
+            self._reply(421, f"{self.factory.settings.hostname} Service shutting down", "4.3.2", reason="shutdown")
             self._close()
             return
         method = self.lookupMethod(verb)
@@ -635,12 +760,65 @@ class ServerProtocol(smtp.ESMTP):
                 "internal error on {verb} in session {id}", verb=verb.decode("ascii"), id=self.session.id
             )
             self._busy = False
-            self._reply(421, f"{self.factory.settings.hostname} Internal error, closing connection", "4.3.0")
+            self._reply(
+                421, f"{self.factory.settings.hostname} Internal error, closing connection", "4.3.0", reason="internal"
+            )
             self._close()
 
     def lookupMethod(self, command: bytes) -> Callable[[bytes], None] | None:
         name = _METHODS.get(command)
         return None if name is None else getattr(self, name)
+
+    # The debug transcript (installed on the instance by __init__) -----------
+
+    def _debugCommand(self, line: bytes | object) -> None:
+        if line is LINE_TOO_LONG:
+            text = "(line too long)"
+        else:
+            assert isinstance(line, bytes)
+            parts = line.split(None, 2)
+            if len(parts) > 1 and parts[0].upper() == b"AUTH":
+                # The initial response holds the password (PLAIN) or the
+                # user name (LOGIN).
+                text = "AUTH " + parts[1].decode("ascii", "replace") + (" ***" if len(parts) > 2 else "")
+            else:
+                text = line.decode("utf-8", "replace")
+        self._events.transcript(self, "<", text)
+        ServerProtocol._command(self, line)
+
+    def _debugFeedData(self, data: bytes) -> None:
+        self._events.transcript(self, "<", f"({len(data)} bytes of message data)")
+        ServerProtocol._feedData(self, data)
+
+    def _debugFlushNow(self) -> None:
+        if self.transport is not None and self._open:
+            for reply in self._out:
+                for line in reply.decode("utf-8", "replace").split("\r\n"):
+                    if line:
+                        self._events.transcript(self, ">", line)
+        ServerProtocol.flushNow(self)
+
+    # A view for an admin page ------------------------------------------------
+
+    def describe(self) -> "SessionInfo":
+        """
+        What L{Server.sessions} shows of this session.
+        """
+        if self._closing:
+            state = "closing"
+        elif self._pending is not None:
+            state = f"waiting for {self._pending.name}"
+        elif self._dataFramer is not None:
+            state = "data"
+        elif self._mailStarted:
+            state = "mail"
+        elif self.session.helo:
+            state = "greeted"
+        else:
+            state = "connected"
+        session = self.session
+        peer = f"[{session.ip}]:{session.port}" if session.ip else "unix socket"
+        return SessionInfo(session.id, peer, state, max(0.0, self._seconds() - self._startedAt), self._bytesIn)
 
     # Handlers -------------------------------------------------------------
 
@@ -670,17 +848,23 @@ class ServerProtocol(smtp.ESMTP):
                 then()
             return
         self._busy = True
+        started = self._seconds() if self._timing else 0.0
         # Most handlers answer at once: call them directly and keep the
         # Deferred machinery for those that return a Deferred or awaitable.
         try:
             result = handler(self.session)
         except BaseException:
+            if self._timing:
+                self._events.handlerTimed(self, name, self._seconds() - started)
             self._decided(name, apply, temporary, then, Failure(), True)
             return
         if result is None or type(result) is bool or not (isinstance(result, Deferred) or inspect.isawaitable(result)):
+            if self._timing:
+                self._events.handlerTimed(self, name, self._seconds() - started)
             self._decided(name, apply, temporary, then, result, True)
             return
         pending = self._pending = _Pending(name, apply, temporary, then)
+        pending.started = started
         settings = self.factory.settings
         deadline = settings.receiveTimeout if name == "onReceive" else settings.handlerTimeout
         pending.timer = self._clock.callLater(deadline, self._handlerTimedOut, pending, deadline)
@@ -695,6 +879,8 @@ class ServerProtocol(smtp.ESMTP):
         self._pending = None
         if pending.timer.active():
             pending.timer.cancel()
+        if self._timing:
+            self._events.handlerTimed(self, pending.name, self._seconds() - pending.started)
         self._decided(pending.name, pending.apply, pending.temporary, pending.then, outcome, pending.synchronous)
 
     def _handlerTimedOut(self, pending: _Pending, deadline: float) -> None:
@@ -708,6 +894,8 @@ class ServerProtocol(smtp.ESMTP):
             id=self.session.id,
             code=pending.temporary[0],
         )
+        if self._timing:
+            self._events.handlerTimed(self, pending.name, self._seconds() - pending.started)
         self._decided(pending.name, pending.apply, pending.temporary, pending.then, _TIMED_OUT, False)
         # Tell the handler (a coroutine gets CancelledError); its late
         # outcome is ignored above.
@@ -728,10 +916,13 @@ class ServerProtocol(smtp.ESMTP):
         reply accordingly.
         """
         self._busy = False
+        if not self._open and not self._dropRequested:
+            return
+        # Replies from here on were chosen by this handler (the log says so).
+        self._deciding = name
         if self._dropRequested:
             self._drop()
-            return
-        if not self._open:
+            self._deciding = None
             return
         problem = None
         if type(outcome) is bool:
@@ -778,6 +969,7 @@ class ServerProtocol(smtp.ESMTP):
                 code=temporary[0],
             )
             self._temporary(temporary)
+        self._deciding = None
         if then is not None:
             then()
         if not synchronous:
@@ -897,7 +1089,7 @@ class ServerProtocol(smtp.ESMTP):
             self._error(503, "Error: nested MAIL command", "5.5.1")
             return
         if settings.requireAuth and not self.session.authenticated:
-            self._reply(530, "Authentication required", "5.7.0")
+            self._reply(530, "Authentication required", "5.7.0", reason="requireAuth")
             return
         try:
             parsed = parseMailArguments(argument, b"FROM:", allowEmpty=True)
@@ -912,7 +1104,7 @@ class ServerProtocol(smtp.ESMTP):
                     self._error(501, f"Syntax: SIZE=number (1 to {MAX_NUMBER_DIGITS} digits)", "5.5.4")
                     return
                 if settings.maxMessageSize and size > settings.maxMessageSize:
-                    self._reply(552, "Message size exceeds fixed maximum message size", "5.3.4")
+                    self._reply(552, "Message size exceeds fixed maximum message size", "5.3.4", reason="maxMessageSize")
                     return
             elif keyword == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
@@ -928,7 +1120,7 @@ class ServerProtocol(smtp.ESMTP):
                 self._error(555, f"MAIL FROM parameter {keyword} not recognized", "5.5.4")
                 return
         if not parsed.address.isascii() and "SMTPUTF8" not in params:
-            self._reply(553, "Non-ASCII sender address needs SMTPUTF8", "5.6.7")
+            self._reply(553, "Non-ASCII sender address needs SMTPUTF8", "5.6.7", reason="smtputf8")
             return
         self._decideAddress("onMailFrom", parsed.address, params)
 
@@ -978,10 +1170,10 @@ class ServerProtocol(smtp.ESMTP):
             self._error(555, f"RCPT TO parameter {keyword} not recognized", "5.5.4")
             return
         if not parsed.address.isascii() and "SMTPUTF8" not in self.session.mailParameters:
-            self._reply(553, "Non-ASCII recipient address needs SMTPUTF8", "5.6.7")
+            self._reply(553, "Non-ASCII recipient address needs SMTPUTF8", "5.6.7", reason="smtputf8")
             return
         if len(self.session.rcptTo) >= settings.maxRecipients:
-            self._reply(452, "Too many recipients", "4.5.3")
+            self._reply(452, "Too many recipients", "4.5.3", reason="maxRecipients")
             return
         self._decideAddress("onRcptTo", parsed.address)
 
@@ -1020,13 +1212,14 @@ class ServerProtocol(smtp.ESMTP):
     def _messageComplete(self, framer: DataFramer) -> None:
         session = self.session
         if framer.fault is not None:
-            self._resetTransaction()
+            # Replied before the reset: the log line names the message.
             if framer.fault == TOO_BIG:
-                self._reply(552, "Message size exceeds fixed maximum message size", "5.3.4")
+                self._reply(552, "Message size exceeds fixed maximum message size", "5.3.4", reason="maxMessageSize")
             elif framer.fault == LINE_TOO_LONG_IN_DATA:
-                self._reply(500, "Line too long in message data", "5.5.2")
+                self._reply(500, "Line too long in message data", "5.5.2", reason="maxDataLineLength")
             elif framer.fault == BARE_NEWLINE:
-                self._reply(550, "Message contains bare CR or LF; use CRLF line endings", "5.5.2")
+                self._reply(550, "Message contains bare CR or LF; use CRLF line endings", "5.5.2", reason="bareNewline")
+            self._resetTransaction()
             self._afterMessage()
             return
         sink = framer.sink
@@ -1050,6 +1243,9 @@ class ServerProtocol(smtp.ESMTP):
         if session.received:
             # A hex id: one line, nothing to check, so no formatReply.
             self._out.append(b"250 2.0.0 OK queued as %s\r\n" % self._queueId.encode("ascii"))
+            if self._verbose:
+                sink = self._sink
+                self._events.accepted(self, sink.size if sink is not None else 0)
         else:
             self._reply(554, "Message rejected", "5.7.1")
 
@@ -1094,7 +1290,7 @@ class ServerProtocol(smtp.ESMTP):
             self._error(503, "Error: TLS already active", "5.5.1")
             return
         if self.factory.tlsOptions is None:
-            self._reply(454, "TLS not available", "4.7.0")
+            self._reply(454, "TLS not available", "4.7.0", reason="tlsUnavailable")
             return
         self._reply(220, "Ready to start TLS", "2.0.0")
         self.flushNow()
@@ -1116,7 +1312,7 @@ class ServerProtocol(smtp.ESMTP):
             self._error(502, "AUTH not available", "5.5.1")
             return
         if not self.session.secure and not self.factory.settings.allowInsecureAuth:
-            self._reply(538, "Encryption required for requested authentication mechanism", "5.7.11")
+            self._reply(538, "Encryption required for requested authentication mechanism", "5.7.11", reason="authNeedsTls")
             return
         if not self._ehlo:
             self._error(503, "Error: send EHLO first", "5.5.1")
@@ -1134,6 +1330,7 @@ class ServerProtocol(smtp.ESMTP):
                 "try again later",
                 "4.7.0",
                 varies=True,
+                reason="maxAuthFailuresPerClient",
             )
             self._close()
             return
@@ -1143,6 +1340,7 @@ class ServerProtocol(smtp.ESMTP):
             return
         mechanism = parts[0].upper()
         initial = parts[1] if len(parts) == 2 else None
+        self._mechanism = mechanism.decode("ascii", "replace")
         if mechanism == b"PLAIN":
             if initial is None:
                 self._reply(334, "")
@@ -1219,6 +1417,7 @@ class ServerProtocol(smtp.ESMTP):
             session.authenticated = result
         if session.authenticated:
             self._reply(235, "Authentication successful", "2.7.0")
+            self._events.authenticated(self, self._mechanism, True)
             return
         self._authFailures += 1
         delay = self.factory.limits.authFailed(session.ip)
@@ -1240,9 +1439,14 @@ class ServerProtocol(smtp.ESMTP):
         self._wake()
 
     def _loginRefused(self) -> None:
-        self._reply(535, "Authentication credentials invalid", "5.7.8")
+        # An AUTH failure line (what fail2ban reads), not a reject line.
+        self._out.append(_AUTH_REFUSED)
+        self._rejects += 1
+        self._events.authenticated(self, self._mechanism, False)
         if self._authFailures >= self.factory.settings.maxAuthFailures:
-            self._reply(421, f"{self.factory.settings.hostname} Too many authentication failures", "4.7.0")
+            self._reply(
+                421, f"{self.factory.settings.hostname} Too many authentication failures", "4.7.0", reason="maxAuthFailures"
+            )
             self._close()
 
     def _forgetPassword(self) -> None:

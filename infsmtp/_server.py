@@ -29,9 +29,10 @@ from twisted.python.threadpool import ThreadPool
 from ._blocking import blockingCall
 from ._enums import TLSVersion
 from ._errors import SMTPError, SMTPTLSError
+from ._events import SessionEvents
 from ._handlers import HandlerSpec, adaptHandler
 from ._limits import ClientLimits, MemoryBudget, parseNetworks
-from ._protocol import ServerProtocol
+from ._protocol import ServerProtocol, SessionInfo
 from ._proxy import ProxyProtocolFactory
 from ._signals import SigtermStops, runningUnderTwistd
 from ._tls import CurrentCertificate, certificateHostname, checkCertificateNames, serverTLSOptions
@@ -104,6 +105,13 @@ class ServerFactory(smtp.SMTPFactory):
         self.queuePrefix = os.urandom(3).hex().upper()
         #: EHLO's extension lines, formatted, by (secure, AUTH offered).
         self.extensionReplies: dict[tuple[bool, bool], bytes] = {}
+        #: The session log (and the metrics' feed).
+        self.events = SessionEvents(
+            sessionLog=server.sessionLog,
+            debug=server.debug,
+            metrics=server.metrics,
+            worker=server.worker[0] if server.worker else None,
+        )
         self._toFlush: list[ServerProtocol] = []
         self._flushCall: Any = None
         self._allGone: list[defer.Deferred] = []
@@ -328,7 +336,19 @@ class Server(SigtermStops, service.Service):
     @param backlog: the listen queue length.
     @param shutdownGrace: seconds a stopping service lets transactions in
         flight finish (see L{stopListening}).
+    @param sessionLog: log every session's connect, TLS, accepted messages,
+        AUTH and disconnect (with its counters), besides the refusals (every
+        4xx/5xx reply, AUTH failures), which are always logged; see
+        L{infsmtp._events} for the events and their fields.
+    @param debug: log the transcript of every session, both directions
+        (AUTH secrets replaced by C{***}), at the debug level.
     @param reactor: the reactor (tests may pass another clock-bearing one).
+
+    @ivar metrics: the server's L{ServerMetrics} once L{enableMetrics} was
+        called, else L{None}.
+    @ivar worker: C{(index, count)} in a C{--workers} worker: session ids
+        are then unique across the workers (worker I{i} of I{n} numbers its
+        sessions I{i}+1, I{i}+1+I{n}, ...) and log lines carry the index.
     """
 
     protocol = _ProtocolSpelling()
@@ -382,6 +402,8 @@ class Server(SigtermStops, service.Service):
         receiveTimeout: float = 300,
         messageMemoryLimit: int | None = 256 * 1024 * 1024,
         proxyTimeout: float = 5,
+        sessionLog: bool = False,
+        debug: bool = False,
         reactor: Any = None,
     ) -> None:
         self.ssl = ssl
@@ -418,6 +440,14 @@ class Server(SigtermStops, service.Service):
         self.receiveTimeout = receiveTimeout
         self.messageMemoryLimit = messageMemoryLimit
         self.proxyTimeout = proxyTimeout
+        self.sessionLog = sessionLog
+        self.debug = debug
+        self.metrics: Any = None
+        self.worker: tuple[int, int] | None = None
+        #: Callables returning a problem (a short sentence) or L{None}, asked
+        #: by L{health}: a delivery adds its own (the Maildir is writable).
+        self.healthChecks: list[Callable[[], str | None]] = []
+        self._stopping = False
         self.checkSettings()
         if reactor is None:
             from twisted.internet import reactor
@@ -502,6 +532,67 @@ class Server(SigtermStops, service.Service):
         if self.implicitTls is None:
             return self.port == 465
         return bool(self.implicitTls)
+
+    def setWorker(self, index: int, count: int) -> None:
+        """
+        This server is worker C{index} (from 0) of C{count}: its session ids
+        are its own among all the workers', and its log lines say which
+        worker wrote them.
+        """
+        if not 0 <= index < count:
+            raise ValueError(f"worker {index} of {count}: the index must be from 0 to {count - 1}")
+        self.worker = (index, count)
+        self._sessionIds = itertools.count(index + 1, count)
+
+    def enableMetrics(self) -> Any:
+        """
+        Count what the server does, in a Prometheus registry of its own
+        (C{server.metrics.registry}); needs C{prometheus_client}
+        (C{pip install infsmtp[metrics]}).  Call before the server starts.
+
+        @return: the L{infsmtp._metrics.ServerMetrics}.
+        @raise ImportError: C{prometheus_client} is not installed, with a
+            sentence saying so.
+        """
+        if self.metrics is None:
+            from ._metrics import ServerMetrics
+
+            self.metrics = ServerMetrics(self)
+        return self.metrics
+
+    @property
+    def sessions(self) -> tuple[SessionInfo, ...]:
+        """
+        The live sessions, read-only (for a manhole or an admin page): each
+        a L{SessionInfo} with C{id}, C{peer}, C{state}, C{age} (seconds) and
+        C{bytes} (read from the client).
+        """
+        factory = self._factory
+        if factory is None:
+            return ()
+        return tuple(
+            sorted((p.describe() for p in factory.sessions if getattr(p, "_started", False)), key=lambda s: s.id)
+        )
+
+    def health(self) -> list[str]:
+        """
+        What is wrong, in short sentences; empty when healthy: listening,
+        not shutting down, and every check of L{healthChecks} (the delivery
+        target writable) passing.
+        """
+        problems = []
+        if self._stopping:
+            problems.append("shutting down")
+        elif self._factory is None:
+            problems.append("not listening")
+        for check in self.healthChecks:
+            try:
+                problem = check()
+            except Exception as e:  # noqa: BLE001 (a failing check is a problem, said in one line)
+                problem = f"{getattr(check, '__qualname__', check)!s} failed: {e}"
+            if problem:
+                problems.append(problem)
+        return problems
 
     def _threadPool(self) -> ThreadPool:
         if self._pool is None:
@@ -697,6 +788,8 @@ class Server(SigtermStops, service.Service):
         self._factory = None
         if factory is None:
             return stopped
+        # Until every session has ended, /healthz says "shutting down".
+        self._stopping = True
         for protocol in list(factory.sessions):
             protocol.shutdown()
             if grace <= 0 and protocol.transport is not None:
@@ -705,7 +798,8 @@ class Server(SigtermStops, service.Service):
         if grace > 0 and factory.sessions:
             timer = self._reactor.callLater(grace, self._abortAll, factory)
             allGone.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
-        return defer.gatherResults([stopped, allGone]).addCallback(lambda _: None)
+        done = defer.gatherResults([stopped, allGone]).addCallback(lambda _: None)
+        return done.addBoth(lambda result: (setattr(self, "_stopping", False), result)[1])
 
     def _abortAll(self, factory: ServerFactory) -> None:
         for protocol in list(factory.sessions):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -31,7 +32,7 @@ from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -41,6 +42,7 @@ from ._maildir import MaildirDelivery
 from ._proxy import ProxyProtocolFactory
 from ._server import HANDLER_NAMES, HAPROXY_PREFIX, Server, listenEndpoint
 from ._signals import SigtermStops
+from ._systemd import sdNotify
 from ._workers import WorkerPool, adoptedEndpoint, parseTCPListen, workerArguments
 
 log = Logger(namespace="infsmtp.twistd")
@@ -94,6 +96,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["no-received-header", None, "Do not add a Received: trace header."],
         ["relay-no-verify", None, "Do not verify the smarthost's certificate (tests only)."],
         ["print", None, "Print each message (envelope, headers, readable body) to standard output instead of storing it: a development sink (with -n)."],
+        ["debug", None, "Log the SMTP transcript of every session, both directions (AUTH secrets replaced by ***)."],
     ]
 
     optParameters: ClassVar[list[list[Any]]] = [
@@ -129,6 +132,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["relay-password-file", None, None, "File whose first line is the smarthost password."],
         ["relay-timeout", None, None, "Seconds to wait for the smarthost's reply to the end of a message; past it the client is answered 451 and retries, and may deliver twice if the smarthost took it [default: 600 (RFC 5321), or 90% of --receive-timeout when that is shorter].", float],
         ["relay-connections", None, 4, "Sessions open to the smarthost at most, each reused for message after message; more messages at once wait their turn.", int],
+        ["log-format", None, "text", "The log's lines: text (Postfix-like session lines) or json (one object a line, for Loki or Elasticsearch)."],
+        ["metrics", None, None, "Endpoint serving Prometheus metrics at /metrics and a health check at /healthz, e.g. tcp:9125:interface=127.0.0.1 (needs pip install 'infsmtp[metrics]')."],
     ]
 
     def __init__(self) -> None:
@@ -136,6 +141,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["listen"] = []
         self["trusted"] = []
         self["inherit-fd"] = []
+        self["worker"] = None
         #: Configuration errors found while parsing, reported in one line by
         #: buildServer (twistd answers a usage error with its whole help).
         self.errors: list[str] = []
@@ -173,10 +179,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         raise SystemExit(0)
 
     def getUsage(self, width: int | None = None) -> str:
-        # --inherit-fd is between the --workers parent and its children.
-        hidden = "inherit-fd"
+        # --inherit-fd and --worker are between the --workers parent and
+        # its children.
+        hidden = ("inherit-fd", "worker")
         saved = self.longOpt
-        self.longOpt = [name for name in saved if name.rstrip("=") != hidden]
+        self.longOpt = [name for name in saved if name.rstrip("=") not in hidden]
         try:
             return super().getUsage(width)
         finally:
@@ -188,6 +195,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["inherit-fd"].append(int(fd))
         except ValueError:
             raise usage.UsageError(f"--inherit-fd {fd}: not a descriptor number") from None
+
+    def opt_worker(self, which: str) -> None:
+        """Internal, set by --workers: this process is worker INDEX/COUNT."""
+        index, _, count = which.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+            raise usage.UsageError(f"--worker {which}: expected INDEX/COUNT")
+        self["worker"] = (int(index), int(count))
 
     def opt_auth(self, description: str) -> None:  # type: ignore[override]
         """Check AUTH with a twisted.cred checker: file:PATH, memory:USER:PASSWORD, unix... (see --help-auth)."""
@@ -308,7 +322,57 @@ def describeAddress(address: Any) -> str:
     return str(address)
 
 
-class SMTPService(SigtermStops, service.Service):
+class InstallsLogObserver:
+    """
+    Mixed into the service twistd runs: the log observer of
+    C{--log-format} becomes the application's L{ILogObserver}, which twistd
+    uses instead of its own (L{twisted.application.app.AppLogger.start}).
+    """
+
+    #: Set by L{makeService}, or L{None} to leave twistd's.
+    logObserver: Any = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.logObserver is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.logObserver)
+        return super().setServiceParent(parent)  # type: ignore[misc]
+
+
+def buildLogObserver(options: Options, twistdOptions: Any) -> Any:
+    """
+    The observer writing twistd's log in the C{--log-format} asked for,
+    where twistd would (C{--logfile}, or standard output with C{-n} and
+    none, rotated by size and by SIGUSR1 like twistd's own); L{None} when
+    twistd's C{--syslog} or C{--logger} chooses the observer instead.
+
+    @raise ConfigurationError: C{json} cannot go where twistd sends it.
+    """
+    if twistdOptions.get("syslog") or twistdOptions.get("logger"):
+        if options["log-format"] == "json":
+            raise ConfigurationError("--log-format json writes to twistd's --logfile; not with --syslog or --logger")
+        return None
+    from twisted.python import logfile
+
+    from ._events import LogFileObserver
+
+    name = twistdOptions.get("logfile")
+    if name == "-" or (not name and twistdOptions.get("nodaemon")):
+        out: Any = sys.stdout
+    else:
+        out = logfile.LogFile.fromFullPath(name or "twistd.log")
+        if hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):
+
+            def rotate(number: int, frame: Any) -> None:
+                from twisted.internet import reactor
+
+                reactor.callFromThread(out.rotate)
+
+            signal.signal(signal.SIGUSR1, rotate)
+    worker = options["worker"][0] if options["worker"] else None
+    return LogFileObserver(out, options["log-format"], worker)
+
+
+class SMTPService(InstallsLogObserver, SigtermStops, service.Service):
     """
     A L{Server} listening on several endpoints, stopped gracefully.
 
@@ -334,6 +398,10 @@ class SMTPService(SigtermStops, service.Service):
     #: The L{RelayDelivery} whose sessions to the smarthost end at
     #: stopService, once the server's own sessions have, or L{None}.
     relay: Any = None
+    #: Where C{/metrics} and C{/healthz} are served (C{--metrics}), or
+    #: L{None}.
+    metricsEndpoint: str | None = None
+    _metricsPort: Any = None
 
     def __init__(
         self,
@@ -430,8 +498,31 @@ class SMTPService(SigtermStops, service.Service):
                 self.maildir.open()
             except SMTPError as e:
                 self._startFailed(ConfigurationError(str(e)))
+        if self.metricsEndpoint:
+            self._listenMetrics(self.metricsEndpoint)
         if self.handleSigterm:
             self._reactor.callWhenRunning(self._installSigterm)
+            # Under systemd (Type=notify): listening, so ready.
+            self._reactor.callWhenRunning(sdNotify, "READY=1")
+
+    def _listenMetrics(self, description: str) -> None:
+        from ._metrics import listenMetrics
+
+        def listening(port: Any) -> Any:
+            self._metricsPort = port
+            log.info("infsmtp metrics on http://{address}/metrics", address=describeAddress(port.getHost()))
+            return port
+
+        failures: list[Failure] = []
+        try:
+            d = listenMetrics(self._reactor, description, self.server)
+        except Exception as e:  # noqa: BLE001 (endpoint parsers raise anything)
+            self._startFailed(ConfigurationError(f"--metrics {description}: {e}"))
+            return
+        # TCP reports a port in use at once: refused like a --listen.
+        d.addCallbacks(listening, failures.append)
+        if failures:
+            self._startFailed(ConfigurationError(f"--metrics {description}: {failures[0].getErrorMessage()}"))
 
     def reload(self) -> None:
         """
@@ -445,6 +536,8 @@ class SMTPService(SigtermStops, service.Service):
         flight may finish within the grace period.
         """
         super().stopService()
+        if self.handleSigterm:
+            sdNotify("STOPPING=1")
         ports, self._ports = self._ports, []
         self._listening = False
         stopped = [defer.maybeDeferred(port.stopListening) for port in ports]
@@ -453,7 +546,13 @@ class SMTPService(SigtermStops, service.Service):
         if self.relay is not None:
             # After the sessions that may still be forwarding a message.
             done.addBoth(lambda _: self.relay.close())
+        # /healthz answers 503 "shutting down" until the sessions are gone.
+        done.addBoth(lambda _: self._stopMetrics())
         return done.addCallback(lambda _: None)
+
+    def _stopMetrics(self) -> Any:
+        port, self._metricsPort = self._metricsPort, None
+        return port.stopListening() if port is not None else None
 
 
 # Options -> service -------------------------------------------------------
@@ -605,6 +704,8 @@ def buildServer(options: Options) -> Server:
         other = next((o for o in ("relay", "maildir", "print") if options[o]), None)
         if other is not None:
             raise ConfigurationError(f"--deliver and --{other} are exclusive: a message goes one way")
+    if options["log-format"] not in ("text", "json"):
+        raise ConfigurationError(f"--log-format {options['log-format']}: use text or json")
     try:
         server = Server(
             ssl=bool(options["cert"]),
@@ -631,9 +732,21 @@ def buildServer(options: Options) -> Server:
             handlerTimeout=options["handler-timeout"],
             receiveTimeout=options["receive-timeout"],
             messageMemoryLimit=options["message-memory"],
+            # What the operator of a daemon reads: every session's lines.
+            sessionLog=True,
+            debug=bool(options["debug"]),
         )
     except ValueError as e:
         raise ConfigurationError(_optionSpelling(str(e))) from None
+    if options["worker"]:
+        server.setWorker(*options["worker"])
+    if options["metrics"]:
+        from ._metrics import MetricsUnavailable
+
+        try:
+            server.enableMetrics()
+        except MetricsUnavailable as e:
+            raise ConfigurationError(f"--metrics {options['metrics']}: {e}") from None
     if options["cert"]:
         try:
             server.setCertificate(options["cert"], options["key"], options["root"])
@@ -678,6 +791,8 @@ def buildServer(options: Options) -> Server:
                 raise ConfigurationError(str(e)) from None
     for name, handler in handlers.items():
         setattr(server, name, handler)
+    if isinstance(handlers["onReceive"], MaildirDelivery):
+        server.healthChecks.append(handlers["onReceive"].healthProblem)
     return server
 
 
@@ -695,6 +810,7 @@ def buildService(options: Options, reactor: Any = None) -> SMTPService:
             from twisted.internet import reactor
         listen = [adoptedEndpoint(reactor, fd) for fd in options["inherit-fd"]]
     svc = SMTPService(server, listen, options["grace"], options["proxy-timeout"], reactor)
+    svc.metricsEndpoint = options["metrics"]
     if isinstance(server.onReceive, MaildirDelivery):
         svc.maildir = server.onReceive
     elif options["relay"] or options["deliver"]:
@@ -703,7 +819,7 @@ def buildService(options: Options, reactor: Any = None) -> SMTPService:
     return svc
 
 
-class WorkerPoolService(SigtermStops, WorkerPool):
+class WorkerPoolService(InstallsLogObserver, SigtermStops, WorkerPool):
     """
     The C{--workers} parent: L{WorkerPool}, stopped by SIGTERM with exit
     status 0 once every worker has finished.
@@ -718,6 +834,12 @@ class WorkerPoolService(SigtermStops, WorkerPool):
         super().startService()
         if self.handleSigterm:
             self._reactor.callWhenRunning(self._installSigterm)
+            self._reactor.callWhenRunning(sdNotify, "READY=1")
+
+    def stopService(self) -> defer.Deferred:
+        if self.handleSigterm:
+            sdNotify("STOPPING=1")
+        return super().stopService()
 
     def reload(self) -> None:
         """
@@ -740,6 +862,11 @@ def buildWorkerPool(options: Options, argv: Sequence[str]) -> WorkerPoolService:
     """
     if options["workers"] < 1:
         raise ConfigurationError("--workers must be at least 1")
+    if options["metrics"]:
+        raise ConfigurationError(
+            f"--metrics with --workers {options['workers']}: each worker would count only its own sessions; "
+            "run one process per port and scrape each, or leave --workers out"
+        )
     buildServer(options)
     try:
         for description in options["listen"]:
@@ -797,16 +924,18 @@ def makeService(options: Options) -> Any:
     status 0.
     """
     try:
+        twistdOptions = getattr(options, "parent", None) or {}
         if options["workers"] > 1 and not options["inherit-fd"]:
             pool = buildWorkerPool(options, sys.argv)
             pool.handleSigterm = True
+            pool.logObserver = buildLogObserver(options, twistdOptions)
             return pool
-        twistdOptions = getattr(options, "parent", None) or {}
         if options["print"] and not twistdOptions.get("nodaemon", True):
             raise ConfigurationError("--print writes to the terminal, which a daemon has not: add -n")
         svc = buildService(options)
         if not twistdOptions.get("nodaemon") and not options["inherit-fd"]:
             checkCanListen(options["listen"])
+        svc.logObserver = buildLogObserver(options, twistdOptions)
     except ConfigurationError as e:
         _exit(e.text)
     svc.exitOnListenFailure = bool(twistdOptions.get("nodaemon"))

@@ -180,13 +180,18 @@ class WorkerPool(service.Service):
         # twistd's own entry point (python -m twisted would run "twist").
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
         argv += ["--nodaemon", "--pidfile=", "--logfile", logfile, "infsmtp", *self.pluginArgs]
+        # Its session ids are its own, and its log lines say who wrote them.
+        argv += ["--worker", f"{index}/{self.count}"]
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         for sock in self.sockets:
             fd = sock.fileno()
             childFDs[fd] = fd
             argv += ["--inherit-fd", str(fd)]
         worker = _WorkerProtocol(self, index)
-        self.reactor.spawnProcess(worker, argv[0], argv, env=os.environ.copy(), childFDs=childFDs)
+        env = os.environ.copy()
+        # systemd hears from the parent only (the main process).
+        env.pop("NOTIFY_SOCKET", None)
+        self.reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=childFDs)
         self.workers[index] = worker
         log.info("infsmtp worker {index} started (pid {pid})", index=index, pid=worker.transport.pid)
 

@@ -30,7 +30,7 @@ def requireTool(path: str) -> str:
     found = shutil.which(path) or (path if os.access(path, os.X_OK) else None)
     if found:
         return found
-    message = f"{path} is not installed (apt-get install swaks postfix curl openssl)"
+    message = f"{path} is not installed (apt-get install swaks postfix curl openssl fail2ban)"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)

@@ -31,9 +31,17 @@ def serverFixture():
 
 
 def texts(logEvents: list[dict]) -> list[str]:
+    """
+    The server's own log lines (not the session log's, which
+    tests/test_observe.py checks).
+    """
     from twisted.logger import formatEvent
 
-    return [formatEvent(e) for e in logEvents if e.get("log_namespace", "").startswith("infsmtp")]
+    return [
+        formatEvent(e)
+        for e in logEvents
+        if e.get("log_namespace", "").startswith("infsmtp") and e.get("log_namespace") != "infsmtp.session"
+    ]
 
 
 ENVELOPE = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"

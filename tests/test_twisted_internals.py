@@ -473,7 +473,43 @@ def importedDistributions() -> set[str]:
     return distributions
 
 
+def optionalDistributions() -> set[str]:
+    """
+    What setup.cfg's extras (but ``test``) name: ``pip install
+    infsmtp[metrics]``.
+    """
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    extras = config["options.extras_require"]
+    return {
+        requirement(line)[0]
+        for name in extras
+        if name != "test"
+        for line in extras[name].splitlines()
+        if line.strip()
+    }
+
+
 def test_everyImportedDistributionIsDeclared():
     imported = importedDistributions()
     assert {"cryptography", "twisted", "pyopenssl"} <= imported
-    assert imported - declaredDistributions() == set()
+    assert imported - declaredDistributions() - optionalDistributions() == set()
+
+
+def test_optionalDistributionsAreImportedOnlyWhenUsed():
+    """
+    An extra's modules are imported inside the function that needs them,
+    never when infsmtp is: the package works without the extra.
+    """
+    optional = {normalised(name) for name in optionalDistributions()}
+    assert optional == {"prometheus-client"}
+    owners = importlib.metadata.packages_distributions()
+    for path in (REPO / "infsmtp").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module.split(".")[0]]
+            for module in names:
+                assert not {normalised(d) for d in owners.get(module, [])} & optional, (path.name, module)
