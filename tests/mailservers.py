@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 
 import pytest
-
 from peertools import freePort, requireTool
 
 POSTFIX = "/usr/sbin/postfix"

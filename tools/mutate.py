@@ -61,6 +61,10 @@ class Mutant:
 
 
 PROTOCOL = "infsmtp/_protocol.py"
+OUTPUT = "infsmtp/_output.py"
+DECISIONS = "infsmtp/_decisions.py"
+TRANSACTION = "infsmtp/_transaction.py"
+SASL = "infsmtp/_sasl.py"
 WIRE = "infsmtp/_wire.py"
 MAILDIR = "infsmtp/_maildir.py"
 LIMITS = "infsmtp/_limits.py"
@@ -153,7 +157,7 @@ MUTANTS = [
     Mutant(
         "size-parameter-boundary",
         "MAIL FROM SIZE= exactly at the limit is accepted",
-        PROTOCOL,
+        TRANSACTION,
         "if settings.maxMessageSize and size > settings.maxMessageSize:",
         "if settings.maxMessageSize and size >= settings.maxMessageSize:",
         ("tests/test_protocol.py",),
@@ -193,7 +197,7 @@ MUTANTS = [
     Mutant(
         "too-many-recipients",
         "maxRecipients recipients are accepted, the next is 452",
-        PROTOCOL,
+        TRANSACTION,
         "if len(self.session.rcptTo) >= settings.maxRecipients:",
         "if len(self.session.rcptTo) > settings.maxRecipients:",
         ("tests/test_protocol.py",),
@@ -201,7 +205,7 @@ MUTANTS = [
     Mutant(
         "too-many-errors",
         "maxErrors errors close the session with 421",
-        PROTOCOL,
+        OUTPUT,
         "if self._errors >= self.factory.settings.maxErrors:",
         "if self._errors > self.factory.settings.maxErrors:",
         ("tests/test_protocol.py", "tests/interop/test_handlers.py"),
@@ -210,7 +214,7 @@ MUTANTS = [
     Mutant(
         "auth-over-plaintext",
         "AUTH needs TLS unless insecure AUTH is allowed (538)",
-        PROTOCOL,
+        SASL,
         "if not self.session.secure and not self.factory.settings.allowInsecureAuth:",
         "if False:",
         ("tests/test_protocol.py",),
@@ -218,7 +222,7 @@ MUTANTS = [
     Mutant(
         "require-auth-ignored",
         "requireAuth: MAIL before AUTH is 530",
-        PROTOCOL,
+        TRANSACTION,
         "if settings.requireAuth and not self.session.authenticated:",
         "if False:",
         ("tests/test_protocol.py",),
@@ -227,7 +231,7 @@ MUTANTS = [
     Mutant(
         "handler-string-result-accepts",
         "a handler result that is not None or a bool is never an acceptance",
-        PROTOCOL,
+        DECISIONS,
         "        if type(outcome) is bool:\n            apply(outcome)",
         "        if type(outcome) in (bool, str):\n            apply(outcome)",
         ("tests/test_protocol.py", "tests/test_hardening.py", "tests/interop/test_handlers.py"),
@@ -235,7 +239,7 @@ MUTANTS = [
     Mutant(
         "handler-decision-field-truthy",
         "a decision field that is not a bool is a programming error (4xx)",
-        PROTOCOL,
+        DECISIONS,
         "            if type(value) is bool:\n                apply(None)",
         "            if type(value) is bool or value:\n                apply(None)",
         ("tests/test_protocol.py", "tests/test_hardening.py", "tests/interop/test_handlers.py"),
@@ -243,7 +247,7 @@ MUTANTS = [
     Mutant(
         "handler-exception-accepts",
         "a handler that raises is answered 4xx, never accepted",
-        PROTOCOL,
+        DECISIONS,
         '            log.failure("{handler} handler failed for session {id}", outcome, handler=name, id=self.session.id)\n'
         "            self._temporary(temporary)",
         '            log.failure("{handler} handler failed for session {id}", outcome, handler=name, id=self.session.id)\n'
@@ -253,7 +257,7 @@ MUTANTS = [
     Mutant(
         "handler-deadline-ignored",
         "a handler that does not answer within its deadline is answered 4xx",
-        PROTOCOL,
+        DECISIONS,
         "pending.timer = self._clock.callLater(deadline, self._handlerTimedOut, pending, deadline)",
         "pending.timer = self._clock.callLater(deadline * 1e6, self._handlerTimedOut, pending, deadline)",
         ("tests/test_protocol.py", "tests/test_hardening.py"),
@@ -318,7 +322,7 @@ MUTANTS = [
     Mutant(
         "backpressure-ignored",
         "a client that does not read its replies is no longer read from",
-        PROTOCOL,
+        OUTPUT,
         "        self._writeBlocked = True\n        self._updateReading()",
         "        self._writeBlocked = False\n        self._updateReading()",
         ("tests/test_hardening.py", "tests/interop/test_attack.py"),
@@ -362,7 +366,7 @@ MUTANTS = [
         "handler-disconnect-silent",
         "session.disconnect() answers the command in progress 421",
         PROTOCOL,
-        '        self._reply(421, f"{self.factory.settings.hostname} Closing connection", "4.7.0")',
+        '        self._reply(421, f"{self.factory.settings.hostname} Closing connection", "4.7.0", reason="disconnect")',
         "        pass",
         ("tests/interop/test_handlers.py",),
     ),
@@ -720,7 +724,7 @@ MUTANTS = [
     Mutant(
         "reject-4xx-not-logged",
         "every 4xx and 5xx reply the server sends is a reject event",
-        PROTOCOL,
+        OUTPUT,
         "        if code >= 400:\n            self._refused(code, reason)",
         "        if code >= 500:\n            self._refused(code, reason)",
         ("tests/test_observe.py",),
@@ -728,7 +732,7 @@ MUTANTS = [
     Mutant(
         "auth-failure-not-logged",
         "a failed login is an auth event fail2ban can match",
-        PROTOCOL,
+        SASL,
         "        self._rejects += 1\n        self._events.authenticated(self, self._mechanism, False)",
         "        self._rejects += 1",
         ("tests/test_observe.py", "tests/test_observe_twistd.py"),
@@ -752,7 +756,7 @@ MUTANTS = [
     Mutant(
         "data-reject-without-queue-id",
         "a message refused at the end of DATA is logged with its queue id",
-        PROTOCOL,
+        TRANSACTION,
         "            # Replied before the reset: the log line names the message.",
         "            self._resetTransaction()",
         ("tests/test_observe.py",),

@@ -1,0 +1,274 @@
+"""
+The server's transaction room: MAIL, RCPT and DATA, the state of the mail
+transaction (sender, recipients and their parameters, the message being
+received), the trace header, and the decisions of C{onMailFrom},
+C{onRcptTo} and C{onReceive} turned into replies.
+
+A mixin of L{infsmtp._protocol.ServerProtocol}.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from typing import Any
+
+from ._decisions import _TRY_AGAIN
+from ._wire import (
+    BARE_NEWLINE,
+    LINE_TOO_LONG_IN_DATA,
+    MAX_NUMBER_DIGITS,
+    TOO_BIG,
+    DataFramer,
+    PathSyntaxError,
+    SpoolSink,
+    formatReply,
+    parseMailArguments,
+    parseNumber,
+)
+
+_SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]@]")
+
+_dateCache: tuple[int, str] = (0, "")
+
+
+def _receivedDate() -> str:
+    """
+    The RFC 5322 date for C{Received:}, formatted once a second (it costs
+    more than the rest of the header).
+    """
+    global _dateCache
+    now = int(time.time())
+    if _dateCache[0] != now:
+        _dateCache = (now, email.utils.format_datetime(email.utils.localtime()))
+    return _dateCache[1]
+
+
+# The replies of every transaction, formatted once.
+_SENDER_OK = formatReply(250, "Sender OK", "2.1.0")
+_RECIPIENT_OK = formatReply(250, "Recipient OK", "2.1.5")
+_GO_AHEAD = formatReply(354, "End data with <CR><LF>.<CR><LF>")
+
+
+class MailTransaction:
+    """
+    MAIL, RCPT, DATA and the message they carry.
+    """
+
+    def _resetTransaction(self) -> None:
+        self._mailStarted = False
+        if self._sink is not None:
+            self._releaseSink()
+        self.session._resetTransaction()
+
+    def _releaseSink(self) -> None:
+        """
+        The current message is no longer held: give its memory back to the
+        server's budget.
+        """
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.release()
+
+    def do_MAIL(self, argument: bytes) -> None:
+        settings = self.factory.settings
+        if not self.session.helo:
+            self._error(503, "Error: send HELO/EHLO first", "5.5.1")
+            return
+        if self._mailStarted:
+            self._error(503, "Error: nested MAIL command", "5.5.1")
+            return
+        if settings.requireAuth and not self.session.authenticated:
+            self._reply(530, "Authentication required", "5.7.0", reason="requireAuth")
+            return
+        try:
+            parsed = parseMailArguments(argument, b"FROM:", allowEmpty=True)
+        except PathSyntaxError as e:
+            self._error(501, f"Syntax: MAIL FROM:<address> ({e})", "5.5.4")
+            return
+        params = parsed.parameters
+        for keyword, value in params.items():
+            if keyword == "SIZE":
+                size = parseNumber(value)
+                if size is None:
+                    self._error(501, f"Syntax: SIZE=number (1 to {MAX_NUMBER_DIGITS} digits)", "5.5.4")
+                    return
+                if settings.maxMessageSize and size > settings.maxMessageSize:
+                    self._reply(552, "Message size exceeds fixed maximum message size", "5.3.4", reason="maxMessageSize")
+                    return
+            elif keyword == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    self._error(501, "Syntax: BODY=7BIT or BODY=8BITMIME", "5.5.4")
+                    return
+            elif keyword == "SMTPUTF8":
+                if value is not None:
+                    self._error(501, "Syntax: SMTPUTF8 takes no value", "5.5.4")
+                    return
+            elif keyword == "AUTH":
+                pass  # RFC 4954 5: accepted, and not trusted.
+            else:
+                self._error(555, f"MAIL FROM parameter {keyword} not recognized", "5.5.4")
+                return
+        if not parsed.address.isascii() and "SMTPUTF8" not in params:
+            self._reply(553, "Non-ASCII sender address needs SMTPUTF8", "5.6.7", reason="smtputf8")
+            return
+        self._decideAddress("onMailFrom", parsed.address, params)
+
+    def _decideAddress(self, name: str, address: str, params: dict[str, str | None] | None = None) -> None:
+        """
+        Let C{onMailFrom} or C{onRcptTo} decide on C{address}
+        (C{session.address}, C{session.accept}), then answer.
+        """
+        session = self.session
+        session.address = address
+        session.accept = True
+        if self._handlers[name] is None:
+            self._addressDecided(name, address, params, None)
+        else:
+            self._decide(name, lambda result: self._addressDecided(name, address, params, result), _TRY_AGAIN)
+
+    def _addressDecided(self, name: str, address: str, params: dict[str, str | None] | None, result: Any) -> None:
+        session = self.session
+        if isinstance(result, bool):
+            session.accept = result
+        if name == "onMailFrom":
+            if session.accept:
+                session.mailFrom = address
+                session.mailParameters = params or {}
+                self._mailStarted = True
+                self._out.append(_SENDER_OK)
+            else:
+                self._reply(550, "Sender address rejected", "5.7.1")
+        elif session.accept:
+            session.rcptTo.append(address)
+            self._out.append(_RECIPIENT_OK)
+        else:
+            self._reply(550, "Recipient address rejected", "5.7.1")
+
+    def do_RCPT(self, argument: bytes) -> None:
+        settings = self.factory.settings
+        if not self._mailStarted:
+            self._error(503, "Error: need MAIL command", "5.5.1")
+            return
+        try:
+            parsed = parseMailArguments(argument, b"TO:", allowEmpty=False, allowPostmaster=True)
+        except PathSyntaxError as e:
+            self._error(501, f"Syntax: RCPT TO:<address> ({e})", "5.5.4")
+            return
+        if parsed.parameters:
+            keyword = next(iter(parsed.parameters))
+            self._error(555, f"RCPT TO parameter {keyword} not recognized", "5.5.4")
+            return
+        if not parsed.address.isascii() and "SMTPUTF8" not in self.session.mailParameters:
+            self._reply(553, "Non-ASCII recipient address needs SMTPUTF8", "5.6.7", reason="smtputf8")
+            return
+        if len(self.session.rcptTo) >= settings.maxRecipients:
+            self._reply(452, "Too many recipients", "4.5.3", reason="maxRecipients")
+            return
+        self._decideAddress("onRcptTo", parsed.address)
+
+    def do_DATA(self, argument: bytes) -> None:
+        settings = self.factory.settings
+        if argument:
+            self._error(501, "Syntax: DATA", "5.5.4")
+            return
+        if not self._mailStarted:
+            self._error(503, "Error: need MAIL command", "5.5.1")
+            return
+        if not self.session.rcptTo:
+            self._error(554, "Error: no valid recipients", "5.5.1")
+            return
+        self._out.append(_GO_AHEAD)
+        self._messages += 1
+        # The x keeps ids apart: session 0x1's message 0x11 and session
+        # 0x11's message 0x1 would both end in "111" without it.
+        self._queueId = self.session.queueId = f"{self.factory.queuePrefix}{self.session.id:x}x{self._messages:x}"
+        sink = self._sink = SpoolSink(settings.spoolThreshold, self.factory.memoryBudget)
+        if settings.receivedHeader:
+            sink.write(self._receivedHeader(self._queueId))
+        self._dataFramer = DataFramer(sink, settings.maxMessageSize or None, settings.maxDataLineLength)
+
+    def _feedData(self, data: bytes) -> None:
+        framer = self._dataFramer
+        assert framer is not None
+        rest = framer.feed(data)
+        if rest is None:
+            return
+        self._dataFramer = None
+        if rest:
+            self._framer.feed(rest)
+        self._messageComplete(framer)
+
+    def _messageComplete(self, framer: DataFramer) -> None:
+        session = self.session
+        if framer.fault is not None:
+            # Replied before the reset: the log line names the message.
+            if framer.fault == TOO_BIG:
+                self._reply(552, "Message size exceeds fixed maximum message size", "5.3.4", reason="maxMessageSize")
+            elif framer.fault == LINE_TOO_LONG_IN_DATA:
+                self._reply(500, "Line too long in message data", "5.5.2", reason="maxDataLineLength")
+            elif framer.fault == BARE_NEWLINE:
+                self._reply(550, "Message contains bare CR or LF; use CRLF line endings", "5.5.2", reason="bareNewline")
+            self._resetTransaction()
+            self._afterMessage()
+            return
+        sink = framer.sink
+        assert isinstance(sink, SpoolSink)
+        if sink.spooled:
+            session._setMessage(None, sink.file())
+        else:
+            session._setMessage(sink.getvalue())
+        session.received = True
+        self._decide(
+            "onReceive",
+            self._receiveDecided,
+            (451, "4.3.0", "Error processing message, try again later"),
+            self._transactionDone,
+        )
+
+    def _receiveDecided(self, result: Any) -> None:
+        session = self.session
+        if isinstance(result, bool):
+            session.received = result
+        if session.received:
+            # A hex id: one line, nothing to check, so no formatReply.
+            self._out.append(b"250 2.0.0 OK queued as %s\r\n" % self._queueId.encode("ascii"))
+            if self._verbose:
+                sink = self._sink
+                self._events.accepted(self, sink.size if sink is not None else 0)
+        else:
+            self._reply(554, "Message rejected", "5.7.1")
+
+    def _transactionDone(self) -> None:
+        self._resetTransaction()
+        self._afterMessage()
+
+    def _afterMessage(self) -> None:
+        if self._shuttingDown:
+            self.shutdown()
+
+    def _receivedHeader(self, queueId: str) -> bytes:
+        session = self.session
+        if session.helo is not self._heloSeen:
+            # Once per EHLO, not once per message.
+            self._heloSeen = session.helo
+            self._heloSafe = _SAFE_HELO.sub("?", session.helo)[:64] or "unknown"
+        helo = self._heloSafe
+        withProtocol = "ESMTP" if self._ehlo else "SMTP"
+        if "SMTPUTF8" in session.mailParameters:
+            withProtocol = "UTF8SMTP"
+        if session.secure:
+            withProtocol += "S"
+        if session.authenticated:
+            withProtocol += "A"
+        recipient = f"\r\n\tfor <{session.rcptTo[0]}>" if len(session.rcptTo) == 1 else ""
+        date = _receivedDate()
+        tls = f" ({session.tlsVersion})" if session.tlsVersion else ""
+        client = f"[{session.ip}]" if session.ip else "unix socket"
+        header = (
+            f"Received: from {helo} ({client})\r\n"
+            f"\tby {self.factory.settings.hostname} (infsmtp) with {withProtocol}{tls}\r\n"
+            f"\tid {queueId}{recipient}; {date}\r\n"
+        )
+        return header.encode("utf-8", "replace")
