@@ -199,10 +199,11 @@ class HandlerDecisions:
                 # to, on the path of every message).
                 queued = len(self._out)
                 apply(True)
-                if len(self._out) > queued:
+                if len(self._out) > queued and self._replyCount(name) == 1:
                     self._out[queued] = formatReply(code, text, defaultEnhancedCode(code))
             elif 400 <= code < 600:
-                self._reply(code, text, varies=True)
+                for _ in range(self._replyCount(name)):
+                    self._reply(code, text, varies=True)
                 if code == 421 or name == "onConnect":
                     # 421 closes (RFC 5321 3.8); a refused greeting too.
                     self._close()
@@ -210,9 +211,9 @@ class HandlerDecisions:
                 problem = f"raised SMTPError with code {code}, not a 2xx, 4xx or 5xx reply"
         elif isinstance(outcome, Failure):
             log.failure("{handler} handler failed for session {id}", outcome, handler=name, id=self.session.id)
-            self._temporary(temporary)
+            self._temporary(temporary, name)
         elif outcome is _TIMED_OUT:
-            self._temporary(temporary)
+            self._temporary(temporary, name)
         else:
             problem = f"returned {type(outcome).__name__} {_shortRepr(outcome)}, not None, True or False"
         if problem is not None:
@@ -223,15 +224,23 @@ class HandlerDecisions:
                 id=self.session.id,
                 code=temporary[0],
             )
-            self._temporary(temporary)
+            self._temporary(temporary, name)
         self._deciding = None
         if then is not None:
             then()
         if not synchronous:
             self._wake()
 
-    def _temporary(self, temporary: tuple[int, str, str]) -> None:
+    def _replyCount(self, name: str) -> int:
+        """
+        How many replies the decision of handler C{name} answers: one, but
+        in LMTP one per accepted recipient for C{onReceive} (RFC 2033 4.2).
+        """
+        return len(self.session.rcptTo) if name == "onReceive" and self._lmtp else 1
+
+    def _temporary(self, temporary: tuple[int, str, str], name: str = "") -> None:
         code, enhanced, text = temporary
-        self._reply(code, text, enhanced)
+        for _ in range(self._replyCount(name)):
+            self._reply(code, text, enhanced)
         if code == 421:
             self._close()

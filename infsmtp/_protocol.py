@@ -61,7 +61,7 @@ log = Logger(namespace="infsmtp.server")
 # transport out of order) is ever reachable from the wire.
 _METHODS = {
     verb: "do_" + verb.decode("ascii")
-    for verb in b"HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH".split()
+    for verb in b"HELO EHLO LHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS AUTH".split()
 }
 
 #: Replies queued before they are sent regardless of the batch: bounds the
@@ -170,6 +170,10 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
     admittedFrom: str | None = None
     _pending: _Pending | None = None
     _sink: SpoolSink | None = None
+    #: BDAT: the message's bytes in the chunks so far, and the reply owed to
+    #: a refused chunk once its octets are read.
+    _chunked = 0
+    _chunkRefusal: tuple[int, str, str] | None = None
     _delayed: Any = None
     #: For the session log: the last command line, the handler whose
     #: decision is being turned into a reply, the AUTH mechanism in use,
@@ -197,6 +201,8 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         self._busy = self._paused = self._writeBlocked = self._closing = self._mailStarted = False
         self._dataFramer = self._lineHandler = self._sink = None
         self._commands = self._bytesIn = 0
+        # Read once per message.
+        self._lmtp = settings.lmtp
         events = self._events = factory.events
         # Read on the success path: only the flags, never the events, when
         # no session log, metrics or debug asks for them.
@@ -612,6 +618,10 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
             b"ENHANCEDSTATUSCODES": None,
             b"SMTPUTF8": None,
         }
+        if settings.dsn:
+            ext[b"DSN"] = None
+        if settings.chunking:
+            ext[b"CHUNKING"] = None
         if self.factory.tlsOptions is not None and not self.session.secure:
             ext[b"STARTTLS"] = None
         if self._authOffered():
@@ -624,7 +634,7 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         )
 
     def _greet(self, argument: bytes, extended: bool) -> None:
-        verb = "EHLO" if extended else "HELO"
+        verb = ("LHLO" if self._lmtp else "EHLO") if extended else "HELO"
         if not argument:
             self._error(501, f"Syntax: {verb} hostname", "5.5.4")
             return
@@ -649,9 +659,24 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         self._out.append(f"250-{hostname} Hello {self.session.ip or 'unix socket'}\r\n".encode() + listed)
 
     def do_HELO(self, argument: bytes) -> None:
+        if self._lmtp:
+            self._error(500, "Error: this is LMTP: send LHLO", "5.5.1")
+            return
         self._greet(argument, False)
 
     def do_EHLO(self, argument: bytes) -> None:
+        if self._lmtp:
+            self._error(500, "Error: this is LMTP: send LHLO", "5.5.1")
+            return
+        self._greet(argument, True)
+
+    def do_LHLO(self, argument: bytes) -> None:
+        """
+        LMTP's EHLO (RFC 2033 4.1); unknown to an SMTP server.
+        """
+        if not self._lmtp:
+            self._error(500, "Command unrecognized", "5.5.2")
+            return
         self._greet(argument, True)
 
     def do_NOOP(self, argument: bytes) -> None:

@@ -79,6 +79,9 @@ class ServerSettings:
     minDataRate: int
     handlerTimeout: float
     receiveTimeout: float
+    dsn: bool = True
+    chunking: bool = True
+    lmtp: bool = False
 
 
 class ServerFactory(smtp.SMTPFactory):
@@ -342,6 +345,15 @@ class Server(SigtermStops, service.Service):
         L{infsmtp._events} for the events and their fields.
     @param debug: log the transcript of every session, both directions
         (AUTH secrets replaced by C{***}), at the debug level.
+    @param dsn: offer DSN (RFC 3461): C{RET} and C{ENVID} on MAIL,
+        C{NOTIFY} and C{ORCPT} on RCPT are accepted, checked and handed to
+        the handlers (C{session.mailParameters},
+        C{session.rcptParameters}); without it they are answered 555.
+    @param chunking: offer CHUNKING (RFC 3030): a message may come in BDAT
+        chunks, counted rather than ended by a dot.
+    @param lmtp: speak LMTP (RFC 2033) instead of SMTP: LHLO instead of
+        EHLO/HELO, and after the message one reply per accepted recipient,
+        which C{onReceive} may decide one by one (C{session.rcptResults}).
     @param reactor: the reactor (tests may pass another clock-bearing one).
 
     @ivar metrics: the server's L{ServerMetrics} once L{enableMetrics} was
@@ -404,6 +416,9 @@ class Server(SigtermStops, service.Service):
         proxyTimeout: float = 5,
         sessionLog: bool = False,
         debug: bool = False,
+        dsn: bool = True,
+        chunking: bool = True,
+        lmtp: bool = False,
         reactor: Any = None,
     ) -> None:
         self.ssl = ssl
@@ -442,6 +457,9 @@ class Server(SigtermStops, service.Service):
         self.proxyTimeout = proxyTimeout
         self.sessionLog = sessionLog
         self.debug = debug
+        self.dsn = dsn
+        self.chunking = chunking
+        self.lmtp = lmtp
         self.metrics: Any = None
         self.worker: tuple[int, int] | None = None
         #: Callables returning a problem (a short sentence) or L{None}, asked
@@ -677,6 +695,9 @@ class Server(SigtermStops, service.Service):
             minDataRate=self.minDataRate,
             handlerTimeout=self.handlerTimeout,
             receiveTimeout=self.receiveTimeout,
+            dsn=self.dsn,
+            chunking=self.chunking,
+            lmtp=self.lmtp,
         )
 
     def _tlsForSessions(self) -> Any:

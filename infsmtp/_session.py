@@ -45,7 +45,20 @@ class Session:
         line endings, after our C{Received:} header).
     @ivar received: set in C{onReceive}: C{True} answers 250, C{False} 554.
     @ivar mailParameters: the ESMTP parameters of the current MAIL command
-        (keyword -> value or L{None}).
+        (keyword in upper case -> value or L{None}), already in
+        C{onMailFrom}.  DSN's are checked and decoded: C{RET} is C{"FULL"}
+        or C{"HDRS"}, C{ENVID} the decoded text.
+    @ivar parameters: the ESMTP parameters of the MAIL or RCPT being
+        decided (in C{onMailFrom}, C{onRcptTo}); DSN's C{NOTIFY} is the
+        events in upper case (C{"SUCCESS,FAILURE"}), C{ORCPT}
+        C{"type;address"} decoded.
+    @ivar rcptParameters: accepted recipient -> its RCPT parameters (as in
+        C{parameters}), for C{onReceive}; a recipient that gave none is not
+        in it (C{session.rcptParameters.get(address, {})}).
+    @ivar rcptResults: in LMTP, what C{onReceive} may set to decide
+        recipient by recipient: address -> C{True} (250), C{False} (550) or
+        an L{SMTPError} (its reply); a recipient not in it gets the
+        message's decision (C{received}).
     @ivar queueId: the id of the current message, told to the client in
         C{250 ... queued as}; set from DATA on.
     @ivar data: a dict for the handlers' own state, kept for the session.
@@ -73,6 +86,9 @@ class Session:
         "mailFrom",
         "rcptTo",
         "mailParameters",
+        "parameters",
+        "rcptParameters",
+        "rcptResults",
         "received",
         "queueId",
         "data",
@@ -98,6 +114,9 @@ class Session:
         self.mailFrom = ""
         self.rcptTo: list[str] = []
         self.mailParameters: dict[str, str | None] = {}
+        self.parameters: dict[str, str | None] = {}
+        self.rcptParameters: dict[str, dict[str, str | None]] = {}
+        self.rcptResults: dict[str, Any] = {}
         self.received = True
         self.queueId = ""
         self.data: dict[str, Any] = {}
@@ -183,6 +202,13 @@ class Session:
         self.queueId = ""
         self.mailFrom = ""
         self.mailParameters = {}
+        # Mostly empty: a new dict only when something was put in one.
+        if self.parameters:
+            self.parameters = {}
+        if self.rcptParameters:
+            self.rcptParameters = {}
+        if self.rcptResults:
+            self.rcptResults = {}
         self.rcptTo = []
         if self._msgFile is not None:
             self._msgFile.close()

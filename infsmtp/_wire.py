@@ -367,6 +367,54 @@ class DataFramer:
             self.sink.write(chunk)
 
 
+class ChunkFramer:
+    """
+    Read one BDAT chunk (RFC 3030): exactly C{size} bytes, counted, not
+    ended by a dot and not dot-stuffed, passed to the sink as they come.
+
+    Once the message (C{already} bytes from its earlier chunks, plus this
+    one's) passes C{maxSize}, nothing more is kept (L{TOO_BIG}); the chunk
+    is read to its end all the same, so the session stays in step.  With
+    no sink the chunk is read and dropped (a refused BDAT, whose octets the
+    server must still consume).
+
+    @ivar size: bytes of the message so far, this chunk's included.
+    @ivar last: whether this is the last chunk (C{BDAT n LAST}).
+    @ivar fault: L{None} or L{TOO_BIG}.
+    """
+
+    def __init__(
+        self, sink: MessageSink | None, size: int, last: bool, maxSize: int | None = None, already: int = 0
+    ) -> None:
+        self.sink = sink
+        self.remaining = size
+        self.last = last
+        self.maxSize = maxSize
+        self.size = already
+        self.fault: str | None = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        Add bytes from the wire.
+
+        @return: L{None} while the chunk goes on; once it is complete, the
+            bytes that came after it (the next commands).
+        """
+        need = self.remaining
+        if len(data) < need:
+            piece, rest = data, None
+        else:
+            piece, rest = data[:need], data[need:]
+        self.remaining = need - len(piece)
+        if piece and self.sink is not None and self.fault is None:
+            self.size += len(piece)
+            if self.maxSize is not None and self.size > self.maxSize:
+                self.fault = TOO_BIG
+            else:
+                self.sink.write(piece)
+        return rest
+
+
 def parseCommand(line: bytes) -> tuple[bytes, bytes]:
     """
     Split a command line into its upper-cased verb and its argument.
@@ -570,6 +618,19 @@ def parseMailArguments(
 
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def splitEnhancedCode(text: str) -> tuple[str | None, str]:
+    """
+    An RFC 2034 code at the start of C{text}, and the rest.
+
+    >>> splitEnhancedCode("4.2.2 Mailbox full"), splitEnhancedCode("Full")
+    (('4.2.2', 'Mailbox full'), (None, 'Full'))
+    """
+    match = _ENHANCED.match(text)
+    if match is None:
+        return None, text
+    return match.group().strip(), text[match.end() :]
 
 
 def formatReply(code: int, text: str, enhanced: str | None = None) -> bytes:

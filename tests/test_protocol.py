@@ -53,7 +53,9 @@ def test_ehlo_lists_extensions_without_tls_or_auth(server):
     lines = h.send(b"EHLO client.test\r\n")
     assert lines[0] == b"250-mx.test Hello 192.0.2.7"
     names = [line[4:] for line in lines[1:]]
-    assert names == [b"PIPELINING", b"SIZE 33554432", b"8BITMIME", b"ENHANCEDSTATUSCODES", b"SMTPUTF8"]
+    assert names == [
+        b"PIPELINING", b"SIZE 33554432", b"8BITMIME", b"ENHANCEDSTATUSCODES", b"SMTPUTF8", b"DSN", b"CHUNKING"
+    ]
     assert lines[-1].startswith(b"250 ")
 
 

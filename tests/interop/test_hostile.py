@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-import infsmtp._protocol
+import infsmtp._transaction
 from infsmtp._protocol import ServerProtocol
 
 
@@ -65,7 +65,7 @@ def sinkWrites(monkeypatch):
     "nothing kept" means); the Received: header counts too.
     """
     totals: list[int] = []
-    original = infsmtp._protocol.DataFramer
+    original = infsmtp._transaction.DataFramer
 
     class CountingFramer(original):
         def __init__(self, sink, *args, **kwargs):
@@ -80,7 +80,7 @@ def sinkWrites(monkeypatch):
             sink.write = counted
             super().__init__(sink, *args, **kwargs)
 
-    monkeypatch.setattr(infsmtp._protocol, "DataFramer", CountingFramer)
+    monkeypatch.setattr(infsmtp._transaction, "DataFramer", CountingFramer)
     return totals
 
 
