@@ -50,7 +50,9 @@ class RelayDelivery:
 
     There is no queue: recipients the smarthost refuses while it accepts
     others are logged (the message went to the others, and a 451 would
-    duplicate it for them).
+    duplicate it for them).  When the server speaks LMTP
+    (C{Server(lmtp=True)}), those recipients are refused with the
+    smarthost's own reply (C{session.rcptResults}) and the others get 250.
 
     Messages go over at most C{maxConnections} sessions to the smarthost,
     each reused for the next message (a L{ClientPool}); more messages at
@@ -175,6 +177,9 @@ class RelayDelivery:
             )
             raise self._reply(e) from None
         for address, (code, text) in refused.items():
+            # Behind an LMTP server (Server(lmtp=True)) each recipient gets
+            # its own reply: these are refused there with the peer's words.
+            session.rcptResults[address] = SMTPError(code, text)
             log.warn(  # noqa: G010 (twisted.logger.Logger has warn, not warning)
                 "session {sessionId}: {smarthost} refused <{address}>: {code} {text}",
                 address=address,

@@ -11,9 +11,12 @@ from __future__ import annotations
 import smtplib
 
 import pytest
+import pytest_twisted
 from mailservers import DovecotLMTP
 from twistdprocess import EPHEMERAL, Twistd, runTwistd
+from twisted.internet import reactor
 
+from infsmtp import AsyncClient, LMTPDelivery, Server
 from infsmtp._twistd import ConfigurationError, Options, _lmtpDelivery
 
 #: Over bob's quota of 1 KiB (Dovecot refuses it after the data).
@@ -110,3 +113,25 @@ def test_deliverIsExclusiveWithOtherTargets(tmp_path):
 def test_theStoresTimeForItsRepliesStaysUnderTheServers():
     delivery = _lmtpDelivery(deliverOptions("--deliver", "lmtp:unix:/x", "--receive-timeout", "100"))
     assert delivery.dataTimeout == 90000 and delivery.lmtp is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_anLmtpServerPassesEachRecipientsFateOn(dovecot):
+    """
+    infsmtp speaking LMTP in front of Dovecot: each recipient's reply is
+    Dovecot's (alice saved, carol unknown), not one for the message.
+    """
+    server = Server(port=0, interface="127.0.0.1", hostname="infsmtp.test", lmtp=True)
+    delivery = LMTPDelivery(f"unix:{dovecot.socket}")
+    server.onReceive = delivery
+    await server.startListening().addTimeout(30, reactor)
+    try:
+        before = len(dovecot.delivered("alice"))
+        async with AsyncClient(host="127.0.0.1", port=server.port, lmtp=True) as client:
+            refused = await client.sendmail("ann@example.org", ["alice@example.org", "carol@example.org"], MESSAGE)
+        assert list(refused) == ["carol@example.org"] and refused["carol@example.org"][0] == 550
+        assert "carol" in refused["carol@example.org"][1]
+        assert len(dovecot.delivered("alice")) == before + 1
+    finally:
+        await delivery.close()
+        await server.stopListening().addTimeout(30, reactor)

@@ -670,6 +670,14 @@ MUTANTS = [
         "        if False:\n            session.mailParameters = params",
         ("tests/test_server_chunking.py",),
     ),
+    Mutant(
+        "lmtp-delivery-one-fate",
+        "behind an LMTP server, each recipient gets the store's own reply",
+        "infsmtp/_relay.py",
+        "            session.rcptResults[address] = SMTPError(code, text)",
+        "            pass",
+        ("tests/test_deliver_lmtp.py",),
+    ),
     # The testing kit (issue 13): what the smtpd fixture records and the
     # faults it injects, the plugin's behaviour, the development sink.
     Mutant(
