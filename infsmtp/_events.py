@@ -34,7 +34,9 @@ from functools import partial
 from typing import IO, Any, Callable
 
 from twisted.logger import FileLogObserver, ILogObserver, Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.python.compat import ioType
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 NAMESPACE = "infsmtp.session"
@@ -303,7 +305,18 @@ class LogFileObserver:
     stays a list), for Loki or Elasticsearch.
     """
 
-    def __init__(self, outFile: IO[Any], format: str = "text", worker: int | None = None) -> None:
+    def __init__(
+        self, outFile: IO[Any], format: str = "text", worker: int | None = None, reactor: Any = None
+    ) -> None:
+        """
+        @param reactor: when given, info lines logged in its thread are
+            written together once per reactor turn (one write and flush
+            for all the sessions' lines of that turn, rather than one each:
+            under load the system calls were most of the log's cost);
+            warnings and errors, and lines from other threads, are written
+            at once, after those waiting.  Lines still waiting are written
+            when the reactor stops.
+        """
         if format not in ("text", "json"):
             raise ValueError(f"log format must be text or json, not {format!r}")
         self.outFile = outFile
@@ -312,9 +325,35 @@ class LogFileObserver:
         self._second = -1
         self._stamp = ""
         self._observer = FileLogObserver(outFile, self._formatSafely)
+        self._reactor = reactor
+        self._waiting: list[str] = []
+        self._encoding = None if ioType(outFile) is str else "utf-8"
+        if reactor is not None:
+            reactor.addSystemEventTrigger("after", "shutdown", self.flush)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        self._observer(event)
+        if self._reactor is None or event.get("log_level") is not LogLevel.info or not isInIOThread():
+            if self._waiting:
+                self.flush()
+            self._observer(event)
+            return
+        if not self._waiting:
+            self._reactor.callLater(0, self.flush)
+        self._waiting.append(self._formatSafely(event))
+
+    def flush(self) -> None:
+        """
+        Write the lines waiting for the end of the reactor turn.
+        """
+        waiting, self._waiting = self._waiting, []
+        if not waiting:
+            return
+        text = "".join(waiting)
+        try:
+            self.outFile.write(text.encode(self._encoding) if self._encoding else text)
+            self.outFile.flush()
+        except Exception:  # noqa: BLE001 (an observer must not raise: a full disk loses lines, not mail)
+            pass
 
     def _time(self, when: float) -> str:
         second = int(when)

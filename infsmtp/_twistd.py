@@ -372,7 +372,9 @@ def buildLogObserver(options: Options, twistdOptions: Any) -> Any:
 
             signal.signal(signal.SIGUSR1, rotate)
     worker = options["worker"][0] if options["worker"] else None
-    return LogFileObserver(out, options["log-format"], worker)
+    from twisted.internet import reactor
+
+    return LogFileObserver(out, options["log-format"], worker, reactor)
 
 
 class SMTPService(InstallsLogObserver, SigtermStops, service.Service):

@@ -563,3 +563,43 @@ def test_client_transcript_redaction_each_way(logEvents):
         (">", "XSECRET *** here"),
         (">", "NOOP"),
     ]
+
+
+def test_theLogFileWritesInfoLinesOncePerReactorTurn():
+    """
+    With a reactor, info lines wait for the end of the turn and go out in
+    one write; a warning goes at once, after them (order kept); what waits
+    when the reactor stops is written then.
+    """
+    import io
+
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.logger import LogLevel
+
+    class CountingFile(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            self.writes += 1
+            return super().write(text)
+
+    def event(level, text):
+        return {"log_level": level, "log_namespace": "x", "log_format": text, "log_time": 0.0}
+
+    out = CountingFile()
+    reactor = MemoryReactorClock()
+    observer = LogFileObserver(out, "text", reactor=reactor)
+    observer(event(LogLevel.info, "one"))
+    observer(event(LogLevel.info, "two"))
+    assert out.getvalue() == ""
+    reactor.advance(0)
+    assert [line.split(" ", 1)[1] for line in out.getvalue().splitlines()] == ["[x#info] one", "[x#info] two"]
+    assert out.writes == 1
+    observer(event(LogLevel.info, "three"))
+    observer(event(LogLevel.warn, "four"))
+    assert [line.split(" ", 1)[1] for line in out.getvalue().splitlines()][2:] == ["[x#info] three", "[x#warn] four"]
+    observer(event(LogLevel.info, "five"))
+    # MemoryReactor keeps the triggers: run what the stop would.
+    for call, args, kwargs in reactor.triggers["after"]["shutdown"]:
+        call(*args, **kwargs)
+    assert out.getvalue().splitlines()[-1].endswith("[x#info] five")
