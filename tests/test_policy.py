@@ -2,7 +2,7 @@
 Issue 14, item 5: policy controls, driven through the public harness with a
 fake clock: requireStartTls, the banner, pregreet detection (the greeting
 delay), the onEhlo and onVrfy hooks, and what the session log says of each.
-Real clients over sockets are in tests/interop/test_policy.py.
+Real clients over sockets are in tests/interop/test_policy_clients.py.
 """
 
 from __future__ import annotations

@@ -825,7 +825,7 @@ MUTANTS = [
         TRANSACTION,
         "        if settings.requireStartTls and not self.session.secure:",
         "        if False:",
-        ("tests/test_policy.py", "tests/interop/test_policy.py"),
+        ("tests/test_policy.py", "tests/interop/test_policy_clients.py"),
     ),
     Mutant(
         "requirestarttls-auth-allowed",
@@ -865,7 +865,7 @@ MUTANTS = [
         PROTOCOL,
         "            self._reply(220, self.factory.settings.greeting)",
         '            self._reply(220, f"{self.factory.settings.hostname} ESMTP infsmtp")',
-        ("tests/test_policy.py", "tests/interop/test_policy.py"),
+        ("tests/test_policy.py", "tests/interop/test_policy_clients.py"),
     ),
     Mutant(
         "pregreet-ignored",
@@ -873,7 +873,7 @@ MUTANTS = [
         POLICY,
         "        self.dataReceived = self._talkedFirst  # type: ignore[method-assign]",
         "        pass",
-        ("tests/test_policy.py", "tests/interop/test_policy.py"),
+        ("tests/test_policy.py", "tests/interop/test_policy_clients.py"),
     ),
     Mutant(
         "pregreet-no-delay",
@@ -913,7 +913,7 @@ MUTANTS = [
         SASL,
         '        if self._withdrawnBy("AUTH"):',
         "        if False:",
-        ("tests/test_policy.py", "tests/interop/test_policy.py"),
+        ("tests/test_policy.py", "tests/interop/test_policy_clients.py"),
     ),
     Mutant(
         "onehlo-starttls-withdrawal-ignored",
@@ -945,7 +945,7 @@ MUTANTS = [
         PROTOCOL,
         '        if self._handlers["onEhlo"] is not None:',
         "        if False:",
-        ("tests/test_policy.py", "tests/interop/test_policy.py"),
+        ("tests/test_policy.py", "tests/interop/test_policy_clients.py"),
     ),
     Mutant(
         "onvrfy-abstain-fails-open",
