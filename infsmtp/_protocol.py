@@ -303,13 +303,19 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         # reset in DATA holds a buffer of up to the spool threshold and,
         # beyond, an open spool file.
         pending, self._pending = self._pending, None
-        if pending is not None and pending.timer.active():
-            pending.timer.cancel()
+        if pending is not None:
+            if pending.timer.active():
+                pending.timer.cancel()
+            if self._greetWaiting:
+                # Gone while onConnect decided, before the greeting.
+                self._stopWaitingToGreet()
         delayed, self._delayed = self._delayed, None
-        if delayed is not None and delayed.active():
-            delayed.cancel()
-        if self._greetWaiting:
-            self._stopWaitingToGreet()
+        if delayed is not None:
+            if delayed.active():
+                delayed.cancel()
+            if self._greetWaiting:
+                # Gone during the greeting delay.
+                self._stopWaitingToGreet()
         self._dataFramer = None
         self._releaseSink()
         self._framer.clear()

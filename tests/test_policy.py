@@ -401,3 +401,14 @@ def test_a_script_onVrfy_decides_through_session_accept(tmp_path):
     server.onVrfy = str(script)
     assert server.onVrfy == str(script)
     assert type(server._handlers["onVrfy"]).__name__ == "ScriptHandler"
+
+
+def test_leaving_before_the_greeting_restores_the_class_dataReceived():
+    # No cycle through the instance's bound method is left behind.
+    for advance in (0, 5):
+        pending: Deferred = Deferred()
+        h = ServerHarness(greetDelay=5, onConnect=lambda s: pending)
+        h.clock.advance(advance)
+        assert "dataReceived" in vars(h.protocol)
+        h.lose()
+        assert "dataReceived" not in vars(h.protocol)
