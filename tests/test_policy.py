@@ -407,7 +407,7 @@ def test_leaving_before_the_greeting_restores_the_class_dataReceived():
     # No cycle through the instance's bound method is left behind.
     for advance in (0, 5):
         pending: Deferred = Deferred()
-        h = ServerHarness(greetDelay=5, onConnect=lambda s: pending)
+        h = ServerHarness(greetDelay=5, onConnect=lambda s, pending=pending: pending)
         h.clock.advance(advance)
         assert "dataReceived" in vars(h.protocol)
         h.lose()
