@@ -33,7 +33,13 @@ _DECISIONS = {
     "onMailFrom": "accept",
     "onRcptTo": "accept",
     "onReceive": "received",
+    "onEhlo": "accept",
+    "onVrfy": "accept",
 }
+
+#: Handlers that may leave their decision field L{None}: they had nothing
+#: to say (C{onVrfy}: VRFY answers 252 then).
+_MAY_ABSTAIN = frozenset({"onVrfy"})
 
 
 class _TimedOut:
@@ -186,7 +192,7 @@ class HandlerDecisions:
             # The decision is the field the handler set, which must be a
             # bool (a returned bool overrides it, so it is not looked at).
             value = getattr(self.session, _DECISIONS[name])
-            if type(value) is bool:
+            if type(value) is bool or (value is None and name in _MAY_ABSTAIN):
                 apply(None)
             else:
                 problem = f"set session.{_DECISIONS[name]} to {_shortRepr(value)}, not True or False"

@@ -38,6 +38,7 @@ from zope.interface import implementer
 from ._decisions import _CONNECT_TRY_AGAIN, HandlerDecisions, _Pending
 from ._handlers import callHandler
 from ._output import ReplyOutput
+from ._policy import PolicyHooks
 from ._sasl import SASLExchange
 from ._session import Session
 from ._transaction import MailTransaction
@@ -121,7 +122,7 @@ def describeListener(address: Any) -> str:
 
 
 @implementer(IHandshakeListener)
-class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchange, smtp.ESMTP):
+class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchange, PolicyHooks, smtp.ESMTP):
     """
     One SMTP session.  Built by L{ServerFactory}; see the module docstring.
 
@@ -129,7 +130,8 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
     itself, so the per-command path calls no other object):
     L{ReplyOutput} (replies, the close, flow control), L{HandlerDecisions}
     (a handler's outcome turned into a reply), L{MailTransaction} (MAIL,
-    RCPT, DATA and the message), L{SASLExchange} (AUTH).  What is left
+    RCPT, DATA and the message), L{SASLExchange} (AUTH), L{PolicyHooks}
+    (pregreet detection, C{onEhlo}, C{onVrfy}).  What is left
     here: the connection's life, its deadlines, the input path, the
     commands of the session itself (EHLO, RSET, STARTTLS, ...) and their
     dispatch.
@@ -265,6 +267,10 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         if self._verbose:
             self._events.connected(self, describeListener(self.transport.getHost()), self.session.secure)
         self._armTimer(self.timeout)
+        if self.factory.settings.greetDelay:
+            # Pregreet detection: onConnect and the 220 wait.
+            self._waitToGreet(self.factory.settings.greetDelay)
+            return
         self._decide("onConnect", self._afterConnect, _CONNECT_TRY_AGAIN)
         self._flush()
 
@@ -272,7 +278,7 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         if isinstance(result, bool):
             self.session.accept = result
         if self.session.accept:
-            self._reply(220, f"{self.factory.settings.hostname} ESMTP infsmtp")
+            self._reply(220, self.factory.settings.greeting)
         else:
             self._reply(554, "No SMTP service here", "5.7.1")
             self._close()
@@ -303,11 +309,19 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         # reset in DATA holds a buffer of up to the spool threshold and,
         # beyond, an open spool file.
         pending, self._pending = self._pending, None
-        if pending is not None and pending.timer.active():
-            pending.timer.cancel()
+        if pending is not None:
+            if pending.timer.active():
+                pending.timer.cancel()
+            if self._greetWaiting:
+                # Gone while onConnect decided, before the greeting.
+                self._stopWaitingToGreet()
         delayed, self._delayed = self._delayed, None
-        if delayed is not None and delayed.active():
-            delayed.cancel()
+        if delayed is not None:
+            if delayed.active():
+                delayed.cancel()
+            if self._greetWaiting:
+                # Gone during the greeting delay.
+                self._stopWaitingToGreet()
         self._dataFramer = None
         self._releaseSink()
         self._framer.clear()
@@ -649,6 +663,9 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         if not extended:
             self._reply(250, hostname, "")
             return
+        if self._handlers["onEhlo"] is not None:
+            self._ehloHook()
+            return
         # The extension lines depend only on what the session may be
         # offered, so each variant is formatted once per factory.
         key = (self.session.secure, self._authOffered())
@@ -705,6 +722,12 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         if not argument:
             self._error(501, "Syntax: VRFY address", "5.5.4")
             return
+        if self.factory.settings.requireStartTls and not self.session.secure:
+            self._reply(530, "Must issue a STARTTLS command first", "5.7.0", reason="requireStartTls")
+            return
+        if self._handlers["onVrfy"] is not None:
+            self._vrfyHook(argument)
+            return
         self._reply(252, "Cannot VRFY user, but will accept message and attempt delivery", "2.5.0")
 
     def do_EXPN(self, argument: bytes) -> None:
@@ -719,6 +742,10 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
             return
         if self.factory.tlsOptions is None:
             self._reply(454, "TLS not available", "4.7.0", reason="tlsUnavailable")
+            return
+        if self._withdrawnBy("STARTTLS"):
+            # onEhlo removed it for this client (Postfix's reply).
+            self._error(502, "Error: command not implemented", "5.5.1")
             return
         self._reply(220, "Ready to start TLS", "2.0.0")
         self.flushNow()

@@ -23,8 +23,15 @@ class SASLExchange:
     """
 
     def do_AUTH(self, argument: bytes) -> None:
+        if self.factory.settings.requireStartTls and not self.session.secure:
+            self._reply(530, "Must issue a STARTTLS command first", "5.7.0", reason="requireStartTls")
+            return
         if self._handlers["onLogin"] is None:
             self._error(502, "AUTH not available", "5.5.1")
+            return
+        if self._withdrawnBy("AUTH"):
+            # onEhlo removed it for this client (Postfix's reply).
+            self._error(503, "Error: authentication not enabled", "5.5.1")
             return
         if not self.session.secure and not self.factory.settings.allowInsecureAuth:
             self._reply(538, "Encryption required for requested authentication mechanism", "5.7.11", reason="authNeedsTls")

@@ -42,7 +42,16 @@ log = Logger(namespace="infsmtp.server")
 #: An endpoint string with this prefix reads a PROXY protocol header first.
 HAPROXY_PREFIX = "haproxy:"
 
-HANDLER_NAMES = ("onConnect", "onLogin", "onMailFrom", "onRcptTo", "onReceive", "onDisconnect")
+HANDLER_NAMES = (
+    "onConnect",
+    "onLogin",
+    "onMailFrom",
+    "onRcptTo",
+    "onReceive",
+    "onDisconnect",
+    "onEhlo",
+    "onVrfy",
+)
 
 
 def listenEndpoint(reactor: Any, description: str, backlog: int = 1024) -> IStreamServerEndpoint:
@@ -82,6 +91,12 @@ class ServerSettings:
     dsn: bool = True
     chunking: bool = True
     lmtp: bool = False
+    #: MAIL, AUTH and VRFY before STARTTLS are answered 530 (issue 14).
+    requireStartTls: bool = False
+    #: The greeting's text: the host name and the banner.
+    greeting: str = ""
+    #: Seconds the greeting waits (pregreet detection); 0: none.
+    greetDelay: float = 0.0
 
 
 class ServerFactory(smtp.SMTPFactory):
@@ -201,6 +216,10 @@ class ServerFactory(smtp.SMTPFactory):
 
 #: What a hostname in replies may be: printable, no spaces.
 _HOSTNAME = re.compile(r"[\x21-\x7e]{1,255}")
+#: What the greeting's text after the host name may be: printable ASCII
+#: (RFC 5321's textstring, without HTAB), one line, short enough that the
+#: greeting stays within the 512 octets of a reply line.
+_BANNER = re.compile(r"[\x20-\x7e]{0,200}")
 
 
 def _checkCount(name: str, value: Any, least: int, most: int | None, alternative: str = "") -> None:
@@ -355,6 +374,20 @@ class Server(SigtermStops, service.Service):
         EHLO/HELO, and after the message one reply per accepted recipient,
         which C{onReceive} may decide one by one (C{session.rcptResults}).
     @param reactor: the reactor (tests may pass another clock-bearing one).
+    @param requireStartTls: answer MAIL, AUTH and VRFY before STARTTLS
+        C{530 5.7.0 Must issue a STARTTLS command first} (Postfix's
+        C{smtpd_tls_security_level = encrypt}; the usual setting for port
+        587); AUTH is then never offered before TLS.  Needs C{ssl=True}.
+        Implicit TLS sessions are secure from the start.
+    @param banner: the greeting's text after the host name (C{220
+        mx.example.org ESMTP infsmtp}): one line of printable ASCII, at
+        most 200 characters; C{""} sends the host name alone.
+    @param greetDelay: seconds the greeting waits, for pregreet detection
+        (Postfix postscreen's C{postscreen_greet_wait}): a client that talks
+        before the 220 is answered C{554 5.5.1} and disconnected, and the
+        log says C{reason=pregreet}.  C{onConnect} runs after the delay,
+        and only for clients that waited.  0 (the default): greet at once.
+        Must be shorter than C{timeout}.
 
     @ivar metrics: the server's L{ServerMetrics} once L{enableMetrics} was
         called, else L{None}.
@@ -376,6 +409,8 @@ class Server(SigtermStops, service.Service):
     onRcptTo = _HandlerSlot()
     onReceive = _HandlerSlot()
     onDisconnect = _HandlerSlot()
+    onEhlo = _HandlerSlot()
+    onVrfy = _HandlerSlot()
 
     def __init__(
         self,
@@ -420,6 +455,9 @@ class Server(SigtermStops, service.Service):
         chunking: bool = True,
         lmtp: bool = False,
         reactor: Any = None,
+        requireStartTls: bool = False,
+        banner: str = "ESMTP infsmtp",
+        greetDelay: float = 0.0,
     ) -> None:
         self.ssl = ssl
         self.verifyCertificate = verifyCertificate
@@ -460,6 +498,9 @@ class Server(SigtermStops, service.Service):
         self.dsn = dsn
         self.chunking = chunking
         self.lmtp = lmtp
+        self.requireStartTls = requireStartTls
+        self.banner = banner
+        self.greetDelay = greetDelay
         self.metrics: Any = None
         self.worker: tuple[int, int] | None = None
         #: Callables returning a problem (a short sentence) or L{None}, asked
@@ -665,6 +706,16 @@ class Server(SigtermStops, service.Service):
             )
         if not isinstance(self.hostname, str) or not _HOSTNAME.fullmatch(self.hostname):
             raise ValueError(f"hostname must be a name without spaces or control characters, not {self.hostname!r}")
+        if not isinstance(self.banner, str) or not _BANNER.fullmatch(self.banner):
+            raise ValueError(
+                f"banner must be one line of printable ASCII (no control characters), at most 200, not {self.banner!r}"
+            )
+        if self.requireStartTls and not self.ssl:
+            # Every MAIL would be refused, forever.
+            raise ValueError("requireStartTls needs ssl=True and a certificate: without TLS no client could send mail")
+        _checkSeconds("greetDelay", self.greetDelay, positive=False)
+        if self.greetDelay >= self.timeout:
+            raise ValueError(f"greetDelay must be shorter than timeout ({self.timeout:g} s), not {self.greetDelay!r}")
         self._trusted = parseNetworks(self.trustedNetworks)
 
     def _clientLimits(self, clock: IReactorTime) -> ClientLimits:
@@ -688,7 +739,8 @@ class Server(SigtermStops, service.Service):
             maxErrors=self.maxErrors,
             maxAuthFailures=self.maxAuthFailures,
             idleTimeout=self.timeout,
-            allowInsecureAuth=self.allowInsecureAuth,
+            # requireStartTls: no AUTH before STARTTLS, whatever else says.
+            allowInsecureAuth=self.allowInsecureAuth and not self.requireStartTls,
             requireAuth=self.requireAuth,
             receivedHeader=self.receivedHeader,
             spoolThreshold=self.spoolThreshold,
@@ -698,6 +750,9 @@ class Server(SigtermStops, service.Service):
             dsn=self.dsn,
             chunking=self.chunking,
             lmtp=self.lmtp,
+            requireStartTls=bool(self.requireStartTls),
+            greeting=f"{self.hostname} {self.banner}" if self.banner else self.hostname,
+            greetDelay=float(self.greetDelay),
         )
 
     def _tlsForSessions(self) -> Any:

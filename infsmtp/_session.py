@@ -37,7 +37,9 @@ class Session:
         succeeded.
     @ivar address: the address of the MAIL or RCPT being decided; C{""} for
         the null sender C{<>}.
-    @ivar accept: set in C{onConnect}, C{onMailFrom}, C{onRcptTo}.
+    @ivar accept: set in C{onConnect}, C{onMailFrom}, C{onRcptTo},
+        C{onEhlo} (C{False} refuses the EHLO), and C{onVrfy}, where it is
+        L{None} until set (C{True}: 250, C{False}: 550, L{None}: 252).
     @ivar mailFrom: the accepted sender of the current transaction.
     @ivar rcptTo: the accepted recipients of the current transaction, in
         order.
@@ -61,6 +63,10 @@ class Session:
         message's decision (C{received}).
     @ivar queueId: the id of the current message, told to the client in
         C{250 ... queued as}; set from DATA on.
+    @ivar extensions: in C{onEhlo}, the extensions this EHLO reply will
+        list, in order: keyword -> its parameters as one string
+        (C{"SIZE": "33554432"}), or L{None} when it has none.  Remove,
+        add or change entries (or set a new dict); see L{Server}.
     @ivar data: a dict for the handlers' own state, kept for the session.
         (Other attributes cannot be added: setting a misspelt one raises
         L{AttributeError}.)
@@ -92,6 +98,7 @@ class Session:
         "received",
         "queueId",
         "data",
+        "extensions",
         "_msg",
         "_message",
         "_msgFile",
@@ -120,6 +127,7 @@ class Session:
         self.received = True
         self.queueId = ""
         self.data: dict[str, Any] = {}
+        self.extensions: dict[str, str | None] = {}
         self._msg: bytes | None = b""
         self._message: EmailMessage | None = None
         self._msgFile: IO[bytes] | None = None

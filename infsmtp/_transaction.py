@@ -82,6 +82,9 @@ class MailTransaction:
 
     def do_MAIL(self, argument: bytes) -> None:
         settings = self.factory.settings
+        if settings.requireStartTls and not self.session.secure:
+            self._reply(530, "Must issue a STARTTLS command first", "5.7.0", reason="requireStartTls")
+            return
         if not self.session.helo:
             self._error(503, "Error: send HELO/EHLO first", "5.5.1")
             return

@@ -93,6 +93,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["implicit-tls", None, "TLS from the first byte on every listener (port 465 style); needs --cert."],
         ["allow-insecure-auth", None, "Offer AUTH without TLS (trusted networks and tests only)."],
         ["require-auth", None, "Refuse MAIL (530) until the client has authenticated."],
+        ["require-starttls", None, "Refuse MAIL, AUTH and VRFY before STARTTLS (530 5.7.0): the usual setting for port 587; needs --cert."],
         ["no-received-header", None, "Do not add a Received: trace header."],
         ["lmtp", None, "Speak LMTP (RFC 2033) instead of SMTP: LHLO, and one reply per recipient after the message."],
         ["no-dsn", None, "Do not offer DSN (RFC 3461): RET, ENVID, NOTIFY and ORCPT are then refused with 555."],
@@ -104,8 +105,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     optParameters: ClassVar[list[list[Any]]] = [
         ["hostname", None, None, "Name in the greeting, EHLO reply and Received: header [default: this host's FQDN]."],
+        ["banner", None, "ESMTP infsmtp", "Text of the greeting after the host name (one line of printable ASCII)."],
+        ["greet-delay", None, 0.0, "Seconds the greeting waits; a client that talks before it is answered 554 and disconnected (pregreet detection, like postscreen). 0: greet at once.", float],
         ["maildir", "m", None, f"Maildir folder messages are stored in, created if missing [default: ./{DEFAULT_MAILDIR}]."],
-        ["handlers", None, None, "Python file or module whose onConnect/onLogin/onMailFrom/onRcptTo/onReceive/onDisconnect become the handlers."],
+        ["handlers", None, None, "Python file or module whose onConnect/onEhlo/onLogin/onMailFrom/onRcptTo/onReceive/onVrfy/onDisconnect become the handlers."],
         ["cert", "c", None, "PEM certificate (the chain may follow) offered with STARTTLS, or used by --implicit-tls."],
         ["key", "k", None, "PEM private key of --cert (unencrypted)."],
         ["root", None, None, "PEM file of further chain certificates sent after --cert."],
@@ -672,6 +675,8 @@ _OPTION_NAMES = {
     "minProtocol": "--min-tls",
     "maxProtocol": "--max-tls",
     "hostname": "--hostname",
+    "banner": "--banner",
+    "greetDelay": "--greet-delay",
 }
 
 
@@ -700,6 +705,8 @@ def buildServer(options: Options) -> Server:
         raise ConfigurationError("--cert needs --key")
     if options["implicit-tls"] and not options["cert"]:
         raise ConfigurationError("--implicit-tls needs --cert and --key")
+    if options["require-starttls"] and not options["cert"]:
+        raise ConfigurationError("--require-starttls needs --cert and --key: without TLS no client could send mail")
     if options["relay"] and options["maildir"]:
         raise ConfigurationError("--relay and --maildir are exclusive: a message is either forwarded or stored")
     if options["print"] and (options["relay"] or options["maildir"]):
@@ -740,6 +747,9 @@ def buildServer(options: Options) -> Server:
             handlerTimeout=options["handler-timeout"],
             receiveTimeout=options["receive-timeout"],
             messageMemoryLimit=options["message-memory"],
+            requireStartTls=bool(options["require-starttls"]),
+            banner=options["banner"],
+            greetDelay=options["greet-delay"],
             # What the operator of a daemon reads: every session's lines.
             sessionLog=True,
             debug=bool(options["debug"]),

@@ -727,6 +727,10 @@ def wrongConfigurations(tmp_path, certificateAuthority):
         "negative memory budget": (["--message-memory", "-5"], "--message-memory -5: a size cannot be negative"),
         "count not a number": (["--max-connections", "many"], "--max-connections many: invalid literal for int()"),
         "no handler time": (["--receive-timeout", "0"], "--receive-timeout must be a positive number of seconds"),
+        "starttls required without tls": (["--require-starttls"], "--require-starttls needs --cert and --key"),
+        "greeting later than the timeout": (["--greet-delay", "400"],
+                                            "--greet-delay must be shorter than timeout (300 s), not 400.0"),
+        "banner not ascii": (["--banner", "caf\u00e9"], "--banner must be one line of printable ASCII"),
     }
 
 
@@ -734,6 +738,7 @@ CASES = [
     "missing certificate", "unreadable key", "key not matching", "unknown auth", "missing users file",
     "maildir is a file", "bad endpoint", "broken handlers", "implicit tls alone", "two deliveries", "port in use",
     "negative per-client limit", "zero timeout", "bad trusted network", "negative memory budget", "count not a number", "no handler time",
+    "starttls required without tls", "greeting later than the timeout", "banner not ascii",
 ]
 
 

@@ -174,9 +174,12 @@ class ServerHarness:
     def ehlo(self, name: str = "client.test") -> list[bytes]:
         """
         Read the greeting (when not read yet) and say EHLO; the EHLO reply
-        lines.
+        lines (however many extensions an C{onEhlo} left).
         """
-        return self.send(f"EHLO {name}")[-(len(self.protocol.extensions()) + 1) :]
+        lines = self.send(f"EHLO {name}")
+        while lines and lines[0][:3] == b"220":
+            lines.pop(0)
+        return lines
 
     def lose(self) -> None:
         """
@@ -214,6 +217,7 @@ def makeSession(
     rcptTo: Iterable[str] = (),
     mailParameters: dict[str, str | None] | None = None,
     message: bytes | str | EmailMessage | None = None,
+    extensions: dict[str, str | None] | None = None,
 ) -> DetachedSession:
     """
     A session with these fields, to call a handler with directly.
@@ -239,6 +243,7 @@ def makeSession(
     session.mailFrom = mailFrom
     session.rcptTo = list(rcptTo)
     session.mailParameters = dict(mailParameters or {})
+    session.extensions = dict(extensions or {})
     if message is not None:
         if isinstance(message, EmailMessage):
             message = message.as_bytes()
