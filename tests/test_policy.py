@@ -230,11 +230,12 @@ def test_onEhlo_sees_the_list_and_may_withdraw_auth_for_a_client():
     trusted = ServerHarness(server)
     assert trusted.ehlo("a.trusted.test") == [
         b"250-mx.test Hello 192.0.2.7", b"250-PIPELINING", b"250-SIZE 33554432", b"250-8BITMIME",
-        b"250-ENHANCEDSTATUSCODES", b"250-SMTPUTF8", b"250-AUTH PLAIN LOGIN", b"250 X-POLICY one two",
+        b"250-ENHANCEDSTATUSCODES", b"250-SMTPUTF8", b"250-DSN", b"250-CHUNKING", b"250-AUTH PLAIN LOGIN",
+        b"250 X-POLICY one two",
     ]
     assert seen[0] == ("a.trusted.test", {
         "PIPELINING": None, "SIZE": "33554432", "8BITMIME": None, "ENHANCEDSTATUSCODES": None, "SMTPUTF8": None,
-        "AUTH": "PLAIN LOGIN",
+        "DSN": None, "CHUNKING": None, "AUTH": "PLAIN LOGIN",
     })
     assert trusted.send(b"AUTH PLAIN " + b64(b"\0u\0p") + b"\r\n") == [b"235 2.7.0 Authentication successful"]
     untrusted = ServerHarness(server)

@@ -15,7 +15,7 @@ calling a handler directly when the reply does not matter.
     ...         raise SMTPError(550, "5.1.1 No such user here")
     >>> h = ServerHarness(onRcptTo=onRcptTo)
     >>> h.ehlo()[-1]
-    b'250 SMTPUTF8'
+    b'250 CHUNKING'
     >>> h.reply("MAIL FROM:<a@b.test>")
     (250, '2.1.0 Sender OK')
     >>> h.reply("RCPT TO:<x@elsewhere.test>")
