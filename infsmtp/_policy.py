@@ -44,7 +44,7 @@ MAX_PARAMS_LENGTH = 400
 #: The extensions whose removal by C{onEhlo} also withdraws the command
 #: for the session (as Postfix's C{smtpd_discard_ehlo_keywords} does):
 #: hiding AUTH from a client must not leave AUTH usable by it.
-WITHDRAWABLE = ("AUTH", "STARTTLS")
+WITHDRAWABLE = ("AUTH", "STARTTLS", "CHUNKING")
 
 #: The longest VRFY argument looked up (RFC 5321 4.5.3.1.3: a path is at
 #: most 256 octets), so that the reply echoing it stays one short line.

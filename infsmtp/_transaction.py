@@ -260,7 +260,7 @@ class MailTransaction:
         settings = self.factory.settings
         session = self.session
         sink = self._sink
-        if not settings.chunking:
+        if not settings.chunking or self._withdrawnBy("CHUNKING"):
             refusal = (502, "BDAT not available", "5.5.1")
         elif not self._mailStarted:
             refusal = (503, "Error: need MAIL command", "5.5.1")

@@ -283,3 +283,15 @@ def test_pluginOptions():
     options.parseOptions([])
     server = buildServer(options)
     assert (server.lmtp, server.dsn, server.chunking) == (False, True, True)
+
+
+def test_chunkingWithdrawnByOnEhloIsRefused():
+    def onEhlo(session):
+        session.extensions.pop("CHUNKING")
+
+    h = ServerHarness(onEhlo=onEhlo, receivedHeader=False)
+    h.take()
+    assert not any(b"CHUNKING" in line for line in h.send("EHLO client.test"))
+    envelope(h)
+    # Not offered, so refused (its octets read all the same).
+    assert h.codes(b"BDAT 4 LAST\r\nQUITNOOP\r\n") == [502, 250]
