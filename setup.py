@@ -20,6 +20,6 @@ from setuptools import setup
 
 setup(
     package_dir={"": "."},
-    packages=["infsmtp", "infsmtp.testing", "twisted.plugins"],
+    packages=["infsmtp", "infsmtp._server", "infsmtp._client", "infsmtp._daemon", "infsmtp.testing", "twisted.plugins"],
     package_data={"twisted.plugins": ["infsmtp_plugin.py"]},
 )

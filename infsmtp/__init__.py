@@ -23,16 +23,16 @@ _PUBLIC = {
     "AuthMode": "_enums",
     "EncryptMode": "_enums",
     "TLSVersion": "_enums",
-    "AsyncClient": "_client",
-    "Client": "_client",
-    "sendmail": "_client",
-    "ClientPool": "_pool",
-    "BlockingClientPool": "_pool",
-    "Server": "_server",
-    "Session": "_session",
-    "MaildirDelivery": "_maildir",
-    "RelayDelivery": "_relay",
-    "LMTPDelivery": "_relay",
+    "AsyncClient": "_client.client",
+    "Client": "_client.client",
+    "sendmail": "_client.client",
+    "ClientPool": "_client.pool",
+    "BlockingClientPool": "_client.pool",
+    "Server": "_server.server",
+    "Session": "_server.session",
+    "MaildirDelivery": "_daemon.maildir",
+    "RelayDelivery": "_daemon.relay",
+    "LMTPDelivery": "_daemon.relay",
     "SMTPError": "_errors",
     "SMTPConnectError": "_errors",
     "SMTPTimeoutError": "_errors",
@@ -59,7 +59,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from ._client import AsyncClient, Client, sendmail
+    from ._client.client import AsyncClient, Client, sendmail
+    from ._client.pool import BlockingClientPool, ClientPool
+    from ._daemon.maildir import MaildirDelivery
+    from ._daemon.relay import LMTPDelivery, RelayDelivery
     from ._enums import AuthMode, EncryptMode, TLSVersion
     from ._errors import (
         SMTPAuthenticationError,
@@ -70,8 +73,5 @@ if TYPE_CHECKING:
         SMTPTimeoutError,
         SMTPTLSError,
     )
-    from ._maildir import MaildirDelivery
-    from ._pool import BlockingClientPool, ClientPool
-    from ._relay import LMTPDelivery, RelayDelivery
-    from ._server import Server
-    from ._session import Session
+    from ._server.server import Server
+    from ._server.session import Session

@@ -46,8 +46,8 @@ def buildSink(arguments: argparse.Namespace, stream: Any = None) -> tuple[Any, s
     The sink's L{Server} (not listening yet) and the folder holding its
     throwaway CA (L{None} without TLS).
     """
-    from ._printer import PrintDelivery
-    from ._server import Server
+    from ._daemon.printer import PrintDelivery
+    from ._server.server import Server
     from .testing._certificates import CertificateAuthority
 
     secure = arguments.tls or arguments.implicit_tls

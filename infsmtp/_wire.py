@@ -146,7 +146,7 @@ class SpoolSink:
     bytes (no limit when L{None}) and moves it to an anonymous temporary
     file beyond, so that a 100 MB message costs disk, not memory.
 
-    With a C{budget} (see L{infsmtp._limits.MemoryBudget}: C{take(n)} and
+    With a C{budget} (see L{infsmtp._server.limits.MemoryBudget}: C{take(n)} and
     C{give(n)}), the bytes held in memory are also taken from it, and the
     message moves to a file as soon as the budget is spent: the memory of
     all sessions' messages together stays bounded.  L{release} gives the

@@ -7,7 +7,7 @@ and close, or are sent addresses that would inject parameters.
 Each test checks that the client fails closed (an ``SMTPError`` subclass
 that says what happened, nothing unsafe sent) and stays bounded (what it
 holds of a reply never passes the limits of
-:mod:`infsmtp._clientprotocol`).  No test sleeps; every wait is bounded.
+:mod:`infsmtp._client.protocol`).  No test sleeps; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
-import infsmtp._client
+import infsmtp._client.client
 from infsmtp import (
     AsyncClient,
     AuthMode,
@@ -35,7 +35,7 @@ from infsmtp import (
     SMTPError,
     SMTPProtocolError,
 )
-from infsmtp._clientprotocol import (
+from infsmtp._client.protocol import (
     MAX_QUOTED_TEXT,
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
@@ -231,7 +231,7 @@ def measured(monkeypatch):
     instances.
     """
     MeasuredSessionClient.instances = []
-    monkeypatch.setattr(infsmtp._client, "ESMTPSessionClient", MeasuredSessionClient)
+    monkeypatch.setattr(infsmtp._client.client, "ESMTPSessionClient", MeasuredSessionClient)
     return MeasuredSessionClient.instances
 
 

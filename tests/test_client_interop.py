@@ -701,8 +701,8 @@ async def test_streamedLineEndingCutInTwoDoesNotStall(aiosmtpdServer):
     nothing, which must not leave the transport waiting for a write that
     never comes.
     """
-    import infsmtp._clientprotocol as clientprotocol
-    import infsmtp._envelope as envelope
+    import infsmtp._client.envelope as envelope
+    import infsmtp._client.protocol as clientprotocol
 
     server = aiosmtpdServer()
     message = b"From: a@example.org\r\nTo: b@example.org\r\n\r\nbody\r\n"
@@ -727,8 +727,8 @@ async def test_randomChunkingReachesThePeerIntact(peer, aiosmtpdServer, ourServe
     Hypothesis drives the blocking Client from a worker thread (its
     examples cannot await).
     """
-    import infsmtp._clientprotocol as clientprotocol
-    import infsmtp._envelope as envelope
+    import infsmtp._client.envelope as envelope
+    import infsmtp._client.protocol as clientprotocol
 
     if peer == "aiosmtpd":
         server = aiosmtpdServer()

@@ -22,7 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent
 
 from infsmtp import AsyncClient, AuthMode, Client, SMTPAuthenticationError, sendmail
-from infsmtp._oauth import saslName
+from infsmtp._client.oauth import saslName
 
 CURRENT = "ya29.current-Token_0~+/=="
 

@@ -26,8 +26,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
 from infsmtp import AsyncClient, ClientPool, SMTPError, SMTPRecipientsRefused
-from infsmtp._clientprotocol import MAX_CHUNKS_UNANSWERED, ESMTPSessionClient
-from infsmtp._envelope import outgoingFromStream
+from infsmtp._client.envelope import outgoingFromStream
+from infsmtp._client.protocol import MAX_CHUNKS_UNANSWERED, ESMTPSessionClient
 
 SENDER = "ann@example.org"
 

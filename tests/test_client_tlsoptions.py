@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides
 
 from infsmtp import AsyncClient, Client, EncryptMode, SMTPConnectError, SMTPError, SMTPTLSError, TLSVersion
-from infsmtp._clientprotocol import ESMTPSessionClient
+from infsmtp._client.protocol import ESMTPSessionClient
 from infsmtp.testing import CertificateAuthority
 
 #: The bound on a wait that the client's own timeout does not bound.

@@ -38,7 +38,13 @@ from infsmtp import (
     SMTPTimeoutError,
     SMTPTLSError,
 )
-from infsmtp._clientprotocol import (
+from infsmtp._client.envelope import (
+    envelopeFromHeaders,
+    outgoingFromMessage,
+    outgoingFromStream,
+    stripHeaderFields,
+)
+from infsmtp._client.protocol import (
     MAX_QUOTED_TEXT,
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
@@ -54,16 +60,10 @@ from infsmtp._clientprotocol import (
     redact,
     sizeLimit,
 )
-from infsmtp._clienttls import (
+from infsmtp._client.tls import (
     OP_ALLOW_UNSAFE_LEGACY_RENEGOTIATION,
     OP_LEGACY_SERVER_CONNECT,
     clientTLSOptions,
-)
-from infsmtp._envelope import (
-    envelopeFromHeaders,
-    outgoingFromMessage,
-    outgoingFromStream,
-    stripHeaderFields,
 )
 from infsmtp._errors import SMTPRecipientsRefused
 
@@ -443,7 +443,7 @@ def test_outgoingFromStreamFindsHeaderEndAcrossReads(step):
         b"Bcc: this line is body\n"
     )
     stream = Trickle(data, step)
-    import infsmtp._envelope as envelope
+    import infsmtp._client.envelope as envelope
 
     old = envelope.READ_SIZE
     envelope.READ_SIZE = step
@@ -1362,7 +1362,7 @@ def test_sessionAttributesStayInCPythonsSharedKeyDict():
     (callgrind: +3 % instructions per message).  Merge state before adding
     an attribute.
     """
-    from infsmtp._clientprotocol import ESMTPSessionClient
+    from infsmtp._client.protocol import ESMTPSessionClient
 
     protocol = ESMTPSessionClient("client.test", 30, 600)
     protocol.makeConnection(StringTransport())

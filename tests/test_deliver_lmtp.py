@@ -17,7 +17,7 @@ from twistdprocess import EPHEMERAL, Twistd, runTwistd
 from twisted.internet import reactor
 
 from infsmtp import AsyncClient, LMTPDelivery, Server
-from infsmtp._twistd import ConfigurationError, Options, _lmtpDelivery
+from infsmtp._daemon.twistd import ConfigurationError, Options, _lmtpDelivery
 
 #: Over bob's quota of 1 KiB (Dovecot refuses it after the data).
 MESSAGE = b"From: ann@example.org\r\nSubject: to the store\r\n\r\n.a dot\r\n" + b"x" * 1500 + b"\r\n"

@@ -21,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from infsmtp import Server, SMTPError
-from infsmtp._twistd import ConfigurationError, Options, buildServer
+from infsmtp._daemon.twistd import ConfigurationError, Options, buildServer
 
 WAIT = 20
 
@@ -470,7 +470,7 @@ def test_tac_script_handler_resolves_beside_the_tac(tmp_path):
 
 
 def test_tac_path_on_the_command_line():
-    from infsmtp._handlers import _tacPath
+    from infsmtp._server.handlers import _tacPath
 
     assert _tacPath(["twistd", "-n", "-y", "a/b.tac"]) == "a/b.tac"
     assert _tacPath(["twistd", "--python=c.tac"]) == "c.tac"

@@ -27,7 +27,7 @@ import sys
 import pytest
 from twistdprocess import DEADLINE, REPO, TWISTD, childEnvironment, maildirFiles, poll
 
-from infsmtp._twistd import Options
+from infsmtp._daemon.twistd import Options
 
 DEPLOY = os.path.join(REPO, "docs", "deploy")
 

@@ -22,7 +22,7 @@ import pytest
 from peertools import requireTool
 from twistdprocess import Twistd, childEnvironment, poll, runTwistd
 
-from infsmtp._printer import PrintDelivery, formatMessage
+from infsmtp._daemon.printer import PrintDelivery, formatMessage
 from infsmtp.testing import makeSession
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

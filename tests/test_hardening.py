@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from infsmtp import Server, SMTPError
-from infsmtp._limits import AUTH_FAILURE_WINDOW, MAX_AUTH_DELAY, ClientLimits, MemoryBudget, clientKey
+from infsmtp._server.limits import AUTH_FAILURE_WINDOW, MAX_AUTH_DELAY, ClientLimits, MemoryBudget, clientKey
 from infsmtp._wire import SpoolSink, parseMailArguments, parseNumber
 
 
@@ -350,7 +350,7 @@ def test_auth_failures_wait_longer_each_time_and_block():
 
 
 def test_forgotten_clients_keep_the_table_bounded(monkeypatch):
-    import infsmtp._limits as limitsModule
+    import infsmtp._server.limits as limitsModule
 
     monkeypatch.setattr(limitsModule, "MAX_TRACKED", 100)
     clock = MemoryReactorClock()

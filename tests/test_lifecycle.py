@@ -154,7 +154,7 @@ async def test_stop_waits_for_an_asynchronous_onDisconnect():
 
 
 def test_tcp_endpoint_strings_get_a_large_backlog():
-    from infsmtp._server import listenEndpoint
+    from infsmtp._server.server import listenEndpoint
 
     assert listenEndpoint(reactor, "tcp:2525:interface=127.0.0.1")._backlog == 1024
     assert listenEndpoint(reactor, "tcp:2525:backlog=7")._backlog == 7

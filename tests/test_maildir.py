@@ -27,8 +27,9 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent
 
-from infsmtp import Server, Session, SMTPError, _maildir
-from infsmtp._maildir import MaildirDelivery, localLineEndings, prepareMaildir
+from infsmtp import Server, Session, SMTPError
+from infsmtp._daemon import maildir as _maildir
+from infsmtp._daemon.maildir import MaildirDelivery, localLineEndings, prepareMaildir
 
 WAIT = 20.0
 

@@ -433,7 +433,7 @@ def inThread(fn, *args):
 @pytest_twisted.ensureDeferred
 async def test_metrics_after_a_known_workload(tmp_path):
     pytest.importorskip("prometheus_client")
-    from infsmtp._metrics import listenMetrics
+    from infsmtp._server.metrics import listenMetrics
 
     clock = []
     server = Server(port=0, interface="127.0.0.1", hostname="mx.test", allowInsecureAuth=True, authFailureDelay=0)
@@ -495,7 +495,7 @@ def test_two_servers_have_their_own_metrics():
 def test_metrics_without_prometheus_client_is_one_clear_error(monkeypatch):
     import sys
 
-    from infsmtp._metrics import MetricsUnavailable
+    from infsmtp._server.metrics import MetricsUnavailable
 
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(MetricsUnavailable, match=r"pip install 'infsmtp\[metrics\]'"):
@@ -506,7 +506,7 @@ def test_metrics_without_prometheus_client_is_one_clear_error(monkeypatch):
 async def test_healthz(tmp_path):
     pytest.importorskip("prometheus_client")
     from infsmtp import MaildirDelivery
-    from infsmtp._metrics import listenMetrics
+    from infsmtp._server.metrics import listenMetrics
 
     delivery = MaildirDelivery(str(tmp_path / "Maildir"))
     server = Server(port=0, interface="127.0.0.1", hostname="mx.test", shutdownGrace=10)
@@ -543,7 +543,7 @@ def test_client_transcript_redaction_each_way(logEvents):
     from twisted.internet.protocol import Factory, Protocol
     from twisted.internet.testing import StringTransport
 
-    from infsmtp._clientdebug import TranscriptFactory
+    from infsmtp._client.debug import TranscriptFactory
 
     inner = Protocol()
     inner._secrets = ["hunter2"]

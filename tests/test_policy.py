@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 
 from infsmtp import Server, SMTPError
-from infsmtp._policy import extensionLines
-from infsmtp._twistd import ConfigurationError, Options, buildServer, loadHandlers
+from infsmtp._daemon.twistd import ConfigurationError, Options, buildServer, loadHandlers
+from infsmtp._server.policy import extensionLines
 from infsmtp.testing import ServerHarness
 
 GREETING = b"220 mx.test ESMTP infsmtp"

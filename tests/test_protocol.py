@@ -17,7 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from infsmtp import Server, SMTPError
 from infsmtp._enums import TLSVersion
-from infsmtp._tls import serverTLSOptions
+from infsmtp._server.tls import serverTLSOptions
 from infsmtp.testing import MemoryTransport, ServerHarness
 
 REPLY = re.compile(rb"^\d{3}[ -].*$")

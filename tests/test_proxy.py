@@ -25,7 +25,7 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 
-from infsmtp._proxy import (
+from infsmtp._server.proxy import (
     V2_SIGNATURE,
     ProxyHeader,
     ProxyHeaderError,

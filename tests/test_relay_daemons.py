@@ -14,7 +14,7 @@ import pytest
 from test_relay_errors import Smarthost, smarthost  # noqa: F401 (a fixture)
 from twistdprocess import EPHEMERAL, REPO, Twistd, childEnvironment, runTwistd
 
-from infsmtp._twistd import ConfigurationError, Options, _relayDelivery
+from infsmtp._daemon.twistd import ConfigurationError, Options, _relayDelivery
 
 MESSAGE = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: via the tac\r\n\r\nHi.\r\n"
 

@@ -273,7 +273,7 @@ def test_aFailingDecisionIsTemporaryForEachRecipient(behaviour):
 
 
 def test_pluginOptions():
-    from infsmtp._twistd import Options, buildServer
+    from infsmtp._daemon.twistd import Options, buildServer
 
     options = Options()
     options.parseOptions(["--lmtp", "--no-dsn", "--no-chunking"])

@@ -32,7 +32,7 @@ from twistdprocess import (
     runTwistd,
 )
 
-from infsmtp._twistd import DEFAULT_LISTEN, Options
+from infsmtp._daemon.twistd import DEFAULT_LISTEN, Options
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 

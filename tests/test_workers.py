@@ -18,7 +18,7 @@ from peertools import requireTool
 from twistdprocess import Twistd, freePort, maildirFiles, poll, runTwistd
 from twisted.internet import protocol, reactor
 
-from infsmtp._workers import ACCEPTS_PER_WAKEUP, SharedListenerEndpoint, bindListener
+from infsmtp._daemon.workers import ACCEPTS_PER_WAKEUP, SharedListenerEndpoint, bindListener
 
 
 def workerPids(twistd: Twistd) -> dict[int, int]:

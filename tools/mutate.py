@@ -60,16 +60,16 @@ class Mutant:
     tests: tuple[str, ...]
 
 
-PROTOCOL = "infsmtp/_protocol.py"
-OUTPUT = "infsmtp/_output.py"
-DECISIONS = "infsmtp/_decisions.py"
-TRANSACTION = "infsmtp/_transaction.py"
-SASL = "infsmtp/_sasl.py"
+PROTOCOL = "infsmtp/_server/protocol.py"
+OUTPUT = "infsmtp/_server/output.py"
+DECISIONS = "infsmtp/_server/decisions.py"
+TRANSACTION = "infsmtp/_server/transaction.py"
+SASL = "infsmtp/_server/sasl.py"
 WIRE = "infsmtp/_wire.py"
-MAILDIR = "infsmtp/_maildir.py"
-LIMITS = "infsmtp/_limits.py"
+MAILDIR = "infsmtp/_daemon/maildir.py"
+LIMITS = "infsmtp/_server/limits.py"
 RECORDING = "infsmtp/testing/_recording.py"
-POLICY = "infsmtp/_policy.py"
+POLICY = "infsmtp/_server/policy.py"
 
 MUTANTS = [
     # Maildir: the 250 means the message is on disk (issue 16, items 1, 4).
@@ -331,7 +331,7 @@ MUTANTS = [
     Mutant(
         "max-connections-off-by-one",
         "maxConnections sessions at most; the next is 421",
-        "infsmtp/_server.py",
+        "infsmtp/_server/server.py",
         "if len(self.sessions) >= self.server.maxConnections:",
         "if len(self.sessions) > self.server.maxConnections:",
         ("tests/test_protocol.py", "tests/test_hardening.py"),
@@ -349,7 +349,7 @@ MUTANTS = [
     Mutant(
         "tls-max-protocol-ignored",
         "maxProtocol caps the TLS version a client gets",
-        "infsmtp/_tls.py",
+        "infsmtp/_server/tls.py",
         "        lowerMaximumSecurityTo=maxProtocol.twisted,",
         "        lowerMaximumSecurityTo=TLSVersion.tls1_3.twisted,",
         ("tests/test_tls.py",),
@@ -357,7 +357,7 @@ MUTANTS = [
     Mutant(
         "tls-min-protocol-ignored",
         "minProtocol refuses older TLS versions",
-        "infsmtp/_tls.py",
+        "infsmtp/_server/tls.py",
         "        insecurelyLowerMinimumTo=minProtocol.twisted,",
         "        insecurelyLowerMinimumTo=TLSVersion.tls1_2.twisted,",
         ("tests/test_tls.py",),
@@ -393,7 +393,7 @@ MUTANTS = [
     Mutant(
         "client-reply-size-unbounded",
         "the client bounds a server's reply",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         "        if size > MAX_REPLY_SIZE:",
         "        if False:",
         ("tests/test_client_unit.py", "tests/test_client_hostile.py"),
@@ -401,7 +401,7 @@ MUTANTS = [
     Mutant(
         "client-reply-code-range",
         "a reply code is 2yz to 5yz with y in 0-5",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         '        if digits[1:2] in b"012345":',
         '        if digits[1:2] in b"0123456789":',
         ("tests/test_client_unit.py",),
@@ -409,7 +409,7 @@ MUTANTS = [
     Mutant(
         "client-sends-bcc",
         "Bcc is never transmitted",
-        "infsmtp/_envelope.py",
+        "infsmtp/_client/envelope.py",
         'HIDDEN_FIELDS = ("bcc", "resent-bcc")',
         'HIDDEN_FIELDS = ("resent-bcc",)',
         ("tests/test_client_unit.py", "tests/test_client_interop.py"),
@@ -418,7 +418,7 @@ MUTANTS = [
     Mutant(
         "client-opportunistic-ignores-starttls",
         "opportunistic uses STARTTLS whenever the server offers it",
-        "infsmtp/_client.py",
+        "infsmtp/_client/client.py",
         '                mode == EncryptMode.opportunistic and "STARTTLS" in protocol.extensions',
         "                mode == EncryptMode.opportunistic and False",
         ("tests/test_client_tlsoptions.py",),
@@ -426,7 +426,7 @@ MUTANTS = [
     Mutant(
         "client-tls-hangup-looks-like-lost-connection",
         "a server hanging up during the handshake is an SMTPTLSError",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         "        if error.code is not None or error.text == CLOSED_BY_CLIENT or not ISSLTransport.providedBy(self.transport):",
         "        if True:",
         ("tests/test_client_tlsoptions.py",),
@@ -434,7 +434,7 @@ MUTANTS = [
     Mutant(
         "client-certificate-not-shown",
         "certFile/keyFile are the certificate the server sees",
-        "infsmtp/_clienttls.py",
+        "infsmtp/_client/tls.py",
         "        extra.update(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])",
         "        pass",
         ("tests/test_client_tlsoptions.py",),
@@ -442,7 +442,7 @@ MUTANTS = [
     Mutant(
         "client-max-protocol-ignored",
         "maxProtocol caps the TLS version",
-        "infsmtp/_clienttls.py",
+        "infsmtp/_client/tls.py",
         '        "lowerMaximumSecurityTo": maximumVersion.twisted,',
         '        "lowerMaximumSecurityTo": TLSVersion.tls1_3.twisted,',
         ("tests/test_client_tlsoptions.py",),
@@ -450,7 +450,7 @@ MUTANTS = [
     Mutant(
         "client-protocol-range-upside-down",
         "minProtocol above maxProtocol is an error before connecting",
-        "infsmtp/_clienttls.py",
+        "infsmtp/_client/tls.py",
         "    if minimumVersion > maximumVersion:",
         "    if False:",
         ("tests/test_client_tlsoptions.py",),
@@ -458,7 +458,7 @@ MUTANTS = [
     Mutant(
         "client-own-creator-conflict-ignored",
         "tlsConnectionCreator with another TLS setting is an error",
-        "infsmtp/_clienttls.py",
+        "infsmtp/_client/tls.py",
         "        if changed:",
         "        if False:",
         ("tests/test_client_tlsoptions.py",),
@@ -466,7 +466,7 @@ MUTANTS = [
     Mutant(
         "client-server-hostname-ignored",
         "serverHostname is what TLS verifies",
-        "infsmtp/_clienttls.py",
+        "infsmtp/_client/tls.py",
         "        client.serverHostname or client.host,",
         "        client.host,",
         ("tests/test_client_tlsoptions.py",),
@@ -474,7 +474,7 @@ MUTANTS = [
     Mutant(
         "client-oauth-no-refresh",
         "a refused token is refreshed and tried once more",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         "            if reply.code != 535 or refresh or not tokens.refreshable:",
         "            if True:",
         ("tests/test_client_oauth.py",),
@@ -482,7 +482,7 @@ MUTANTS = [
     Mutant(
         "client-oauthbearer-error-answer",
         "OAUTHBEARER answers the error challenge with ^A (RFC 7628 3.2.3)",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         '            return b"\\x01"',
         '            return b""',
         ("tests/test_client_oauth.py",),
@@ -490,7 +490,7 @@ MUTANTS = [
     Mutant(
         "client-token-not-redacted",
         "a token never appears in an error",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         "            self._secrets.append(token)",
         "            pass",
         ("tests/test_client_oauth.py",),
@@ -498,7 +498,7 @@ MUTANTS = [
     Mutant(
         "client-token-characters-unchecked",
         "a provider's token holds only RFC 6750 characters",
-        "infsmtp/_oauth.py",
+        "infsmtp/_client/oauth.py",
         "        if _B64TOKEN.fullmatch(result) is None:",
         "        if False:",
         ("tests/test_client_oauth.py",),
@@ -506,7 +506,7 @@ MUTANTS = [
     Mutant(
         "client-lmtp-one-final-reply",
         "in LMTP the end of a message gets one reply per accepted recipient",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         "        if not self._lmtp:\n            return 1\n",
         "        if True:\n            return 1\n",
         ("tests/test_client_lmtp.py",),
@@ -514,7 +514,7 @@ MUTANTS = [
     Mutant(
         "client-lmtp-ehlo",
         "an LMTP client says LHLO",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         '            reply = await self.command(b"LHLO " + self.identity)',
         '            reply = await self.command(b"EHLO " + self.identity)',
         ("tests/test_client_lmtp.py",),
@@ -522,7 +522,7 @@ MUTANTS = [
     Mutant(
         "client-bdat-never",
         "the client sends with BDAT when the server offers CHUNKING",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         '        if self._chunking and "CHUNKING" in extensions:',
         "        if False:",
         ("tests/test_client_postfix.py",),
@@ -530,7 +530,7 @@ MUTANTS = [
     Mutant(
         "client-bdat-stuffs-dots",
         "BDAT content is counted, not dot-stuffed",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         "        lines = DotStuffer(dots=False)\n        content = ",
         "        lines = DotStuffer(dots=True)\n        content = ",
         ("tests/test_client_postfix.py",),
@@ -538,7 +538,7 @@ MUTANTS = [
     Mutant(
         "client-bdat-goes-on-after-refusal",
         "no chunk is sent after the server refused one",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         "        if self.refusal is not None:\n            self._protocol.transport.unregisterProducer()",
         "        if False:\n            self._protocol.transport.unregisterProducer()",
         ("tests/test_client_postfix.py",),
@@ -546,7 +546,7 @@ MUTANTS = [
     Mutant(
         "client-bdat-unbounded-window",
         "BDAT chunks in flight stay few, so a refusal stops the message soon",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         "        if self._unanswered >= MAX_CHUNKS_UNANSWERED:",
         "        if False:",
         ("tests/test_client_postfix.py",),
@@ -554,7 +554,7 @@ MUTANTS = [
     Mutant(
         "client-rcpt-options-for-a-stranger",
         "per-recipient options naming no recipient are refused, not dropped",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         "    if unknown:\n        raise SMTPError(f\"rcptOptions names",
         "    if False:\n        raise SMTPError(f\"rcptOptions names",
         ("tests/test_client_postfix.py",),
@@ -562,7 +562,7 @@ MUTANTS = [
     Mutant(
         "client-requiretls-unchecked",
         "REQUIRETLS goes only over TLS to a server that offers it (RFC 8689)",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         '                if "REQUIRETLS" in given:',
         "                if False:",
         ("tests/test_client_postfix.py",),
@@ -570,7 +570,7 @@ MUTANTS = [
     Mutant(
         "client-sendfile-drops-options",
         "sendFile passes its MAIL and RCPT options on",
-        "infsmtp/_client.py",
+        "infsmtp/_client/client.py",
         "            sent = self._sendStream(stream, sender, recipients, mailOptions, rcptOptions)",
         "            sent = self._sendStream(stream, sender, recipients)",
         ("tests/test_client_postfix.py",),
@@ -578,7 +578,7 @@ MUTANTS = [
     Mutant(
         "client-bdat-no-rset-after-refusal",
         "after a refused chunk the next transaction starts with RSET",
-        "infsmtp/_clientprotocol.py",
+        "infsmtp/_client/protocol.py",
         "            # The transaction is over, but only RSET says so for sure.\n            self._inTransaction = True",
         "            # The transaction is over, but only RSET says so for sure.\n            self._inTransaction = False",
         ("tests/test_client_postfix.py",),
@@ -586,7 +586,7 @@ MUTANTS = [
     Mutant(
         "deliver-lmtp-ignored",
         "twistd infsmtp --deliver lmtp:ENDPOINT delivers into the store",
-        "infsmtp/_twistd.py",
+        "infsmtp/_daemon/twistd.py",
         "            handlers[\"onReceive\"] = _lmtpDelivery(options)",
         "            pass",
         ("tests/test_deliver_lmtp.py",),
@@ -594,7 +594,7 @@ MUTANTS = [
     Mutant(
         "deliver-lmtp-speaks-smtp",
         "LMTPDelivery speaks LMTP",
-        "infsmtp/_relay.py",
+        "infsmtp/_daemon/relay.py",
         "            endpoint=endpoint,\n            lmtp=True,",
         "            endpoint=endpoint,\n            lmtp=False,",
         ("tests/test_deliver_lmtp.py",),
@@ -602,7 +602,7 @@ MUTANTS = [
     Mutant(
         "sni-never-chooses",
         "a client asking for a name by SNI gets that name's certificate",
-        "infsmtp/_tls.py",
+        "infsmtp/_server/tls.py",
         "            connection.set_context(options.getContext())",
         "            pass",
         ("tests/test_sni.py",),
@@ -610,7 +610,7 @@ MUTANTS = [
     Mutant(
         "sni-live-name-ignored",
         "a name's certificate set on a running server serves the next connection",
-        "infsmtp/_server.py",
+        "infsmtp/_server/server.py",
         "                if not sessions.choosesByName and self._certificate is not None:",
         "                if False:",
         ("tests/test_sni.py",),
@@ -618,7 +618,7 @@ MUTANTS = [
     Mutant(
         "sni-wrong-certificate-accepted",
         "a certificate not valid for its name is refused at once",
-        "infsmtp/_server.py",
+        "infsmtp/_server/server.py",
         "            checkCertificateNames(certFile, name)",
         "            pass",
         ("tests/test_sni.py",),
@@ -674,7 +674,7 @@ MUTANTS = [
     Mutant(
         "lmtp-delivery-one-fate",
         "behind an LMTP server, each recipient gets the store's own reply",
-        "infsmtp/_relay.py",
+        "infsmtp/_daemon/relay.py",
         "            session.rcptResults[address] = SMTPError(code, text)",
         "            pass",
         ("tests/test_deliver_lmtp.py",),
@@ -764,7 +764,7 @@ MUTANTS = [
     Mutant(
         "sink-print-with-maildir",
         "twistd --print refuses --maildir and --relay",
-        "infsmtp/_twistd.py",
+        "infsmtp/_daemon/twistd.py",
         '    if options["print"] and (options["relay"] or options["maildir"]):',
         "    if False:",
         ("tests/test_devsink.py",),
@@ -772,7 +772,7 @@ MUTANTS = [
     Mutant(
         "sink-no-body",
         "the sink prints the body, readable",
-        "infsmtp/_printer.py",
+        "infsmtp/_daemon/printer.py",
         "        lines.append(_text(body).rstrip())",
         "        pass",
         ("tests/test_devsink.py",),
@@ -829,7 +829,7 @@ MUTANTS = [
     Mutant(
         "metrics-accepted-uncounted",
         "/metrics counts every accepted message",
-        "infsmtp/_metrics.py",
+        "infsmtp/_server/metrics.py",
         "            self.accepted.inc()",
         "            pass",
         ("tests/test_observe.py", "tests/test_observe_twistd.py"),
@@ -837,7 +837,7 @@ MUTANTS = [
     Mutant(
         "healthz-ignores-shutdown",
         "/healthz answers 503 while the server is stopping",
-        "infsmtp/_server.py",
+        "infsmtp/_server/server.py",
         "        if self._stopping:",
         "        if False:",
         ("tests/test_observe.py",),
@@ -845,7 +845,7 @@ MUTANTS = [
     Mutant(
         "worker-session-ids-collide",
         "workers number their sessions apart",
-        "infsmtp/_server.py",
+        "infsmtp/_server/server.py",
         "        self._sessionIds = itertools.count(index + 1, count)",
         "        self._sessionIds = itertools.count(1)",
         ("tests/test_observe.py", "tests/test_observe_twistd.py"),
@@ -853,7 +853,7 @@ MUTANTS = [
     Mutant(
         "twistd-session-log-off",
         "twistd infsmtp writes every session's lines",
-        "infsmtp/_twistd.py",
+        "infsmtp/_daemon/twistd.py",
         "            sessionLog=True,",
         "            sessionLog=False,",
         ("tests/test_observe_twistd.py",),
@@ -861,7 +861,7 @@ MUTANTS = [
     Mutant(
         "sd-notify-ready-missing",
         "under systemd, READY=1 is sent once listening",
-        "infsmtp/_twistd.py",
+        "infsmtp/_daemon/twistd.py",
         '            # Under systemd (Type=notify): listening, so ready.\n            self._reactor.callWhenRunning(sdNotify, "READY=1")',
         "            # Under systemd (Type=notify): listening, so ready.",
         ("tests/test_observe_twistd.py",),
@@ -869,7 +869,7 @@ MUTANTS = [
     Mutant(
         "client-debug-shows-password",
         "the client transcript replaces an AUTH initial response by ***",
-        "infsmtp/_clientdebug.py",
+        "infsmtp/_client/debug.py",
         '                text = " ".join(parts[:2]) + (" ***" if len(parts) > 2 else "")',
         '                text = " ".join(parts)',
         ("tests/test_observe.py",),
@@ -894,7 +894,7 @@ MUTANTS = [
     Mutant(
         "requirestarttls-insecure-auth-offered",
         "with requireStartTls, AUTH is never offered before TLS",
-        "infsmtp/_server.py",
+        "infsmtp/_server/server.py",
         "            allowInsecureAuth=self.allowInsecureAuth and not self.requireStartTls,",
         "            allowInsecureAuth=self.allowInsecureAuth,",
         ("tests/test_policy.py",),
@@ -902,7 +902,7 @@ MUTANTS = [
     Mutant(
         "requirestarttls-without-tls-accepted",
         "requireStartTls without ssl is refused at construction",
-        "infsmtp/_server.py",
+        "infsmtp/_server/server.py",
         "        if self.requireStartTls and not self.ssl:",
         "        if False:",
         ("tests/test_policy.py",),
@@ -910,7 +910,7 @@ MUTANTS = [
     Mutant(
         "banner-crlf-accepted",
         "a banner with CR/LF (a reply injection) is refused",
-        "infsmtp/_server.py",
+        "infsmtp/_server/server.py",
         '_BANNER = re.compile(r"[\\x20-\\x7e]{0,200}")',
         '_BANNER = re.compile(r"[\\x20-\\x7e\\r\\n]{0,200}")',
         ("tests/test_policy.py",),

@@ -30,8 +30,8 @@ from typing import Any, Iterable
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from .._server import HANDLER_NAMES, Server
-from .._session import Session
+from .._server.server import HANDLER_NAMES, Server
+from .._server.session import Session
 
 #: The client address a harness session comes from (TEST-NET-1).
 DEFAULT_PEER = ("192.0.2.7", 4242)

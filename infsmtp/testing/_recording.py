@@ -35,10 +35,10 @@ from twisted.python.failure import Failure
 
 from .._blocking import isReactorThread
 from .._errors import SMTPError
-from .._handlers import adaptHandler, callHandler, toDeferred
-from .._protocol import ServerProtocol
-from .._server import HANDLER_NAMES, Server
-from .._session import Session
+from .._server.handlers import adaptHandler, callHandler, toDeferred
+from .._server.protocol import ServerProtocol
+from .._server.server import HANDLER_NAMES, Server
+from .._server.session import Session
 from ._certificates import CertificateAuthority
 
 #: The commands a fault can be attached to, and what "address" means for

@@ -195,7 +195,7 @@ def readDone(monkeypatch):
     not run ahead of a pending handler waits for this event instead of
     sleeping to give a wrongly eager server a chance.
     """
-    from infsmtp._protocol import ServerProtocol
+    from infsmtp._server.protocol import ServerProtocol
 
     original = ServerProtocol.dataReceived
     depth = [0]

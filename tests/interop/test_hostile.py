@@ -16,8 +16,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-import infsmtp._transaction
-from infsmtp._protocol import ServerProtocol
+import infsmtp._server.transaction
+from infsmtp._server.protocol import ServerProtocol
 
 
 def inThread(fn, *args):
@@ -65,7 +65,7 @@ def sinkWrites(monkeypatch):
     "nothing kept" means); the Received: header counts too.
     """
     totals: list[int] = []
-    original = infsmtp._transaction.DataFramer
+    original = infsmtp._server.transaction.DataFramer
 
     class CountingFramer(original):
         def __init__(self, sink, *args, **kwargs):
@@ -80,7 +80,7 @@ def sinkWrites(monkeypatch):
             sink.write = counted
             super().__init__(sink, *args, **kwargs)
 
-    monkeypatch.setattr(infsmtp._transaction, "DataFramer", CountingFramer)
+    monkeypatch.setattr(infsmtp._server.transaction, "DataFramer", CountingFramer)
     return totals
 
 

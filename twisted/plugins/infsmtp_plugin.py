@@ -1,9 +1,9 @@
 """
-The C{twistd infsmtp} plugin.  Everything lives in L{infsmtp._twistd}; this
+The C{twistd infsmtp} plugin.  Everything lives in L{infsmtp._daemon.twistd}; this
 package has no C{__init__.py}, so that it merges into Twisted's own
 C{twisted.plugins}.
 """
 
-from infsmtp._twistd import serviceMaker
+from infsmtp._daemon.twistd import serviceMaker
 
 __all__ = ["serviceMaker"]

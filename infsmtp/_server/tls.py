@@ -16,8 +16,8 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import CertificateOptions
 from zope.interface import implementer
 
-from ._enums import TLSVersion
-from ._errors import SMTPTLSError
+from .._enums import TLSVersion
+from .._errors import SMTPTLSError
 
 
 def _read(path: str, what: str) -> bytes:

@@ -3,7 +3,7 @@ The server's output room: replies queued and sent in one write per batch
 of input, the close, and the flow control that stops reading from a client
 that does not read its replies.
 
-A mixin of L{infsmtp._protocol.ServerProtocol} (its methods run on every
+A mixin of L{infsmtp._server.protocol.ServerProtocol} (its methods run on every
 command, so they live on the protocol itself rather than on an object it
 would call through).  It uses the protocol's C{transport}, C{factory},
 C{_events} and timers.
@@ -11,8 +11,8 @@ C{_events} and timers.
 
 from __future__ import annotations
 
-from ._wire import cachedReply, defaultEnhancedCode, formatReply
-from ._writenow import closesAtOnce, writeNow
+from .._wire import cachedReply, defaultEnhancedCode, formatReply
+from .._writenow import closesAtOnce, writeNow
 
 #: Seconds a closing connection may take to flush and, over TLS, to finish
 #: the close_notify exchange before it is cut off.

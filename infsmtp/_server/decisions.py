@@ -3,7 +3,7 @@ The server's decisions room: a handler (C{onConnect} ... C{onReceive})
 runs, and its outcome, whatever it is, becomes a reply: fail closed, with a
 deadline, and in order with the pipelined input that waits meanwhile.
 
-A mixin of L{infsmtp._protocol.ServerProtocol}; policy never lives here,
+A mixin of L{infsmtp._server.protocol.ServerProtocol}; policy never lives here,
 only the turning of decisions into replies.
 """
 
@@ -16,9 +16,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._errors import SMTPError
-from ._handlers import toDeferred
-from ._wire import defaultEnhancedCode, formatReply
+from .._errors import SMTPError
+from .._wire import defaultEnhancedCode, formatReply
+from .handlers import toDeferred
 
 log = Logger(namespace="infsmtp.server")
 

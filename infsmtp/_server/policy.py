@@ -3,7 +3,7 @@ The server's policy-controls room (issue 14, item 5): the greeting delay
 that catches clients talking before the 220 (pregreet detection, as
 Postfix's postscreen does), and the C{onEhlo} and C{onVrfy} hooks.
 
-A mixin of L{infsmtp._protocol.ServerProtocol}.  None of it runs unless it
+A mixin of L{infsmtp._server.protocol.ServerProtocol}.  None of it runs unless it
 is configured: without a greeting delay the greeting goes out as it always
 did, without C{onEhlo} the EHLO reply comes from the per-factory cache,
 and without C{onVrfy} VRFY answers 252.  (C{requireStartTls} is one check
@@ -22,8 +22,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from ._decisions import _CONNECT_TRY_AGAIN, _TRY_AGAIN
-from ._wire import decodeText, formatReply
+from .._wire import decodeText, formatReply
+from .decisions import _CONNECT_TRY_AGAIN, _TRY_AGAIN
 
 log = Logger(namespace="infsmtp.server")
 

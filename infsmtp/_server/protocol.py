@@ -35,14 +35,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._decisions import _CONNECT_TRY_AGAIN, HandlerDecisions, _Pending
-from ._handlers import callHandler
-from ._output import ReplyOutput
-from ._policy import PolicyHooks
-from ._sasl import SASLExchange
-from ._session import Session
-from ._transaction import MailTransaction
-from ._wire import (
+from .._wire import (
     LINE_TOO_LONG,
     CommandLineFramer,
     DataFramer,
@@ -51,10 +44,17 @@ from ._wire import (
     formatReply,
     parseCommand,
 )
-from ._writenow import isPlainTCP
+from .._writenow import isPlainTCP
+from .decisions import _CONNECT_TRY_AGAIN, HandlerDecisions, _Pending
+from .handlers import callHandler
+from .output import ReplyOutput
+from .policy import PolicyHooks
+from .sasl import SASLExchange
+from .session import Session
+from .transaction import MailTransaction
 
 if TYPE_CHECKING:
-    from ._server import ServerFactory
+    from .server import ServerFactory
 
 log = Logger(namespace="infsmtp.server")
 

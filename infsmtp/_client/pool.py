@@ -20,7 +20,7 @@ goes again, since the server may have it: the failure reaches the caller,
 whose retry policy (and knowledge of duplicates) it is.
 
 One pool serves one destination: its settings are those of one
-:class:`AsyncClient`.  The protocol lives in :mod:`infsmtp._clientprotocol`;
+:class:`AsyncClient`.  The protocol lives in :mod:`infsmtp._client.protocol`;
 the pool only decides which session sends what, and when.
 """
 
@@ -34,11 +34,11 @@ from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from ._blocking import blockingCall
-from ._client import AsyncClient, MailOptions, RcptOptions, Recipients, Refused, outgoingFromRaw
-from ._enums import AuthMode
-from ._envelope import OutgoingMessage, outgoingFromMessage, outgoingFromStream
-from ._errors import SMTPAuthenticationError, SMTPConnectError, SMTPError
+from .._blocking import blockingCall
+from .._enums import AuthMode
+from .._errors import SMTPAuthenticationError, SMTPConnectError, SMTPError
+from .client import AsyncClient, MailOptions, RcptOptions, Recipients, Refused, outgoingFromRaw
+from .envelope import OutgoingMessage, outgoingFromMessage, outgoingFromStream
 
 log = Logger(namespace="infsmtp.pool")
 

@@ -20,7 +20,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-from ._events import escape
+from .._events import escape
 
 log = Logger(namespace="infsmtp.client")
 

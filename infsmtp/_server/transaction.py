@@ -5,7 +5,7 @@ DSN's among them, the message being received), the trace header, and the
 decisions of C{onMailFrom}, C{onRcptTo} and C{onReceive} turned into
 replies: one, or in LMTP (RFC 2033) one per accepted recipient.
 
-A mixin of L{infsmtp._protocol.ServerProtocol}.
+A mixin of L{infsmtp._server.protocol.ServerProtocol}.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import re
 import time
 from typing import Any
 
-from ._decisions import _TRY_AGAIN, _shortRepr, log
-from ._dsn import DSNError, parseMailDSN, parseRcptDSN
-from ._errors import SMTPError
-from ._wire import (
+from .._dsn import DSNError, parseMailDSN, parseRcptDSN
+from .._errors import SMTPError
+from .._wire import (
     BARE_NEWLINE,
     LINE_TOO_LONG_IN_DATA,
     MAX_NUMBER_DIGITS,
@@ -32,6 +31,7 @@ from ._wire import (
     parseNumber,
     splitEnhancedCode,
 )
+from .decisions import _TRY_AGAIN, _shortRepr, log
 
 _SAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]@]")
 

@@ -26,16 +26,16 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from ._blocking import blockingCall
-from ._enums import TLSVersion
-from ._errors import SMTPError, SMTPTLSError
-from ._events import SessionEvents
-from ._handlers import HandlerSpec, adaptHandler
-from ._limits import ClientLimits, MemoryBudget, parseNetworks
-from ._protocol import ServerProtocol, SessionInfo
-from ._proxy import ProxyProtocolFactory
-from ._signals import SigtermStops, runningUnderTwistd
-from ._tls import CurrentCertificate, certificateHostname, checkCertificateNames, serverTLSOptions
+from .._blocking import blockingCall
+from .._enums import TLSVersion
+from .._errors import SMTPError, SMTPTLSError
+from .._events import SessionEvents
+from .._signals import SigtermStops, runningUnderTwistd
+from .handlers import HandlerSpec, adaptHandler
+from .limits import ClientLimits, MemoryBudget, parseNetworks
+from .protocol import ServerProtocol, SessionInfo
+from .proxy import ProxyProtocolFactory
+from .tls import CurrentCertificate, certificateHostname, checkCertificateNames, serverTLSOptions
 
 log = Logger(namespace="infsmtp.server")
 
@@ -609,12 +609,12 @@ class Server(SigtermStops, service.Service):
         (C{server.metrics.registry}); needs C{prometheus_client}
         (C{pip install infsmtp[metrics]}).  Call before the server starts.
 
-        @return: the L{infsmtp._metrics.ServerMetrics}.
+        @return: the L{infsmtp._server.metrics.ServerMetrics}.
         @raise ImportError: C{prometheus_client} is not installed, with a
             sentence saying so.
         """
         if self.metrics is None:
-            from ._metrics import ServerMetrics
+            from .metrics import ServerMetrics
 
             self.metrics = ServerMetrics(self)
         return self.metrics

@@ -37,8 +37,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from ._errors import SMTPError
-from ._session import Session
+from .._errors import SMTPError
+from .._server.session import Session
 
 log = Logger(namespace="infsmtp.maildir")
 

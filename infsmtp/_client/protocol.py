@@ -41,9 +41,7 @@ from twisted.mail.smtp import ESMTPClient, PLAINAuthenticator
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._clienttls import negotiatedVersion
-from ._envelope import OutgoingMessage
-from ._errors import (
+from .._errors import (
     SMTPAuthenticationError,
     SMTPConnectError,
     SMTPError,
@@ -52,8 +50,10 @@ from ._errors import (
     SMTPTimeoutError,
     SMTPTLSError,
 )
-from ._oauth import BEARER_MECHANISMS, BearerTokens, saslName
-from ._writenow import writeNow
+from .._writenow import writeNow
+from .envelope import OutgoingMessage
+from .oauth import BEARER_MECHANISMS, BearerTokens, saslName
+from .tls import negotiatedVersion
 
 CRLF = b"\r\n"
 

@@ -6,7 +6,7 @@ A token comes from the user's ``tokenProvider`` (called, awaited if need
 be, and checked) or, without one, is the ``password``.  Tokens expire: the
 protocol asks for a fresh one once when the server refuses one
 (:meth:`BearerTokens.token` with ``refresh=True``).  This room knows nothing
-of the wire; :meth:`infsmtp._clientprotocol.ESMTPSessionClient.authenticate`
+of the wire; :meth:`infsmtp._client.protocol.ESMTPSessionClient.authenticate`
 runs the exchange.
 
 A token is a secret: no error raised here quotes it, nor anything a
@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 
-from ._errors import SMTPAuthenticationError
+from .._errors import SMTPAuthenticationError
 
 #: The SASL mechanisms that send a bearer token.
 BEARER_MECHANISMS = frozenset({"XOAUTH2", "OAUTHBEARER"})

@@ -15,8 +15,8 @@ Both follow the reference's steps::
         client.send("mail.eml")
         client.disconnect()
 
-The protocol lives in :mod:`infsmtp._clientprotocol`, the TLS settings in
-:mod:`infsmtp._clienttls` and the envelope rules in :mod:`infsmtp._envelope`.
+The protocol lives in :mod:`infsmtp._client.protocol`, the TLS settings in
+:mod:`infsmtp._client.tls` and the envelope rules in :mod:`infsmtp._client.envelope`.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from twisted.internet.protocol import Factory
 from twisted.mail.smtp import DNSNAME
 from twisted.python.failure import Failure
 
-from ._blocking import blockingCall
-from ._clientprotocol import ESMTPSessionClient, heloArgument
-from ._clienttls import connectionCreatorFor, negotiatedVersion
-from ._enums import AuthMode, EncryptMode, EnumAttribute, TLSVersion
-from ._envelope import OutgoingMessage, outgoingFromMessage, outgoingFromStream
-from ._errors import SMTPAuthenticationError, SMTPConnectError, SMTPError, SMTPTimeoutError
-from ._oauth import BearerTokens
+from .._blocking import blockingCall
+from .._enums import AuthMode, EncryptMode, EnumAttribute, TLSVersion
+from .._errors import SMTPAuthenticationError, SMTPConnectError, SMTPError, SMTPTimeoutError
+from .envelope import OutgoingMessage, outgoingFromMessage, outgoingFromStream
+from .oauth import BearerTokens
+from .protocol import ESMTPSessionClient, heloArgument
+from .tls import connectionCreatorFor, negotiatedVersion
 
 T = TypeVar("T")
 
@@ -323,7 +323,7 @@ class AsyncClient:
             certificate or key file, the protocol range, a
             :attr:`tlsConnectionCreator` with other TLS settings).
         :raises SMTPProtocolError: when the server's replies are malformed or
-            over the client's limits (see :mod:`infsmtp._clientprotocol`).
+            over the client's limits (see :mod:`infsmtp._client.protocol`).
         :raises SMTPError: when :attr:`heloName` is empty or holds a space or
             a control character.
         """
@@ -359,7 +359,7 @@ class AsyncClient:
         factory.noisy = False
         debug = self.debug
         if debug:
-            from ._clientdebug import TranscriptFactory
+            from .debug import TranscriptFactory
 
             factory = TranscriptFactory(factory, where)
         attempt = endpoint.connect(factory)
@@ -626,7 +626,7 @@ class AsyncClient:
     ) -> Deferred[Refused]:
         """
         Send a message whose envelope and head are already prepared
-        (:mod:`infsmtp._envelope`).  For :class:`~infsmtp.ClientPool`, which
+        (:mod:`infsmtp._client.envelope`).  For :class:`~infsmtp.ClientPool`, which
         prepares a message once and may send it again on a fresh connection
         when the first one failed before any of the message went out.
         """

@@ -3,7 +3,7 @@ The server's SASL room: AUTH (RFC 4954) with PLAIN and LOGIN, the
 responses read line by line, the decision of C{onLogin} turned into 235 or
 535, and the tarpit after a failure.
 
-A mixin of L{infsmtp._protocol.ServerProtocol}.
+A mixin of L{infsmtp._server.protocol.ServerProtocol}.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import base64
 import binascii
 from typing import Any
 
-from ._wire import formatReply, hasControl
+from .._wire import formatReply, hasControl
 
 _AUTH_REFUSED = formatReply(535, "Authentication credentials invalid", "5.7.8")
 

@@ -36,14 +36,14 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ._enums import EncryptMode, TLSVersion
-from ._errors import SMTPError
-from ._maildir import MaildirDelivery
-from ._proxy import ProxyProtocolFactory
-from ._server import HANDLER_NAMES, HAPROXY_PREFIX, Server, listenEndpoint
-from ._signals import SigtermStops
-from ._systemd import sdNotify
-from ._workers import WorkerPool, adoptedEndpoint, parseTCPListen, workerArguments
+from .._enums import EncryptMode, TLSVersion
+from .._errors import SMTPError
+from .._server.proxy import ProxyProtocolFactory
+from .._server.server import HANDLER_NAMES, HAPROXY_PREFIX, Server, listenEndpoint
+from .._signals import SigtermStops
+from .maildir import MaildirDelivery
+from .systemd import sdNotify
+from .workers import WorkerPool, adoptedEndpoint, parseTCPListen, workerArguments
 
 log = Logger(namespace="infsmtp.twistd")
 
@@ -179,7 +179,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         """Print infsmtp's version (and Twisted's), then exit."""
         from twisted import version as twistedVersion
 
-        from . import __version__
+        from .. import __version__
 
         print(f"infsmtp {__version__} (Twisted {twistedVersion.short()})")
         raise SystemExit(0)
@@ -359,7 +359,7 @@ def buildLogObserver(options: Options, twistdOptions: Any) -> Any:
         return None
     from twisted.python import logfile
 
-    from ._events import LogFileObserver
+    from .._events import LogFileObserver
 
     name = twistdOptions.get("logfile")
     if name == "-" or (not name and twistdOptions.get("nodaemon")):
@@ -514,7 +514,7 @@ class SMTPService(InstallsLogObserver, SigtermStops, service.Service):
             self._reactor.callWhenRunning(sdNotify, "READY=1")
 
     def _listenMetrics(self, description: str) -> None:
-        from ._metrics import listenMetrics
+        from .._server.metrics import listenMetrics
 
         def listening(port: Any) -> Any:
             self._metricsPort = port
@@ -586,7 +586,7 @@ def _hostPort(text: str, default: int = 25) -> tuple[str, int]:
 def _lmtpDelivery(options: Options) -> Any:
     from twisted.internet.endpoints import clientFromString
 
-    from ._relay import LMTPDelivery
+    from .relay import LMTPDelivery
 
     target = options["deliver"]
     scheme, _, endpoint = target.partition(":")
@@ -611,7 +611,7 @@ def _lmtpDelivery(options: Options) -> Any:
 
 
 def _relayDelivery(options: Options) -> Any:
-    from ._relay import RelayDelivery
+    from .relay import RelayDelivery
 
     host, port = _hostPort(options["relay"])
     modes = {"none": EncryptMode.none, "starttls": EncryptMode.startTls, "implicit": EncryptMode.sslTls}
@@ -759,7 +759,7 @@ def buildServer(options: Options) -> Server:
     if options["worker"]:
         server.setWorker(*options["worker"])
     if options["metrics"]:
-        from ._metrics import MetricsUnavailable
+        from .._server.metrics import MetricsUnavailable
 
         try:
             server.enableMetrics()
@@ -792,7 +792,7 @@ def buildServer(options: Options) -> Server:
         raise ConfigurationError(f"{which} and an onReceive in --handlers are exclusive: choose one")
     if "onReceive" not in handlers:
         if options["print"]:
-            from ._printer import PrintDelivery
+            from .printer import PrintDelivery
 
             # The terminal itself: twistd turns sys.stdout into log lines.
             handlers["onReceive"] = PrintDelivery(sys.__stdout__)

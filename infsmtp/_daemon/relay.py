@@ -12,10 +12,10 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from ._enums import AuthMode, EncryptMode
-from ._errors import SMTPError, SMTPRecipientsRefused
-from ._pool import ClientPool
-from ._session import Session
+from .._client.pool import ClientPool
+from .._enums import AuthMode, EncryptMode
+from .._errors import SMTPError, SMTPRecipientsRefused
+from .._server.session import Session
 
 log = Logger(namespace="infsmtp.relay")
 

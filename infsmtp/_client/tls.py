@@ -25,9 +25,9 @@ from twisted.internet.ssl import (
 )
 from zope.interface import implementer
 
-from ._enums import TLSVersion
-from ._errors import SMTPTLSError
-from ._tls import loadKeyPair
+from .._enums import TLSVersion
+from .._errors import SMTPTLSError
+from .._server.tls import loadKeyPair
 
 #: OpenSSL's ``SSL_OP_LEGACY_SERVER_CONNECT``: talk to servers that do not
 #: support secure renegotiation (RFC 5746).

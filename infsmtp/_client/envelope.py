@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from email.message import Message
 from typing import IO, Iterable, Sequence
 
-from ._errors import SMTPError
+from .._errors import SMTPError
 
 #: Header fields that name recipients but are never transmitted.
 HIDDEN_FIELDS = ("bcc", "resent-bcc")
