@@ -143,16 +143,16 @@ MUTANTS = [
         "size-data-boundary",
         "a message of exactly maxMessageSize bytes is accepted",
         WIRE,
-        "if self.maxSize is not None and self.size > self.maxSize:",
-        "if self.maxSize is not None and self.size >= self.maxSize:",
+        "        self.size += len(chunk)\n        if self.maxSize is not None and self.size > self.maxSize:",
+        "        self.size += len(chunk)\n        if self.maxSize is not None and self.size >= self.maxSize:",
         ("tests/test_protocol.py", "tests/test_wire.py"),
     ),
     Mutant(
         "size-data-unbounded",
         "a message over maxMessageSize is refused 552",
         WIRE,
-        "if self.maxSize is not None and self.size > self.maxSize:",
-        "if False:",
+        "        self.size += len(chunk)\n        if self.maxSize is not None and self.size > self.maxSize:",
+        "        self.size += len(chunk)\n        if False:",
         ("tests/test_protocol.py", "tests/test_wire.py"),
     ),
     Mutant(
@@ -241,8 +241,8 @@ MUTANTS = [
         "handler-decision-field-truthy",
         "a decision field that is not a bool is a programming error (4xx)",
         DECISIONS,
-        "            if type(value) is bool:\n                apply(None)",
-        "            if type(value) is bool or value:\n                apply(None)",
+        "            if type(value) is bool or (value is None and name in _MAY_ABSTAIN):\n                apply(None)",
+        "            if type(value) is bool or value or (value is None and name in _MAY_ABSTAIN):\n                apply(None)",
         ("tests/test_protocol.py", "tests/test_hardening.py", "tests/interop/test_handlers.py"),
     ),
     Mutant(
@@ -250,7 +250,7 @@ MUTANTS = [
         "a handler that raises is answered 4xx, never accepted",
         DECISIONS,
         '            log.failure("{handler} handler failed for session {id}", outcome, handler=name, id=self.session.id)\n'
-        "            self._temporary(temporary)",
+        "            self._temporary(temporary, name)",
         '            log.failure("{handler} handler failed for session {id}", outcome, handler=name, id=self.session.id)\n'
         "            apply(True)",
         ("tests/test_protocol.py", "tests/interop/test_handlers.py"),

@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from .._enums import TLSVersion
 from .._errors import SMTPTLSError
-from .._server.tls import loadKeyPair
+from .._pem import loadKeyPair
 
 #: OpenSSL's ``SSL_OP_LEGACY_SERVER_CONNECT``: talk to servers that do not
 #: support secure renegotiation (RFC 5746).
