@@ -855,7 +855,80 @@ class _Forwarded:
         setattr(instance._client, self.name, value)
 
 
-class Client:
+class BlockingSends:
+    """
+    The send methods of a blocking facade (:class:`Client`,
+    :class:`~infsmtp.BlockingClientPool`): each waits for the method of the
+    same name of the Deferred API behind it (``_call``), with the same
+    arguments and the same result or exception.
+    """
+
+    def _call(self, name: str, *args: Any, **options: Any) -> Any:
+        raise NotImplementedError
+
+    def sendFile(
+        self,
+        fileName: str,
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Refused:
+        """
+        Send the message in file ``fileName``: see :meth:`AsyncClient.sendFile`.
+        """
+        return self._call("sendFile", fileName, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
+
+    #: The reference's name for :meth:`sendFile`.
+    send = sendFile
+
+    def sendStream(
+        self,
+        stream: IO[bytes] | IO[str],
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Refused:
+        """
+        Send the message read from ``stream``: see
+        :meth:`AsyncClient.sendStream`.
+        """
+        return self._call("sendStream", stream, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
+
+    def sendMail(
+        self,
+        message: Message,
+        sender: str | None = None,
+        recipients: Recipients = None,
+        *,
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Refused:
+        """
+        Send an :class:`email.message.Message`: see
+        :meth:`AsyncClient.sendMail`.
+        """
+        return self._call("sendMail", message, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
+
+    def sendmail(
+        self,
+        sender: str,
+        recipients: Sequence[str] | str,
+        message: bytes | str | IO[bytes],
+        mailOptions: MailOptions = (),
+        rcptOptions: RcptOptions = (),
+    ) -> Refused:
+        """
+        smtplib's ``sendmail``: see :meth:`AsyncClient.sendmail`.
+        """
+        return self._call("sendmail", sender, recipients, message, mailOptions, rcptOptions)
+
+
+
+class Client(BlockingSends):
     """
     The blocking SMTP client: each method waits for its :class:`AsyncClient`
     counterpart, which runs in the reactor thread (started by crochet on
@@ -926,64 +999,6 @@ class Client:
         See :meth:`AsyncClient.authenticate`.
         """
         return self._call("authenticate")
-
-    def sendFile(
-        self,
-        fileName: str,
-        sender: str | None = None,
-        recipients: Recipients = None,
-        *,
-        mailOptions: MailOptions = (),
-        rcptOptions: RcptOptions = (),
-    ) -> Refused:
-        """
-        See :meth:`AsyncClient.sendFile`.
-        """
-        return self._call("sendFile", fileName, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
-
-    #: The reference's name for :meth:`sendFile`.
-    send = sendFile
-
-    def sendStream(
-        self,
-        stream: IO[bytes] | IO[str],
-        sender: str | None = None,
-        recipients: Recipients = None,
-        *,
-        mailOptions: MailOptions = (),
-        rcptOptions: RcptOptions = (),
-    ) -> Refused:
-        """
-        See :meth:`AsyncClient.sendStream`.
-        """
-        return self._call("sendStream", stream, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
-
-    def sendMail(
-        self,
-        message: Message,
-        sender: str | None = None,
-        recipients: Recipients = None,
-        *,
-        mailOptions: MailOptions = (),
-        rcptOptions: RcptOptions = (),
-    ) -> Refused:
-        """
-        See :meth:`AsyncClient.sendMail`.
-        """
-        return self._call("sendMail", message, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
-
-    def sendmail(
-        self,
-        sender: str,
-        recipients: Sequence[str] | str,
-        message: bytes | str | IO[bytes],
-        mailOptions: MailOptions = (),
-        rcptOptions: RcptOptions = (),
-    ) -> Refused:
-        """
-        See :meth:`AsyncClient.sendmail`.
-        """
-        return self._call("sendmail", sender, recipients, message, mailOptions, rcptOptions)
 
     def verify(self, username: str) -> str:
         """

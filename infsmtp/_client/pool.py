@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from .._blocking import blockingCall
 from .._enums import AuthMode
 from .._errors import SMTPAuthenticationError, SMTPConnectError, SMTPError
-from .client import AsyncClient, MailOptions, RcptOptions, Recipients, Refused, outgoingFromRaw
+from .client import AsyncClient, BlockingSends, MailOptions, RcptOptions, Recipients, Refused, outgoingFromRaw
 from .envelope import OutgoingMessage, outgoingFromMessage, outgoingFromStream
 
 log = Logger(namespace="infsmtp.pool")
@@ -535,7 +535,7 @@ class ClientPool:
         await self.close()
 
 
-class BlockingClientPool:
+class BlockingClientPool(BlockingSends):
     """
     :class:`ClientPool` for blocking code: each method waits for its
     counterpart, which runs in the reactor thread (started by crochet on
@@ -561,64 +561,6 @@ class BlockingClientPool:
         return blockingCall(
             f"BlockingClientPool.{name}()", f"ClientPool.{name}()", getattr(self._pool, name), *args, **options
         )
-
-    def sendMail(
-        self,
-        message: Message,
-        sender: str | None = None,
-        recipients: Recipients = None,
-        *,
-        mailOptions: MailOptions = (),
-        rcptOptions: RcptOptions = (),
-    ) -> Refused:
-        """
-        See :meth:`ClientPool.sendMail`.
-        """
-        return self._call("sendMail", message, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
-
-    def sendStream(
-        self,
-        stream: IO[bytes] | IO[str],
-        sender: str | None = None,
-        recipients: Recipients = None,
-        *,
-        mailOptions: MailOptions = (),
-        rcptOptions: RcptOptions = (),
-    ) -> Refused:
-        """
-        See :meth:`ClientPool.sendStream`.
-        """
-        return self._call("sendStream", stream, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
-
-    def sendFile(
-        self,
-        fileName: str,
-        sender: str | None = None,
-        recipients: Recipients = None,
-        *,
-        mailOptions: MailOptions = (),
-        rcptOptions: RcptOptions = (),
-    ) -> Refused:
-        """
-        See :meth:`ClientPool.sendFile`.
-        """
-        return self._call("sendFile", fileName, sender, recipients, mailOptions=mailOptions, rcptOptions=rcptOptions)
-
-    #: The reference's name for :meth:`sendFile`.
-    send = sendFile
-
-    def sendmail(
-        self,
-        sender: str,
-        recipients: Sequence[str] | str,
-        message: bytes | str | IO[bytes],
-        mailOptions: MailOptions = (),
-        rcptOptions: RcptOptions = (),
-    ) -> Refused:
-        """
-        See :meth:`ClientPool.sendmail`.
-        """
-        return self._call("sendmail", sender, recipients, message, mailOptions, rcptOptions)
 
     def close(self) -> None:
         """
