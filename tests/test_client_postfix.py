@@ -313,3 +313,29 @@ def test_requireTlsOnlyOverTlsToAServerThatOffersIt(extensions, why):
     assert failure.value.code == 550 and "5.7.10" in failure.value.text and why in failure.value.text
     # RFC 8689: the message does not go at all.
     assert transport.value() == b""
+
+
+def test_chunksAheadOfTheirRepliesStayFew():
+    """
+    However eagerly the transport asks for more, at most
+    MAX_CHUNKS_UNANSWERED chunks go out before their replies; each reply
+    lets one more go.
+    """
+    protocol, transport = chunkingSession()
+    stream = io.BufferedReader(Unseekable(b"Subject: big\r\n\r\n", 5_000_000), 65536)
+    message, sender, recipients = outgoingFromStream(stream, SENDER, [BOB])
+    protocol.sendMessage(sender, recipients, message)
+    protocol.dataReceived(b"250 ok\r\n250 ok\r\n")
+    producer = transport.producer
+    assert producer is not None
+
+    def chunksSent() -> int:
+        return transport.value().count(b"BDAT ")
+
+    for _ in range(50):
+        producer.resumeProducing()
+    assert chunksSent() == MAX_CHUNKS_UNANSWERED
+    protocol.dataReceived(b"250 2.0.0 chunk\r\n")
+    for _ in range(50):
+        producer.resumeProducing()
+    assert chunksSent() == MAX_CHUNKS_UNANSWERED + 1
