@@ -19,6 +19,12 @@ other exception is a bug, and the server logs it with its traceback.
 A crash between the write and the link leaves a file in C{tmp/}; as the
 Maildir rules say, such files are removed once they are 36 hours old,
 here when the delivery is created (that is, at startup).
+
+Messages delivered at the same time share the flush of C{new/}
+(L{GroupFlush}, a group commit): each delivery still flushes its own file
+before linking it, and answers only after a flush of C{new/} that began
+after its own link, so every C{250} still means "on disk"; but twenty
+concurrent sessions cost a handful of directory flushes instead of twenty.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import itertools
 import os
 import socket
 import stat
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
@@ -60,6 +67,83 @@ def _fsyncDirectory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Round:
+    """
+    One flush of a L{GroupFlush} and the deliveries waiting on it.
+    """
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class GroupFlush:
+    """
+    Share one blocking flush among the threads that ask for it at the same
+    time (a group commit), without ever letting a thread return before a
+    flush that I{began after it asked} has finished.
+
+    A thread calling L{flush} joins the next round.  When no flush is
+    running, one member of that round (whichever gets the lock first) runs
+    C{flush()} for all of it; the others wait.  While a flush runs, new
+    callers gather in the next round, which starts as soon as the running
+    one ends: under load each flush covers every caller that arrived during
+    the previous one.  A flush that fails fails every member of its round
+    (each gets its own L{OSError}), and no other.
+
+    @param flush: the blocking call to share (here: C{fsync} of C{new/}).
+    """
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+        self._changed = threading.Condition(threading.Lock())
+        self._running: _Round | None = None
+        self._next: _Round | None = None
+        #: Flushes run so far (for tests and benchmarks).
+        self.flushes = 0
+
+    def flush(self) -> None:
+        """
+        Return once a flush begun after this call has completed; raise
+        what it raised (an L{OSError} is re-created per caller).
+        """
+        with self._changed:
+            round = self._next
+            if round is None:
+                round = self._next = _Round()
+            while not round.done:
+                if self._running is None:
+                    # Nothing running: this round starts now, led by us.
+                    self._running, self._next = round, None
+                    break
+                self._changed.wait()
+            else:
+                return self._outcome(round)
+        try:
+            self._flush()
+        except BaseException as e:
+            round.error = e
+        with self._changed:
+            self.flushes += 1
+            round.done = True
+            self._running = None
+            self._changed.notify_all()
+        return self._outcome(round)
+
+    @staticmethod
+    def _outcome(round: _Round) -> None:
+        error = round.error
+        if error is None:
+            return
+        if isinstance(error, OSError):
+            # One exception object raised in many threads would share (and
+            # garble) its traceback.
+            raise OSError(error.errno, error.strerror, error.filename)
+        raise error
 
 
 def checkMaildirPath(path: str) -> str:
@@ -160,6 +244,9 @@ class MaildirDelivery:
         # next() on a count is atomic under the GIL: no two deliveries of
         # this process share a sequence number, whichever thread runs them.
         self._sequence = itertools.count(1)
+        newFolder = os.path.join(self.path, "new")
+        # The module's function looked up at each call: tests replace it.
+        self._flushNew = GroupFlush(lambda: _fsyncDirectory(newFolder))
         # Here rather than at the first message: twistd and .tac files both
         # create the delivery once, at startup, which is when the Maildir
         # rules ask for it, and no message pays for it.
@@ -312,7 +399,9 @@ class MaildirDelivery:
                 # rename is atomic too, it just cannot refuse to overwrite.
                 os.rename(tmpPath, newPath)
             linked = True
-            _fsyncDirectory(os.path.join(self.path, "new"))
+            # Shared with the deliveries linked at the same time, but begun
+            # after our link: the entry is on disk when this returns.
+            self._flushNew.flush()
         except BaseException:
             # The client is told to retry: a copy left in new/ (its entry
             # not known to be on disk) would be delivered twice.

@@ -304,6 +304,112 @@ async def test_durableBeforeTheAnswer(tmp_path, monkeypatch, noHardLinks):
     ]
 
 
+class HeldFirstFlush:
+    """
+    Concurrent deliveries, made to overlap for certain: the first flush of
+    C{new/} is held (inside C{fsync}) until every delivery has linked its
+    file, so that the others gather while it runs.  Each flush's start
+    and end, each link and each delivery's return are written down in
+    order in C{journal.calls}.  With C{failSecond}, the second flush of
+    C{new/} fails with EIO.
+    """
+
+    def __init__(self, monkeypatch, maildir, count: int, failSecond: bool = False) -> None:
+        self.journal = DiskJournal(monkeypatch, maildir)
+        self.count = count
+        self.linked = threading.Condition()
+        self.flushesOfNew = 0
+        journalFsync, journalLink = os.fsync, os.link
+
+        def link(source, target, *args, **kwargs):
+            journalLink(source, target, *args, **kwargs)
+            with self.linked:
+                self.linked.notify_all()
+
+        def fsync(fd):
+            if self.journal._paths.get(fd) != "new":
+                return journalFsync(fd)
+            self.flushesOfNew += 1
+            self.journal.calls.append(("flush new begins",))
+            if self.flushesOfNew == 1:
+                with self.linked:
+                    assert self.linked.wait_for(self.allLinked, WAIT), "the deliveries never all linked"
+            elif failSecond and self.flushesOfNew == 2:
+                self.journal.calls.append(("flush new fails",))
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return journalFsync(fd)
+
+        monkeypatch.setattr(os, "link", link)
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def allLinked(self) -> bool:
+        return sum(1 for call in self.journal.calls if call[0] == "link") == self.count
+
+    def run(self, delivery: MaildirDelivery) -> list[str | OSError]:
+        results: list[str | OSError] = [None] * self.count  # type: ignore[list-item]
+
+        def one(n: int) -> None:
+            try:
+                key = delivery.deliver(f"Subject: {n}\n\n".encode())
+            except OSError as e:
+                results[n] = e
+                self.journal.calls.append(("failed", n))
+            else:
+                results[n] = key
+                self.journal.calls.append(("answered", key))
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(self.count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
+        return results
+
+
+def test_concurrentDeliveriesShareTheFlushOfNew(tmp_path, monkeypatch):
+    """
+    Deliveries that link while a flush of new/ runs share the next one
+    (group commit: 6 messages, 2 flushes of new/), and each still returns
+    only after its own file was flushed, then linked, and then a flush of
+    new/ that began after its link had ended.
+    """
+    maildir = tmp_path / "Maildir"
+    delivery = MaildirDelivery(str(maildir))
+    held = HeldFirstFlush(monkeypatch, maildir, count=6)
+    keys = held.run(delivery)
+    calls = held.journal.calls
+    assert sorted(os.listdir(maildir / "new")) == sorted(keys)
+    assert held.flushesOfNew == 2 and delivery._flushNew.flushes == 2
+    begins = [i for i, call in enumerate(calls) if call == ("flush new begins",)]
+    ends = [i for i, call in enumerate(calls) if call == ("fsync", "new")]
+    for key in keys:
+        fileFlushed = calls.index(("fsync", f"tmp/{key}"))
+        linked = calls.index(("link", f"tmp/{key}", f"new/{key}"))
+        answered = calls.index(("answered", key))
+        assert fileFlushed < linked < answered
+        assert any(linked < begin and end < answered for begin, end in zip(begins, ends, strict=True)), (key, calls)
+
+
+def test_failedSharedFlushFailsItsWholeRound(tmp_path, monkeypatch):
+    """
+    When a shared flush of new/ fails, every delivery of that round gets
+    the OSError (its client a 451) and its file is taken out of new/ again;
+    the delivery of the round before, whose flush worked, stays stored.
+    """
+    maildir = tmp_path / "Maildir"
+    delivery = MaildirDelivery(str(maildir))
+    held = HeldFirstFlush(monkeypatch, maildir, count=4, failSecond=True)
+    results = held.run(delivery)
+    stored = [r for r in results if isinstance(r, str)]
+    failed = [r for r in results if isinstance(r, OSError)]
+    assert len(stored) == 1 and len(failed) == 3
+    assert all(e.errno == errno.EIO for e in failed)
+    assert len({id(e) for e in failed}) == 3  # one exception per thread
+    assert os.listdir(maildir / "new") == stored
+    assert os.listdir(maildir / "tmp") == []
+
+
 class SlowDisk(MaildirDelivery):
     """
     A Maildir on a disk that stalls until told to go on.
