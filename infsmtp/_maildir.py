@@ -30,6 +30,7 @@ concurrent sessions cost a handful of directory flushes instead of twenty.
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import os
 import socket
@@ -187,14 +188,29 @@ def prepareMaildir(path: str) -> str:
     return path
 
 
-def localLineEndings(head: bytes, source: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+def localLineEndings(
+    head: bytes, source: IO[bytes], size: int = 1 << 20, *, crlfOnly: bool = False
+) -> Iterator[bytes]:
     """
     C{head}, then C{source} read in pieces with CRLF turned into LF (the
-    local line ending Maildir readers expect).  The server refuses bare CR
-    and LF in DATA, so every line ends in CRLF and the conversion is exact;
-    a CR that ends one piece waits for the LF that starts the next.
+    local line ending Maildir readers expect).
+
+    With C{crlfOnly} the caller vouches that every CR in C{source} begins
+    a CRLF (a message as the server framed it: DATA with a bare CR or LF
+    is refused), so every CR is simply deleted: C{bytes.translate}, about
+    3x faster than C{replace} on short lines, and blind to how the pieces
+    are cut.  Otherwise a CR that ends one piece waits for the LF that
+    starts the next, and a bare CR stays as it is.
     """
     yield head
+    if crlfOnly:
+        if isinstance(source, io.BytesIO):
+            # A message held in memory: read whole, which hands back the
+            # bytes themselves, uncopied.
+            size = -1
+        while piece := source.read(size):
+            yield piece.translate(None, b"\r")
+        return
     carry = b""
     while piece := source.read(size):
         piece = carry + piece
@@ -202,6 +218,25 @@ def localLineEndings(head: bytes, source: IO[bytes], size: int = 1 << 20) -> Ite
         yield piece[: len(piece) - len(carry)].replace(b"\r\n", b"\n")
     if carry:
         yield carry
+
+
+def _writeAll(fd: int, pieces: list[bytes]) -> None:
+    """
+    Write C{pieces} to C{fd} with as few system calls as the kernel
+    allows (one C{writev} each time, resumed after a short write).
+    """
+    views = [memoryview(piece) for piece in pieces if piece]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            del views[0]
+        if written:
+            views[0] = views[0][written:]
+
+
+#: Bytes of message gathered before one C{writev}.
+_WRITE_BATCH = 4 << 20
 
 
 class MaildirDelivery:
@@ -316,7 +351,9 @@ class MaildirDelivery:
         """
         # msgFile: a large message stays in its spool file and is copied in
         # pieces, never loaded whole (msgFile is valid until we answer).
-        content = localLineEndings(f"Return-Path: <{session.mailFrom}>\n".encode(), session.msgFile)
+        content = localLineEndings(
+            f"Return-Path: <{session.mailFrom}>\n".encode(), session.msgFile, crlfOnly=session._crlfOnly
+        )
         facts = session.deliveryFacts()
         queueId = session.queueId
         pool = self._threadPool or self._reactor.getThreadPool()
@@ -380,11 +417,17 @@ class MaildirDelivery:
         linked = False
         try:
             try:
+                # Gathered into few writev calls: each system call lets go
+                # of the GIL, and getting it back costs a hand-over.
+                pending: list[bytes] = []
+                gathered = 0
                 for piece in [content] if isinstance(content, bytes) else content:
-                    view = memoryview(piece)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
+                    pending.append(piece)
+                    gathered += len(piece)
+                    if gathered >= _WRITE_BATCH:
+                        _writeAll(fd, pending)
+                        pending, gathered = [], 0
+                _writeAll(fd, pending)
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -79,6 +79,7 @@ class Session:
         "_msg",
         "_message",
         "_msgFile",
+        "_crlfOnly",
         "__weakref__",
     )
 
@@ -104,6 +105,10 @@ class Session:
         self._msg: bytes | None = b""
         self._message: EmailMessage | None = None
         self._msgFile: IO[bytes] | None = None
+        # Whether the message is as the server framed it (every line ends
+        # in CRLF, no bare CR or LF: the DATA framer refuses them), or was
+        # set by a handler, which may have put anything there.
+        self._crlfOnly = True
 
     def disconnect(self) -> None:
         """
@@ -135,6 +140,7 @@ class Session:
     def msg(self, value: bytes) -> None:
         self._msg = value
         self._message = None
+        self._crlfOnly = False
 
     @property
     def msgFile(self) -> IO[bytes]:
@@ -178,6 +184,7 @@ class Session:
         self._msg = msg
         self._msgFile = msgFile
         self._message = None
+        self._crlfOnly = True
 
     def _resetTransaction(self) -> None:
         self.queueId = ""

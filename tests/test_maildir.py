@@ -454,11 +454,68 @@ async def test_slowDiskDoesNotStallOtherSessions(tmp_path, serveMaildir):
 # Large messages stream from the spool file ---------------------------------
 
 @settings(max_examples=200)
-@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20), st.integers(1, 17))
-def test_line_endings_converted_whatever_the_piece_size(lines, size):
+@given(
+    st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20),
+    st.integers(1, 17),
+    st.booleans(),
+    st.booleans(),
+)
+def test_line_endings_converted_whatever_the_piece_size(lines, size, crlfOnly, spooled):
     content = b"".join(line + b"\r\n" for line in lines)
-    out = b"".join(localLineEndings(b"H\n", io.BytesIO(content), size))
+    source = tempfile_with(content) if spooled else io.BytesIO(content)
+    out = b"".join(localLineEndings(b"H\n", source, size, crlfOnly=crlfOnly))
     assert out == b"H\n" + content.replace(b"\r\n", b"\n")
+
+
+@settings(max_examples=100)
+@given(st.binary(max_size=60), st.integers(1, 17))
+def test_bare_cr_kept_unless_vouched_for(content, size):
+    """
+    Without crlfOnly the conversion is exact for any bytes: only CRLF
+    becomes LF, a bare CR stays, whatever the piece size.
+    """
+    out = b"".join(localLineEndings(b"", io.BytesIO(content), size))
+    assert out == content.replace(b"\r\n", b"\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_handler_set_message_stored_exactly(tmp_path):
+    """
+    A message a handler put in session.msg may hold a bare CR (the
+    server's framer refuses them, a handler does not): it is stored as
+    it is, only its CRLFs turned into LF.  The server's own message
+    takes the fast path, which deletes every CR.
+    """
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+    session = storingSession()
+    assert session._crlfOnly
+    session.msg = b"Subject: rewritten\r\n\r\nold\rnew\r\n"
+    assert await delivery(session).addTimeout(WAIT, reactor) is True
+    [key] = os.listdir(tmp_path / "Maildir" / "new")
+    stored = (tmp_path / "Maildir" / "new" / key).read_bytes()
+    assert stored == b"Return-Path: <a@b.test>\nSubject: rewritten\n\nold\rnew\n"
+    session._setMessage(b"Subject: framed\r\n\r\nbody\r\n")
+    assert session._crlfOnly
+
+
+def test_short_writes_resumed(tmp_path, monkeypatch):
+    """
+    A kernel that takes a few bytes per writev (a signal, a pipe, a
+    nearly full disk) still gets every byte, in order.
+    """
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+    realWritev = os.writev
+    calls = []
+
+    def stingy(fd, buffers):
+        calls.append(len(buffers))
+        return realWritev(fd, [bytes(b"".join(buffers))[:3]])
+
+    monkeypatch.setattr(os, "writev", stingy)
+    pieces = [b"Return-Path: <>\n", b"", b"Subject: pieces\n\n", b"x" * 10]
+    key = delivery.deliver(iter(pieces))
+    assert (tmp_path / "Maildir" / "new" / key).read_bytes() == b"".join(pieces)
+    assert calls[0] == 3  # gathered: one writev for every piece at first
 
 
 @pytest_twisted.ensureDeferred
@@ -521,10 +578,11 @@ def tempfile_with(data: bytes):
 
 class FullDisk:
     """
-    Make the writes into a Maildir's tmp/ fail with ENOSPC after C{allow}
-    successful writes, the way a disk that fills up mid-message does.
-    Only descriptors opened under C{tmp/} fail: the reactor's own writes
-    (its waker pipe) go on.
+    Make the writes into a Maildir's tmp/ fail with ENOSPC once C{allow}
+    bytes went in, the way a disk that fills up mid-message does: the
+    write that crosses the limit is short, the next one fails.  Both
+    C{os.write} and C{os.writev} are covered.  Only descriptors opened
+    under C{tmp/} fail: the reactor's own writes (its waker pipe) go on.
     """
 
     def __init__(self, monkeypatch, maildir, allow: int = 1) -> None:
@@ -545,11 +603,17 @@ class FullDisk:
             if fd in self.fds:
                 if self.allow <= 0:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                self.allow -= 1
+                data = bytes(data)[: self.allow]
+                self.allow -= len(data)
             return realWrite(fd, data)
 
+        def writev(fd, buffers):
+            return write(fd, b"".join(buffers)) if fd in self.fds else realWritev(fd, buffers)
+
+        realWritev = os.writev
         monkeypatch.setattr(os, "open", open_)
         monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "writev", writev)
 
 
 def problems(events: list[dict]) -> list[dict]:
@@ -577,7 +641,7 @@ async def test_fullDiskOneLinePerMessage(tmp_path, serveMaildir, logEvents, monk
         return delivery(session)
 
     server = await serveMaildir(recordingDelivery)
-    disk = FullDisk(monkeypatch, maildir, allow=1)  # the Return-Path goes in, the body does not
+    disk = FullDisk(monkeypatch, maildir, allow=20)  # part of the Return-Path goes in, no more
     del logEvents[:]
     for _ in range(3):
         code, text = await inThread(sendExpectingError, server.port)
