@@ -398,6 +398,15 @@ MUTANTS = [
         "        insecurelyLowerMinimumTo=TLSVersion.tls1_2.twisted,",
         ("tests/test_tls.py",),
     ),
+    # Issue 15: resumption for clients that offer it.
+    Mutant(
+        "tls-session-tickets-off",
+        "a STARTTLS client offering its last session's ticket resumes it",
+        "infsmtp/_tls.py",
+        "        enableSessionTickets=True,\n",
+        "        enableSessionTickets=False,\n",
+        ("tests/test_tls.py",),
+    ),
     # A handler's session.disconnect() (issue 16: the 421 it describes).
     Mutant(
         "handler-disconnect-silent",
