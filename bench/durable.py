@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]

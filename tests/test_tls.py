@@ -13,12 +13,12 @@ import subprocess
 
 import pytest
 import pytest_twisted
+from peertools import requireTool
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from infsmtp import Server, SMTPTLSError, TLSVersion
 from infsmtp.testing import CertificateAuthority
-from peertools import requireTool
 
 #: The bound on every wait, in seconds.
 WAIT = 20.0
@@ -218,7 +218,7 @@ def starttlsSession(port, context, session=None):
     reader = raw.makefile("rb")
     assert reader.readline().startswith(b"220 ")
     raw.sendall(b"EHLO client.test\r\n")
-    while (line := reader.readline())[3:4] == b"-":
+    while reader.readline()[3:4] == b"-":
         pass
     raw.sendall(b"STARTTLS\r\n")
     assert reader.readline().startswith(b"220 ")
