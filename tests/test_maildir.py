@@ -305,6 +305,112 @@ async def test_durableBeforeTheAnswer(tmp_path, monkeypatch, noHardLinks):
     ]
 
 
+class HeldFirstFlush:
+    """
+    Concurrent deliveries, made to overlap for certain: the first flush of
+    C{new/} is held (inside C{fsync}) until every delivery has linked its
+    file, so that the others gather while it runs.  Each flush's start
+    and end, each link and each delivery's return are written down in
+    order in C{journal.calls}.  With C{failSecond}, the second flush of
+    C{new/} fails with EIO.
+    """
+
+    def __init__(self, monkeypatch, maildir, count: int, failSecond: bool = False) -> None:
+        self.journal = DiskJournal(monkeypatch, maildir)
+        self.count = count
+        self.linked = threading.Condition()
+        self.flushesOfNew = 0
+        journalFsync, journalLink = os.fsync, os.link
+
+        def link(source, target, *args, **kwargs):
+            journalLink(source, target, *args, **kwargs)
+            with self.linked:
+                self.linked.notify_all()
+
+        def fsync(fd):
+            if self.journal._paths.get(fd) != "new":
+                return journalFsync(fd)
+            self.flushesOfNew += 1
+            self.journal.calls.append(("flush new begins",))
+            if self.flushesOfNew == 1:
+                with self.linked:
+                    assert self.linked.wait_for(self.allLinked, WAIT), "the deliveries never all linked"
+            elif failSecond and self.flushesOfNew == 2:
+                self.journal.calls.append(("flush new fails",))
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return journalFsync(fd)
+
+        monkeypatch.setattr(os, "link", link)
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def allLinked(self) -> bool:
+        return sum(1 for call in self.journal.calls if call[0] == "link") == self.count
+
+    def run(self, delivery: MaildirDelivery) -> list[str | OSError]:
+        results: list[str | OSError] = [None] * self.count  # type: ignore[list-item]
+
+        def one(n: int) -> None:
+            try:
+                key = delivery.deliver(f"Subject: {n}\n\n".encode())
+            except OSError as e:
+                results[n] = e
+                self.journal.calls.append(("failed", n))
+            else:
+                results[n] = key
+                self.journal.calls.append(("answered", key))
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(self.count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        assert not any(t.is_alive() for t in threads)
+        return results
+
+
+def test_concurrentDeliveriesShareTheFlushOfNew(tmp_path, monkeypatch):
+    """
+    Deliveries that link while a flush of new/ runs share the next one
+    (group commit: 6 messages, 2 flushes of new/), and each still returns
+    only after its own file was flushed, then linked, and then a flush of
+    new/ that began after its link had ended.
+    """
+    maildir = tmp_path / "Maildir"
+    delivery = MaildirDelivery(str(maildir))
+    held = HeldFirstFlush(monkeypatch, maildir, count=6)
+    keys = held.run(delivery)
+    calls = held.journal.calls
+    assert sorted(os.listdir(maildir / "new")) == sorted(keys)
+    assert held.flushesOfNew == 2 and delivery._flushNew.flushes == 2
+    begins = [i for i, call in enumerate(calls) if call == ("flush new begins",)]
+    ends = [i for i, call in enumerate(calls) if call == ("fsync", "new")]
+    for key in keys:
+        fileFlushed = calls.index(("fsync", f"tmp/{key}"))
+        linked = calls.index(("link", f"tmp/{key}", f"new/{key}"))
+        answered = calls.index(("answered", key))
+        assert fileFlushed < linked < answered
+        assert any(linked < begin and end < answered for begin, end in zip(begins, ends, strict=True)), (key, calls)
+
+
+def test_failedSharedFlushFailsItsWholeRound(tmp_path, monkeypatch):
+    """
+    When a shared flush of new/ fails, every delivery of that round gets
+    the OSError (its client a 451) and its file is taken out of new/ again;
+    the delivery of the round before, whose flush worked, stays stored.
+    """
+    maildir = tmp_path / "Maildir"
+    delivery = MaildirDelivery(str(maildir))
+    held = HeldFirstFlush(monkeypatch, maildir, count=4, failSecond=True)
+    results = held.run(delivery)
+    stored = [r for r in results if isinstance(r, str)]
+    failed = [r for r in results if isinstance(r, OSError)]
+    assert len(stored) == 1 and len(failed) == 3
+    assert all(e.errno == errno.EIO for e in failed)
+    assert len({id(e) for e in failed}) == 3  # one exception per thread
+    assert os.listdir(maildir / "new") == stored
+    assert os.listdir(maildir / "tmp") == []
+
+
 class SlowDisk(MaildirDelivery):
     """
     A Maildir on a disk that stalls until told to go on.
@@ -349,11 +455,68 @@ async def test_slowDiskDoesNotStallOtherSessions(tmp_path, serveMaildir):
 # Large messages stream from the spool file ---------------------------------
 
 @settings(max_examples=200)
-@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20), st.integers(1, 17))
-def test_line_endings_converted_whatever_the_piece_size(lines, size):
+@given(
+    st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20),
+    st.integers(1, 17),
+    st.booleans(),
+    st.booleans(),
+)
+def test_line_endings_converted_whatever_the_piece_size(lines, size, crlfOnly, spooled):
     content = b"".join(line + b"\r\n" for line in lines)
-    out = b"".join(localLineEndings(b"H\n", io.BytesIO(content), size))
+    source = tempfile_with(content) if spooled else io.BytesIO(content)
+    out = b"".join(localLineEndings(b"H\n", source, size, crlfOnly=crlfOnly))
     assert out == b"H\n" + content.replace(b"\r\n", b"\n")
+
+
+@settings(max_examples=100)
+@given(st.binary(max_size=60), st.integers(1, 17))
+def test_bare_cr_kept_unless_vouched_for(content, size):
+    """
+    Without crlfOnly the conversion is exact for any bytes: only CRLF
+    becomes LF, a bare CR stays, whatever the piece size.
+    """
+    out = b"".join(localLineEndings(b"", io.BytesIO(content), size))
+    assert out == content.replace(b"\r\n", b"\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_handler_set_message_stored_exactly(tmp_path):
+    """
+    A message a handler put in session.msg may hold a bare CR (the
+    server's framer refuses them, a handler does not): it is stored as
+    it is, only its CRLFs turned into LF.  The server's own message
+    takes the fast path, which deletes every CR.
+    """
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+    session = storingSession()
+    assert session._crlfOnly
+    session.msg = b"Subject: rewritten\r\n\r\nold\rnew\r\n"
+    assert await delivery(session).addTimeout(WAIT, reactor) is True
+    [key] = os.listdir(tmp_path / "Maildir" / "new")
+    stored = (tmp_path / "Maildir" / "new" / key).read_bytes()
+    assert stored == b"Return-Path: <a@b.test>\nSubject: rewritten\n\nold\rnew\n"
+    session._setMessage(b"Subject: framed\r\n\r\nbody\r\n")
+    assert session._crlfOnly
+
+
+def test_short_writes_resumed(tmp_path, monkeypatch):
+    """
+    A kernel that takes a few bytes per writev (a signal, a pipe, a
+    nearly full disk) still gets every byte, in order.
+    """
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"))
+    realWritev = os.writev
+    calls = []
+
+    def stingy(fd, buffers):
+        calls.append(len(buffers))
+        return realWritev(fd, [bytes(b"".join(buffers))[:3]])
+
+    monkeypatch.setattr(os, "writev", stingy)
+    pieces = [b"Return-Path: <>\n", b"", b"Subject: pieces\n\n", b"x" * 10]
+    key = delivery.deliver(iter(pieces))
+    assert (tmp_path / "Maildir" / "new" / key).read_bytes() == b"".join(pieces)
+    assert calls[0] == 3  # gathered: one writev for every piece at first
 
 
 @pytest_twisted.ensureDeferred
@@ -416,10 +579,11 @@ def tempfile_with(data: bytes):
 
 class FullDisk:
     """
-    Make the writes into a Maildir's tmp/ fail with ENOSPC after C{allow}
-    successful writes, the way a disk that fills up mid-message does.
-    Only descriptors opened under C{tmp/} fail: the reactor's own writes
-    (its waker pipe) go on.
+    Make the writes into a Maildir's tmp/ fail with ENOSPC once C{allow}
+    bytes went in, the way a disk that fills up mid-message does: the
+    write that crosses the limit is short, the next one fails.  Both
+    C{os.write} and C{os.writev} are covered.  Only descriptors opened
+    under C{tmp/} fail: the reactor's own writes (its waker pipe) go on.
     """
 
     def __init__(self, monkeypatch, maildir, allow: int = 1) -> None:
@@ -440,11 +604,17 @@ class FullDisk:
             if fd in self.fds:
                 if self.allow <= 0:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                self.allow -= 1
+                data = bytes(data)[: self.allow]
+                self.allow -= len(data)
             return realWrite(fd, data)
 
+        def writev(fd, buffers):
+            return write(fd, b"".join(buffers)) if fd in self.fds else realWritev(fd, buffers)
+
+        realWritev = os.writev
         monkeypatch.setattr(os, "open", open_)
         monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "writev", writev)
 
 
 def problems(events: list[dict]) -> list[dict]:
@@ -472,7 +642,7 @@ async def test_fullDiskOneLinePerMessage(tmp_path, serveMaildir, logEvents, monk
         return delivery(session)
 
     server = await serveMaildir(recordingDelivery)
-    disk = FullDisk(monkeypatch, maildir, allow=1)  # the Return-Path goes in, the body does not
+    disk = FullDisk(monkeypatch, maildir, allow=20)  # part of the Return-Path goes in, no more
     del logEvents[:]
     for _ in range(3):
         code, text = await inThread(sendExpectingError, server.port)

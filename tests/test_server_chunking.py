@@ -295,3 +295,25 @@ def test_chunkingWithdrawnByOnEhloIsRefused():
     envelope(h)
     # Not offered, so refused (its octets read all the same).
     assert h.codes(b"BDAT 4 LAST\r\nQUITNOOP\r\n") == [502, 250]
+
+
+def test_aChunkedMessageWithABareCRIsStoredExactly():
+    """
+    BDAT's octets may hold a bare CR (DATA's framer refuses one): the
+    Maildir conversion keeps it, rather than dropping every CR as it may
+    for DATA.
+    """
+    from infsmtp._daemon.maildir import localLineEndings
+
+    stored = []
+
+    def onReceive(session):
+        stored.append(b"".join(localLineEndings(b"", session.msgFile, crlfOnly=session._crlfOnly)))
+
+    h = ServerHarness(onReceive=onReceive, receivedHeader=False)
+    h.take()
+    h.send("EHLO client.test")
+    envelope(h)
+    content = b"Subject: cr\r\n\r\na\rb\r\n"
+    assert h.codes(b"BDAT %d LAST\r\n" % len(content) + content) == [250]
+    assert stored == [b"Subject: cr\n\na\rb\n"]

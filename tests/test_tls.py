@@ -9,9 +9,11 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
+import subprocess
 
 import pytest
 import pytest_twisted
+from peertools import requireTool
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
@@ -200,5 +202,103 @@ async def test_pipelining_with_a_pending_handler_over_implicit_tls(certificateAu
 
     try:
         assert await deferToThread(run).addTimeout(WAIT, reactor) == [250, 250, 250, 354, 250, 221]
+    finally:
+        await server.stopListening().addTimeout(WAIT, reactor)
+
+
+# Session resumption (issue 15): tickets, for clients that offer them ------
+
+
+def starttlsSession(port, context, session=None):
+    """
+    One STARTTLS session with Python's ssl, offering C{session} to resume:
+    the session to offer next time, and whether this one was resumed.
+    """
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = raw.makefile("rb")
+    assert reader.readline().startswith(b"220 ")
+    raw.sendall(b"EHLO client.test\r\n")
+    while reader.readline()[3:4] == b"-":
+        pass
+    raw.sendall(b"STARTTLS\r\n")
+    assert reader.readline().startswith(b"220 ")
+    with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        tls.sendall(b"EHLO client.test\r\nQUIT\r\n")
+        # Read to the end: TLS 1.3 tickets come after the handshake.
+        received = b""
+        while chunk := tls.recv(4096):
+            received += chunk
+        assert b"\r\n221 " in received, received
+        return tls.session, tls.session_reused
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+async def test_starttls_session_resumed(certificateAuthority, version):
+    """
+    A client that offers the session (ticket) of its last STARTTLS gets
+    an abbreviated handshake, over TLS 1.2 and 1.3; one that offers none
+    gets a full one.
+    """
+    server = Server(ssl=True, port=0, interface="127.0.0.1", hostname="localhost")
+    server.setCertificate(certificateAuthority.localhost.certFile, certificateAuthority.localhost.keyFile)
+    await server.startListening().addTimeout(WAIT, reactor)
+    context = clientContext(certificateAuthority, maximum=version, minimum=version)
+
+    def run():
+        first, reused = starttlsSession(server.port, context)
+        assert not reused and first is not None
+        second, resumed = starttlsSession(server.port, context, first)
+        fresh, freshReused = starttlsSession(server.port, context)
+        return resumed, freshReused
+
+    try:
+        assert await deferToThread(run).addTimeout(WAIT, reactor) == (True, False)
+    finally:
+        await server.stopListening().addTimeout(WAIT, reactor)
+
+
+def opensslStarttls(port, authority, sessionFile, resume: bool) -> str:
+    """
+    One STARTTLS session with openssl s_client, saving its session (and
+    offering the saved one with C{resume}): what it says of the session.
+    """
+    openssl = requireTool("openssl")
+    command = [
+        openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-starttls", "smtp",
+        "-servername", "localhost", "-CAfile", authority.certFile, "-verify_return_error",
+        "-ign_eof", "-sess_out", str(sessionFile),
+    ]
+    if resume:
+        command += ["-sess_in", str(sessionFile)]
+    # QUIT, then -ign_eof reads on to the server's close: TLS 1.3 tickets
+    # arrive after the handshake.
+    done = subprocess.run(command, input=b"QUIT\r\n", capture_output=True, timeout=WAIT)
+    out = done.stdout.decode(errors="replace")
+    assert done.returncode == 0 and "\n221 " in out, out[-2000:] + done.stderr.decode(errors="replace")
+    [line] = [line for line in out.splitlines() if line.startswith(("New, ", "Reused, "))]
+    return line
+
+
+@pytest_twisted.ensureDeferred
+async def test_openssl_client_resumes(certificateAuthority, tmp_path):
+    """
+    openssl s_client -sess_out / -sess_in (what an MTA's session cache
+    does): the second STARTTLS is "Reused".
+    """
+    server = Server(ssl=True, port=0, interface="127.0.0.1", hostname="localhost")
+    server.setCertificate(certificateAuthority.localhost.certFile, certificateAuthority.localhost.keyFile)
+    await server.startListening().addTimeout(WAIT, reactor)
+    sessionFile = tmp_path / "session.pem"
+
+    def run():
+        return (
+            opensslStarttls(server.port, certificateAuthority, sessionFile, resume=False),
+            opensslStarttls(server.port, certificateAuthority, sessionFile, resume=True),
+        )
+
+    try:
+        first, second = await deferToThread(run).addTimeout(WAIT, reactor)
+        assert first.startswith("New, TLSv1.3") and second.startswith("Reused, TLSv1.3"), (first, second)
     finally:
         await server.stopListening().addTimeout(WAIT, reactor)

@@ -85,8 +85,33 @@ MUTANTS = [
         "maildir-fsync-new-dir",
         "new/ is flushed before the handler answers",
         MAILDIR,
-        '            _fsyncDirectory(os.path.join(self.path, "new"))',
+        "            self._flushNew.flush()",
         "            pass",
+        ("tests/test_maildir.py",),
+    ),
+    # Issue 15: concurrent deliveries share the flush of new/ (group commit).
+    Mutant(
+        "maildir-group-flush-joins-running",
+        "a delivery answers only after a flush of new/ that began after its link",
+        MAILDIR,
+        "            round = self._next\n",
+        "            round = self._running or self._next\n",
+        ("tests/test_maildir.py",),
+    ),
+    Mutant(
+        "maildir-group-flush-unshared",
+        "deliveries linked during a flush of new/ share the next one",
+        MAILDIR,
+        "                if self._running is None:\n",
+        "                if True:\n",
+        ("tests/test_maildir.py",),
+    ),
+    Mutant(
+        "maildir-group-flush-error-lost",
+        "a failed shared flush of new/ fails every delivery of its round",
+        MAILDIR,
+        "            round.error = e\n",
+        "            pass\n",
         ("tests/test_maildir.py",),
     ),
     Mutant(
@@ -101,8 +126,24 @@ MUTANTS = [
         "maildir-reads-msg-whole",
         "the Maildir handler streams a spooled message from msgFile",
         MAILDIR,
-        'localLineEndings(f"Return-Path: <{session.mailFrom}>\\n".encode(), session.msgFile)',
-        'localLineEndings(f"Return-Path: <{session.mailFrom}>\\n".encode(), __import__("io").BytesIO(session.msg))',
+        'f"Return-Path: <{session.mailFrom}>\\n".encode(), session.msgFile, crlfOnly=session._crlfOnly',
+        'f"Return-Path: <{session.mailFrom}>\\n".encode(), __import__("io").BytesIO(session.msg), crlfOnly=session._crlfOnly',
+        ("tests/test_maildir.py",),
+    ),
+    Mutant(
+        "maildir-handler-msg-trusted",
+        "a message a handler set is stored exactly: a bare CR in it stays",
+        "infsmtp/_server/session.py",
+        "        self._crlfOnly = False\n",
+        "        self._crlfOnly = True\n",
+        ("tests/test_maildir.py",),
+    ),
+    Mutant(
+        "maildir-short-write-lost",
+        "a short write is resumed where the kernel stopped",
+        MAILDIR,
+        "            views[0] = views[0][written:]\n",
+        "            del views[0]\n",
         ("tests/test_maildir.py",),
     ),
     Mutant(
@@ -360,6 +401,15 @@ MUTANTS = [
         "infsmtp/_server/tls.py",
         "        insecurelyLowerMinimumTo=minProtocol.twisted,",
         "        insecurelyLowerMinimumTo=TLSVersion.tls1_2.twisted,",
+        ("tests/test_tls.py",),
+    ),
+    # Issue 15: resumption for clients that offer it.
+    Mutant(
+        "tls-session-tickets-off",
+        "a STARTTLS client offering its last session's ticket resumes it",
+        "infsmtp/_server/tls.py",
+        "        enableSessionTickets=True,\n",
+        "        enableSessionTickets=False,\n",
         ("tests/test_tls.py",),
     ),
     # A handler's session.disconnect() (issue 16: the 421 it describes).
@@ -678,6 +728,14 @@ MUTANTS = [
         "            session.rcptResults[address] = SMTPError(code, text)",
         "            pass",
         ("tests/test_deliver_lmtp.py",),
+    ),
+    Mutant(
+        "bdat-bare-cr-dropped",
+        "a chunked message keeps a bare CR in the Maildir (only DATA's framing vouches for CRLF)",
+        TRANSACTION,
+        "        self._messageReceived(sink, crlfOnly=False)",
+        "        self._messageReceived(sink)",
+        ("tests/test_server_chunking.py",),
     ),
     # The testing kit (issue 13): what the smtpd fixture records and the
     # faults it injects, the plugin's behaviour, the development sink.

@@ -2,7 +2,9 @@
 infsmtp on its full path: a Session per connection and an onReceive
 callable that accepts every message.
 
-    python infsmtp_sink.py PORT
+    python infsmtp_sink.py PORT [CERT KEY]
+
+With CERT and KEY (PEM), STARTTLS is offered (bench/tls.py).
 """
 
 import sys
@@ -18,10 +20,13 @@ server = Server(
     interface="127.0.0.1",
     hostname="sink.test",
     maxConnections=5000,
+    ssl=len(sys.argv) > 3,
     maxConnectionsPerClient=1_000_000,
     maxConnectionRate=1_000_000_000,
 )
 server.onReceive = lambda session: True
+if len(sys.argv) > 3:
+    server.setCertificate(sys.argv[2], sys.argv[3])
 
 
 def ready(_):

@@ -19,17 +19,25 @@ other exception is a bug, and the server logs it with its traceback.
 A crash between the write and the link leaves a file in C{tmp/}; as the
 Maildir rules say, such files are removed once they are 36 hours old,
 here when the delivery is created (that is, at startup).
+
+Messages delivered at the same time share the flush of C{new/}
+(L{GroupFlush}, a group commit): each delivery still flushes its own file
+before linking it, and answers only after a flush of C{new/} that began
+after its own link, so every C{250} still means "on disk"; but twenty
+concurrent sessions cost a handful of directory flushes instead of twenty.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import os
 import socket
 import stat
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
@@ -60,6 +68,83 @@ def _fsyncDirectory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Round:
+    """
+    One flush of a L{GroupFlush} and the deliveries waiting on it.
+    """
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class GroupFlush:
+    """
+    Share one blocking flush among the threads that ask for it at the same
+    time (a group commit), without ever letting a thread return before a
+    flush that I{began after it asked} has finished.
+
+    A thread calling L{flush} joins the next round.  When no flush is
+    running, one member of that round (whichever gets the lock first) runs
+    C{flush()} for all of it; the others wait.  While a flush runs, new
+    callers gather in the next round, which starts as soon as the running
+    one ends: under load each flush covers every caller that arrived during
+    the previous one.  A flush that fails fails every member of its round
+    (each gets its own L{OSError}), and no other.
+
+    @param flush: the blocking call to share (here: C{fsync} of C{new/}).
+    """
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+        self._changed = threading.Condition(threading.Lock())
+        self._running: _Round | None = None
+        self._next: _Round | None = None
+        #: Flushes run so far (for tests and benchmarks).
+        self.flushes = 0
+
+    def flush(self) -> None:
+        """
+        Return once a flush begun after this call has completed; raise
+        what it raised (an L{OSError} is re-created per caller).
+        """
+        with self._changed:
+            round = self._next
+            if round is None:
+                round = self._next = _Round()
+            while not round.done:
+                if self._running is None:
+                    # Nothing running: this round starts now, led by us.
+                    self._running, self._next = round, None
+                    break
+                self._changed.wait()
+            else:
+                return self._outcome(round)
+        try:
+            self._flush()
+        except BaseException as e:
+            round.error = e
+        with self._changed:
+            self.flushes += 1
+            round.done = True
+            self._running = None
+            self._changed.notify_all()
+        return self._outcome(round)
+
+    @staticmethod
+    def _outcome(round: _Round) -> None:
+        error = round.error
+        if error is None:
+            return
+        if isinstance(error, OSError):
+            # One exception object raised in many threads would share (and
+            # garble) its traceback.
+            raise OSError(error.errno, error.strerror, error.filename)
+        raise error
 
 
 def checkMaildirPath(path: str) -> str:
@@ -103,14 +188,29 @@ def prepareMaildir(path: str) -> str:
     return path
 
 
-def localLineEndings(head: bytes, source: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+def localLineEndings(
+    head: bytes, source: IO[bytes], size: int = 1 << 20, *, crlfOnly: bool = False
+) -> Iterator[bytes]:
     """
     C{head}, then C{source} read in pieces with CRLF turned into LF (the
-    local line ending Maildir readers expect).  The server refuses bare CR
-    and LF in DATA, so every line ends in CRLF and the conversion is exact;
-    a CR that ends one piece waits for the LF that starts the next.
+    local line ending Maildir readers expect).
+
+    With C{crlfOnly} the caller vouches that every CR in C{source} begins
+    a CRLF (a message as the server framed it: DATA with a bare CR or LF
+    is refused), so every CR is simply deleted: C{bytes.translate}, about
+    3x faster than C{replace} on short lines, and blind to how the pieces
+    are cut.  Otherwise a CR that ends one piece waits for the LF that
+    starts the next, and a bare CR stays as it is.
     """
     yield head
+    if crlfOnly:
+        if isinstance(source, io.BytesIO):
+            # A message held in memory: read whole, which hands back the
+            # bytes themselves, uncopied.
+            size = -1
+        while piece := source.read(size):
+            yield piece.translate(None, b"\r")
+        return
     carry = b""
     while piece := source.read(size):
         piece = carry + piece
@@ -118,6 +218,25 @@ def localLineEndings(head: bytes, source: IO[bytes], size: int = 1 << 20) -> Ite
         yield piece[: len(piece) - len(carry)].replace(b"\r\n", b"\n")
     if carry:
         yield carry
+
+
+def _writeAll(fd: int, pieces: list[bytes]) -> None:
+    """
+    Write C{pieces} to C{fd} with as few system calls as the kernel
+    allows (one C{writev} each time, resumed after a short write).
+    """
+    views = [memoryview(piece) for piece in pieces if piece]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            del views[0]
+        if written:
+            views[0] = views[0][written:]
+
+
+#: Bytes of message gathered before one C{writev}.
+_WRITE_BATCH = 4 << 20
 
 
 class MaildirDelivery:
@@ -160,6 +279,9 @@ class MaildirDelivery:
         # next() on a count is atomic under the GIL: no two deliveries of
         # this process share a sequence number, whichever thread runs them.
         self._sequence = itertools.count(1)
+        newFolder = os.path.join(self.path, "new")
+        # The module's function looked up at each call: tests replace it.
+        self._flushNew = GroupFlush(lambda: _fsyncDirectory(newFolder))
         # Here rather than at the first message: twistd and .tac files both
         # create the delivery once, at startup, which is when the Maildir
         # rules ask for it, and no message pays for it.
@@ -240,7 +362,9 @@ class MaildirDelivery:
         """
         # msgFile: a large message stays in its spool file and is copied in
         # pieces, never loaded whole (msgFile is valid until we answer).
-        content = localLineEndings(f"Return-Path: <{session.mailFrom}>\n".encode(), session.msgFile)
+        content = localLineEndings(
+            f"Return-Path: <{session.mailFrom}>\n".encode(), session.msgFile, crlfOnly=session._crlfOnly
+        )
         facts = session.deliveryFacts()
         queueId = session.queueId
         pool = self._threadPool or self._reactor.getThreadPool()
@@ -304,11 +428,17 @@ class MaildirDelivery:
         linked = False
         try:
             try:
+                # Gathered into few writev calls: each system call lets go
+                # of the GIL, and getting it back costs a hand-over.
+                pending: list[bytes] = []
+                gathered = 0
                 for piece in [content] if isinstance(content, bytes) else content:
-                    view = memoryview(piece)
-                    while view:
-                        written = os.write(fd, view)
-                        view = view[written:]
+                    pending.append(piece)
+                    gathered += len(piece)
+                    if gathered >= _WRITE_BATCH:
+                        _writeAll(fd, pending)
+                        pending, gathered = [], 0
+                _writeAll(fd, pending)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -323,7 +453,9 @@ class MaildirDelivery:
                 # rename is atomic too, it just cannot refuse to overwrite.
                 os.rename(tmpPath, newPath)
             linked = True
-            _fsyncDirectory(os.path.join(self.path, "new"))
+            # Shared with the deliveries linked at the same time, but begun
+            # after our link: the entry is on disk when this returns.
+            self._flushNew.flush()
         except BaseException:
             # The client is told to retry: a copy left in new/ (its entry
             # not known to be on disk) would be delivered twice.

@@ -102,6 +102,7 @@ class Session:
         "_msg",
         "_message",
         "_msgFile",
+        "_crlfOnly",
         "__weakref__",
     )
 
@@ -131,6 +132,10 @@ class Session:
         self._msg: bytes | None = b""
         self._message: EmailMessage | None = None
         self._msgFile: IO[bytes] | None = None
+        # Whether the message is as the server framed it (every line ends
+        # in CRLF, no bare CR or LF: the DATA framer refuses them), or was
+        # set by a handler, which may have put anything there.
+        self._crlfOnly = True
 
     def disconnect(self) -> None:
         """
@@ -162,6 +167,7 @@ class Session:
     def msg(self, value: bytes) -> None:
         self._msg = value
         self._message = None
+        self._crlfOnly = False
 
     @property
     def msgFile(self) -> IO[bytes]:
@@ -198,13 +204,16 @@ class Session:
                 self._message = parser.parsebytes(self.msg)  # type: ignore[assignment]
         return self._message  # type: ignore[return-value]
 
-    def _setMessage(self, msg: bytes | None, msgFile: IO[bytes] | None = None) -> None:
+    def _setMessage(self, msg: bytes | None, msgFile: IO[bytes] | None = None, crlfOnly: bool = True) -> None:
         """
         Hold the received message: as bytes, or (C{msg=None}) in a file.
+        C{crlfOnly}: every CR in it begins a CRLF (true of DATA, whose
+        framer refuses bare CRs; not known of BDAT's counted octets).
         """
         self._msg = msg
         self._msgFile = msgFile
         self._message = None
+        self._crlfOnly = crlfOnly
 
     def _resetTransaction(self) -> None:
         self.queueId = ""

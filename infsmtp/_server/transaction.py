@@ -297,7 +297,7 @@ class MailTransaction:
             return
         sink = self._sink
         assert sink is not None
-        self._messageReceived(sink)
+        self._messageReceived(sink, crlfOnly=False)
 
     def _feedData(self, data: bytes) -> None:
         framer = self._dataFramer
@@ -329,16 +329,18 @@ class MailTransaction:
         assert isinstance(sink, SpoolSink)
         self._messageReceived(sink)
 
-    def _messageReceived(self, sink: SpoolSink) -> None:
+    def _messageReceived(self, sink: SpoolSink, crlfOnly: bool = True) -> None:
         """
         The whole message is in (DATA's end, or BDAT's last chunk): hand it
-        to C{onReceive}.
+        to C{onReceive}.  C{crlfOnly}: whether every CR in it begins a CRLF
+        (DATA's framer sees to it; BDAT's octets are as the client sent
+        them).
         """
         session = self.session
         if sink.spooled:
-            session._setMessage(None, sink.file())
+            session._setMessage(None, sink.file(), crlfOnly)
         else:
-            session._setMessage(sink.getvalue())
+            session._setMessage(sink.getvalue(), None, crlfOnly)
         session.received = True
         self._decide("onReceive", self._receiveDecided, _RECEIVE_TRY_AGAIN, self._transactionDone)
 
