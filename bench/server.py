@@ -110,12 +110,12 @@ class Peer:
                 self.process.kill()
 
 
-def twistdInfsmtp(port: int, workers: int) -> list[str]:
+def twistdInfsmtp(port: int, workers: int, sockets: str = "shared") -> list[str]:
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     return [
         twistd, "-n", "--pidfile=", "--logfile", os.devnull, "infsmtp",
         "--listen", f"tcp:{port}:interface=127.0.0.1", "--handlers", "sinks/accept.py",
-        "--max-connections", "5000", "--workers", str(workers),
+        "--max-connections", "5000", "--workers", str(workers), "--workers-sockets", sockets,
         # On, but never reached by smtp-source (one client), as in sinks/.
         "--max-connections-per-client", "1000000", "--max-connection-rate", "1000000000",
     ]
@@ -135,6 +135,8 @@ def peers(names: list[str]) -> list[Peer]:
         # twistd infsmtp with one process, and with --workers 2.
         "twistd-w1": lambda p: twistdInfsmtp(p, 1),
         "twistd-w2": lambda p: twistdInfsmtp(p, 2),
+        # --workers 2 with a SO_REUSEPORT socket each.
+        "twistd-w2r": lambda p: twistdInfsmtp(p, 2, "reuseport"),
     }
     result = []
     for name in names:
@@ -201,8 +203,9 @@ def main() -> None:
         row = f"{label:10}" + "".join(f"{medians[n] * unit:12.0f}" for n in names)
         if "infsmtp" in medians:
             row += "".join(f"{medians['infsmtp'] / medians[n]:14.2f}" for n in names if n != "infsmtp")
-        if "twistd-w1" in medians and "twistd-w2" in medians:
-            row += f"   workers 2/1: {medians['twistd-w2'] / medians['twistd-w1']:.2f}"
+        for two in ("twistd-w2", "twistd-w2r"):
+            if "twistd-w1" in medians and two in medians:
+                row += f"   {two}/w1: {medians[two] / medians['twistd-w1']:.2f}"
         print(row)
     print("\nserver CPU per message (us, median)")
     for key in cases:

@@ -30,14 +30,14 @@ def byWorker(maildir: str) -> collections.Counter:
     return collections.Counter(re.search(r"P(\d+)Q", name).group(1) for name in maildirFiles(maildir))
 
 
-def startPool(tmp_path, count: int = 2) -> tuple[Twistd, int, str]:
+def startPool(tmp_path, count: int = 2, *extra: str) -> tuple[Twistd, int, str]:
     port = freePort()
     maildir = str(tmp_path / "Maildir")
     twistd = Twistd(
         # smtp-source is one client opening 1,000 connections in seconds:
         # trusted, like a load balancer in front of the workers would be.
         ["infsmtp", "--workers", str(count), "--listen", f"tcp:{port}:interface=127.0.0.1", "--maildir", maildir,
-         "--trusted", "127.0.0.0/8"],
+         "--trusted", "127.0.0.0/8", *extra],
         tmp_path,
     )
     twistd.waitLog(rf"worker {count - 1} started")
@@ -162,3 +162,45 @@ async def test_a_shared_listener_accepts_a_few_connections_per_wakeup():
         for server in accepted:
             server.transport.abortConnection()
         await port.stopListening()
+
+
+def test_reuseport_gives_each_worker_its_own_socket(tmp_path):
+    """
+    --workers-sockets reuseport: a socket per worker on the one port; the
+    kernel spreads smtp-source's connections over them (by their
+    addresses: about half each), and a restarted worker takes its
+    predecessor's socket.
+    """
+    source = requireTool("/usr/sbin/smtp-source")
+    twistd, port, maildir = startPool(tmp_path, 2, "--workers-sockets", "reuseport")
+    try:
+        assert "each listen (SO_REUSEPORT) on" in twistd.log()
+        # Each worker adopted one descriptor, not both.
+        for index in range(2):
+            assert _read(twistd.logPath + f".worker{index}").count("listening on") == 1
+        subprocess.run([source, "-s", "20", "-m", "1000", "-l", "512", f"127.0.0.1:{port}"], check=True, timeout=60)
+        counts = byWorker(maildir)
+        assert sum(counts.values()) == 1000
+        assert min(counts.values()) >= 350, counts
+        victim = workerPids(twistd)[1]
+        os.kill(victim, signal.SIGKILL)
+        poll(lambda: workerPids(twistd)[1] != victim, what="a new worker 1")
+        poll(lambda: _read(twistd.logPath + ".worker1").count("listening on") >= 2, what="the new worker listening")
+        subprocess.run([source, "-s", "20", "-m", "200", "-l", "512", f"127.0.0.1:{port}"], check=True, timeout=60)
+        after = byWorker(maildir)
+        assert sum(after.values()) == 1200
+        # The new worker 1 serves its share on the old socket.
+        assert after[str(workerPids(twistd)[1])] > 0, after
+    finally:
+        assert twistd.terminate() == 0
+
+
+def test_workers_sockets_is_shared_or_reuseport(tmp_path):
+    result = runTwistd(
+        ["infsmtp", "--workers", "2", "--listen", f"tcp:{freePort()}:interface=127.0.0.1", "--workers-sockets", "many"],
+        tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "twistd infsmtp: error: --workers-sockets many: use shared or reuseport"
+    ]

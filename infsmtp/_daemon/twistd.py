@@ -130,6 +130,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["grace", None, 10.0, "Seconds a stopping server lets transactions in flight finish.", float],
         ["proxy-timeout", None, 5.0, "Seconds a haproxy: listener waits for the PROXY header.", float],
         ["workers", None, 1, "Worker processes sharing the tcp: listeners (one per core); one that dies is restarted.", int],
+        ["workers-sockets", None, "shared", "How --workers listen: shared (one socket, the first worker to wake accepts) or reuseport (a socket per worker on the same port, SO_REUSEPORT: the kernel spreads connections, only one worker wakes)."],
         ["relay", None, None, "Forward every message to the smarthost HOST:PORT instead of storing it."],
         ["deliver", None, None, "Deliver every message into a mail store over LMTP instead of storing it: lmtp:ENDPOINT, a Twisted client endpoint (lmtp:unix:/run/dovecot/lmtp, lmtp:tcp:127.0.0.1:24)."],
         ["relay-tls", None, "starttls", "TLS to the smarthost: none, starttls or implicit."],
@@ -892,7 +893,14 @@ def buildWorkerPool(options: Options, argv: Sequence[str]) -> WorkerPoolService:
         pluginArgs, logfile = workerArguments(argv)
     except ValueError as e:
         raise ConfigurationError(str(e)) from None
-    pool = WorkerPoolService(options["listen"], options["workers"], pluginArgs, logfile, grace=options["grace"])
+    mode = options["workers-sockets"].lower()
+    if mode not in ("shared", "reuseport"):
+        raise ConfigurationError(f"--workers-sockets {options['workers-sockets']}: use shared or reuseport")
+    if mode == "reuseport" and not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigurationError("--workers-sockets reuseport: this system has no SO_REUSEPORT")
+    pool = WorkerPoolService(
+        options["listen"], options["workers"], pluginArgs, logfile, grace=options["grace"], reusePort=mode == "reuseport"
+    )
     try:
         pool.bind()
     except OSError as e:

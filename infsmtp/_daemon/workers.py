@@ -8,6 +8,13 @@ children that inherit the listening descriptors and adopt them
 to whichever child accepts first.  The parent accepts nothing itself: it
 restarts a worker that dies and, on SIGTERM, passes the signal on and waits
 for every worker to finish its transactions.
+
+With C{reusePort} (C{--workers-sockets reuseport}, Linux's
+C{SO_REUSEPORT}) the parent binds one socket per worker on the same port
+instead, and each worker adopts its own: the kernel spreads connections
+over the sockets by their addresses, and only the worker whose socket has
+one is woken.  The parent keeps every socket open, so a restarted worker
+takes over the connections waiting on its predecessor's.
 """
 
 from __future__ import annotations
@@ -50,15 +57,22 @@ def parseTCPListen(description: str) -> tuple[str, int, int]:
     return interface, port, family
 
 
-def bindListener(description: str, backlog: int = 1024) -> socket.socket:
+def bindListener(description: str, backlog: int = 1024, reusePort: bool = False, port: int | None = None) -> socket.socket:
     """
     Bind and listen as a TCP endpoint string says; the socket is
     inheritable so that workers can adopt it.
+
+    @param reusePort: set C{SO_REUSEPORT}, so that more sockets may listen
+        on the same port (one per worker).
+    @param port: the port to bind instead of the description's (the one
+        the first of several such sockets got, when it asked for port 0).
     """
-    interface, port, family = parseTCPListen(description)
+    interface, described, family = parseTCPListen(description)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((interface, port))
+    if reusePort:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((interface, described if port is None else port))
     sock.listen(backlog)
     sock.setblocking(False)
     os.set_inheritable(sock.fileno(), True)
@@ -134,6 +148,8 @@ class WorkerPool(service.Service):
     @param logfile: the parent's log file; worker I{n} logs to
         C{LOGFILE.worker}I{n} (twistd's log files rotate, so they are not
         shared), or to standard output when L{None}.
+    @param reusePort: one C{SO_REUSEPORT} socket per worker and listener,
+        instead of one socket all workers share (see the module docstring).
     """
 
     def __init__(
@@ -143,6 +159,7 @@ class WorkerPool(service.Service):
         pluginArgs: Sequence[str],
         logfile: str | None = None,
         reactor: Any = None,
+        reusePort: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -151,7 +168,11 @@ class WorkerPool(service.Service):
         self.count = count
         self.pluginArgs = list(pluginArgs)
         self.logfile = logfile
+        self.reusePort = reusePort
+        #: Every listening socket (the parent keeps them all open).
         self.sockets: list[socket.socket] = []
+        #: Worker index -> the sockets it adopts.
+        self.socketsOf: dict[int, list[socket.socket]] = {}
         self.workers: dict[int, _WorkerProtocol] = {}
         self.restarts = 0
         self._stopping = False
@@ -163,15 +184,41 @@ class WorkerPool(service.Service):
 
         @raise OSError: e.g. a port in use.
         """
-        if not self.sockets:
+        if self.sockets:
+            return
+        if not self.reusePort:
             self.sockets = [bindListener(description) for description in self.listens]
+            self.socketsOf = dict.fromkeys(range(self.count), self.sockets)
+            return
+        self.socketsOf = {index: [] for index in range(self.count)}
+        try:
+            for description in self.listens:
+                first = bindListener(description, reusePort=True)
+                # Port 0 asked: the others take the port the first got.
+                port = first.getsockname()[1]
+                mine = [first] + [
+                    bindListener(description, reusePort=True, port=port) for _ in range(self.count - 1)
+                ]
+                self.sockets += mine
+                for index, sock in enumerate(mine):
+                    self.socketsOf[index].append(sock)
+        except OSError:
+            for sock in self.sockets:
+                sock.close()
+            self.sockets, self.socketsOf = [], {}
+            raise
 
     def startService(self) -> None:
         super().startService()
         self.bind()
-        for sock in self.sockets:
+        for sock in self.socketsOf.get(0, self.sockets):
             interface, port = sock.getsockname()[:2]
-            log.info("infsmtp workers share {interface}:{port}", interface=interface or "*", port=port)
+            log.info(
+                "infsmtp workers {how} {interface}:{port}",
+                how="each listen (SO_REUSEPORT) on" if self.reusePort else "share",
+                interface=interface or "*",
+                port=port,
+            )
         for index in range(self.count):
             self._spawn(index)
 
@@ -183,7 +230,7 @@ class WorkerPool(service.Service):
         # Its session ids are its own, and its log lines say who wrote them.
         argv += ["--worker", f"{index}/{self.count}"]
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
-        for sock in self.sockets:
+        for sock in self.socketsOf[index]:
             fd = sock.fileno()
             childFDs[fd] = fd
             argv += ["--inherit-fd", str(fd)]
