@@ -737,6 +737,22 @@ MUTANTS = [
         "        self._messageReceived(sink)",
         ("tests/test_server_chunking.py",),
     ),
+    Mutant(
+        "workers-reuseport-shared-anyway",
+        "with --workers-sockets reuseport each worker adopts its own socket only",
+        "infsmtp/_daemon/workers.py",
+        "        for sock in self.socketsOf[index]:",
+        "        for sock in self.sockets:",
+        ("tests/test_workers.py",),
+    ),
+    Mutant(
+        "workers-reuseport-not-set",
+        "the per-worker sockets share their port through SO_REUSEPORT",
+        "infsmtp/_daemon/workers.py",
+        "        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)",
+        "        pass",
+        ("tests/test_workers.py",),
+    ),
     # The testing kit (issue 13): what the smtpd fixture records and the
     # faults it injects, the plugin's behaviour, the development sink.
     Mutant(
