@@ -17,8 +17,9 @@ loading the plugin imports neither Twisted nor ``cryptography``.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazyNames
 
 _PUBLIC = {
     "CertificateAuthority": "_certificates",
@@ -35,17 +36,7 @@ _PUBLIC = {
 __all__ = list(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazyNames(__name__, _PUBLIC, globals())
 
 
 if TYPE_CHECKING:
