@@ -130,10 +130,6 @@ class ReplyOutput:
         more of its buffered commands, until it does (a client that never
         does is cut off by the deadline of its next command).
         """
-        if self._handshaking:
-            # TLS holds the greeting until the handshake is done, and
-            # says so this way; reading on is what lets it finish.
-            return
         self._writeBlocked = True
         self._updateReading()
 

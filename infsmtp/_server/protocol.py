@@ -51,6 +51,8 @@ from .output import ReplyOutput
 from .policy import PolicyHooks
 from .sasl import SASLExchange
 from .session import Session
+from .tls import CurrentCertificate
+from .tlslayer import ServerTLS
 from .transaction import MailTransaction
 
 if TYPE_CHECKING:
@@ -166,7 +168,6 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
     _batchWrites = False
     _writeBlocked = False
     _producing = False
-    _handshaking = False
     #: The client address the server's limits counted this session under
     #: (L{None} for a UNIX socket's client).
     admittedFrom: str | None = None
@@ -235,6 +236,12 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
                 setNoDelay(True)
             except OSError:
                 pass  # not a TCP socket after all
+        raw = self.transport
+        implicit = self.factory.implicitTLS
+        if implicit is not None:
+            # Before anything is written: the greeting (or a refusal) goes
+            # out once the handshake is done.
+            self._startTLS(implicit)
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
         if host is None:
@@ -265,8 +272,9 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
             int(getattr(peer, "port", 0) or 0),
             self._disconnectRequested,
         )
-        self.session.secure = self._handshaking = ISSLTransport.providedBy(self.transport)
-        self._batchWrites = isPlainTCP(self.transport)
+        # Implicit TLS (started above), or a TLS endpoint of Twisted's.
+        self.session.secure = implicit is not None or ISSLTransport.providedBy(self.transport)
+        self._batchWrites = isPlainTCP(raw)
         self._started = True
         self._lastInput = self._startedAt = self._seconds()
         if self._verbose:
@@ -297,17 +305,23 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
             # Refused at connect (over maxConnections): no session; the 421
             # goes out now that TLS is up.
             return
-        self._handshaking = False
         self.session.secure = True
-        try:
-            self.session.tlsVersion = self.transport.getHandle().get_protocol_version_name()
-        except Exception:
-            self.session.tlsVersion = "TLS"
+        # Ours (ServerTLS), else a TLS endpoint of Twisted's.
+        version = getattr(self.transport, "tlsVersion", None)
+        if version is None:
+            try:
+                version = self.transport.getHandle().get_protocol_version_name()
+            except Exception:
+                version = "TLS"
+        self.session.tlsVersion = version
         if self._verbose:
             self._events.tlsStarted(self, self.session.tlsVersion)
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:
         self._open = False
+        if type(self.transport) is ServerTLS:
+            self.transport.release()
+            del self.dataReceived
         self._cancelTimer()
         # Let go of everything the session held for the connection at once,
         # not when the cyclic garbage collector happens to run: a session
@@ -762,7 +776,22 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         self.session.helo = ""
         self._ehlo = False
         self.session.authenticated = False
-        self._handshaking = True
-        self.transport.startTLS(self.factory.tlsOptions)
+        if getattr(self.transport, "simulatesTLS", False):
+            # The testing harness's transport: it records the request, and
+            # the test says when the handshake is done.
+            self.transport.startTLS(self.factory.tlsOptions)
+        else:
+            self._startTLS(self.factory.tlsOptions)
+
+    def _startTLS(self, contexts: CurrentCertificate) -> None:
+        """
+        Put TLS between the transport and this protocol: the protocol
+        writes to a L{ServerTLS}, which reads the transport's bytes in
+        place of this protocol's L{dataReceived} (on this instance only)
+        and hands it the plaintext.
+        """
+        tls = ServerTLS(self.transport, contexts, self.dataReceived, self.handshakeCompleted)
+        self.transport = tls
+        self.dataReceived = tls.dataReceived  # type: ignore[method-assign]
 
     # AUTH (RFC 4954) ---------------------------------------------------------

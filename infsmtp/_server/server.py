@@ -22,7 +22,6 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -108,11 +107,22 @@ class ServerFactory(smtp.SMTPFactory):
     protocol = ServerProtocol  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, server: "Server", settings: ServerSettings, tlsOptions: Any, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        server: "Server",
+        settings: ServerSettings,
+        tlsOptions: Any,
+        clock: IReactorTime,
+        implicitTLS: CurrentCertificate | None = None,
+    ) -> None:
         super().__init__()
         self.server = server
         self.settings = settings
+        #: What STARTTLS starts TLS with (L{None}: STARTTLS is not offered).
         self.tlsOptions = tlsOptions
+        #: What every session starts TLS with before its greeting (implicit
+        #: TLS), or L{None}.
+        self.implicitTLS = implicitTLS
         self.clock = clock
         self.domain = settings.hostname
         self.sessions: set[ServerProtocol] = set()
@@ -566,13 +576,6 @@ class Server(SigtermStops, service.Service):
             sessions = self._sessionTLS
             if self._factory is not None:
                 sessions.setNamed(name, options)
-                if not sessions.choosesByName and self._certificate is not None:
-                    # The default context served connections already and
-                    # cannot take the choice by name: fresh default options.
-                    certFile, keyFile, rootCertFile, verify = self._certificate
-                    sessions.options = serverTLSOptions(
-                        certFile, keyFile, rootCertFile, verify, self.minProtocol, self.maxProtocol
-                    )
             return
         self._tlsOptions = serverTLSOptions(
             certFile, keyFile, rootCertFile, verify, self.minProtocol, self.maxProtocol
@@ -802,12 +805,13 @@ class Server(SigtermStops, service.Service):
             tls = self._tlsForSessions()
             self._sessionTLS.options = tls
             self._factory = ServerFactory(
-                self, self._settings(), None if self.implicit or tls is None else self._sessionTLS, self._reactor
+                self,
+                self._settings(),
+                None if self.implicit or tls is None else self._sessionTLS,
+                self._reactor,
+                implicitTLS=self._sessionTLS if self.implicit else None,
             )
-        factory: Any = self._factory
-        if self.implicit:
-            factory = TLSMemoryBIOFactory(self._sessionTLS, False, factory)
-        return factory
+        return self._factory
 
     # Lifecycle --------------------------------------------------------------
 

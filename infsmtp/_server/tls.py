@@ -1,17 +1,18 @@
 """
-Server TLS context building: PEM files in, Twisted's L{CertificateOptions}
-out, with every problem reported at load time in one clear sentence.
+Server TLS context building: PEM files in, the standard library's
+C{ssl.SSLContext} out, with every problem reported at load time in one
+clear sentence; and the choice of context per connection (renewal, SNI).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
+import tempfile
 
 from cryptography import x509
-from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.internet.ssl import CertificateOptions
-from zope.interface import implementer
+from cryptography.hazmat.primitives import serialization
 
 from .._enums import TLSVersion
 from .._errors import SMTPTLSError
@@ -66,6 +67,15 @@ def checkCertificateNames(certFile: str, hostname: str) -> None:
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
+#: The standard library's names for the versions.
+_STDLIB_VERSION = {
+    TLSVersion.tls1_0: ssl.TLSVersion.TLSv1,
+    TLSVersion.tls1_1: ssl.TLSVersion.TLSv1_1,
+    TLSVersion.tls1_2: ssl.TLSVersion.TLSv1_2,
+    TLSVersion.tls1_3: ssl.TLSVersion.TLSv1_3,
+}
+
+
 def serverTLSOptions(
     certFile: str,
     keyFile: str,
@@ -73,14 +83,18 @@ def serverTLSOptions(
     verify: bool,
     minProtocol: TLSVersion,
     maxProtocol: TLSVersion,
-) -> CertificateOptions:
+) -> ssl.SSLContext:
     """
-    Build the server's TLS options from PEM files.
+    Build the server's TLS context from PEM files.
 
     The certificate file may hold the chain after the leaf; C{rootCertFile}
     adds more chain certificates (and is the trust root for C{verify}).
     The key must always match the certificate: a mismatch can never serve a
     handshake, so it is reported here rather than at the first client.
+
+    It is the standard library's context, for L{infsmtp._server.tlslayer}:
+    its C{ssl.SSLObject} costs a fraction of pyOpenSSL's calls per
+    handshake and per record (issue 15).
 
     @raise SMTPTLSError: a file is missing or unusable, the key does not
         match, or (with C{verify}) the chain does not verify.
@@ -95,30 +109,47 @@ def serverTLSOptions(
     if verify:
         verifyChain(chain, roots or None, certFile)
     extra = chain[1:] + [r for r in roots if r != chain[0] and r not in chain]
-    # pyOpenSSL takes cryptography's objects directly (its own are deprecated).
-    return CertificateOptions(
-        privateKey=key,
-        certificate=chain[0],
-        extraCertChain=extra,
-        insecurelyLowerMinimumTo=minProtocol.twisted,
-        lowerMaximumSecurityTo=maxProtocol.twisted,
-        # Resumption for clients that offer it (Postfix's smtp client keeps
-        # its sessions): an abbreviated handshake skips the certificate and
-        # the signature, most of a STARTTLS's cost.  Tickets, not a session
-        # cache: the server keeps nothing per client (the ticket is the
-        # session, encrypted under a key of this context, which a renewed
-        # certificate replaces), so memory stays flat.  Twisted leaves them
-        # off for servers that mishandle an empty ticket extension in the
-        # hello; that is a client-side worry, and OpenSSL's server is fine.
-        enableSessionTickets=True,
-    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = _STDLIB_VERSION[minProtocol]
+    context.maximum_version = _STDLIB_VERSION[maxProtocol]
+    if minProtocol < TLSVersion.tls1_2:
+        # Asked for explicitly: OpenSSL's default security level refuses
+        # TLS 1.0 and 1.1 (their SHA-1 signatures) whatever the versions
+        # allow, and a setting that can never work is worse than none.
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    # No client-initiated renegotiation (TLS 1.2): a handshake's CPU for the
+    # price of a few bytes, which nothing in SMTP needs.
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    # Resumption for clients that offer it (Postfix's smtp client keeps its
+    # sessions): an abbreviated handshake skips the certificate and the
+    # signature, most of a STARTTLS's cost.  Tickets (the standard
+    # library's default), not a session cache: the server keeps nothing
+    # per client (the ticket is the session, encrypted under a key of this
+    # context, which a renewed certificate replaces), so memory stays flat.
+    # One TLS 1.3 ticket rather than two: an SMTP client resumes its last
+    # session, one connection at a time, and each resumption brings a new
+    # ticket; the second cost ~15 us of every full handshake.
+    context.num_tickets = 1
+    # load_cert_chain reads files only: the leaf and the chain it is to
+    # send, written to a private temporary file (certificates, no secret).
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [chain[0], *extra])
+    fd, path = tempfile.mkstemp(prefix="infsmtp-chain-", suffix=".pem")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        context.load_cert_chain(path, keyFile)
+    except (OSError, ssl.SSLError) as e:
+        raise SMTPTLSError(f"certificate {certFile} with key {keyFile} cannot serve TLS: {e}") from None
+    finally:
+        os.unlink(path)
+    del key
+    return context
 
 
-@implementer(IOpenSSLServerConnectionCreator)
 class CurrentCertificate:
     """
-    The TLS options a running server hands each new connection: whichever
-    were set last, so that L{Server.setCertificate} on a running server (a
+    The TLS context a running server hands each new connection: whichever
+    was set last, so that L{Server.setCertificate} on a running server (a
     renewed certificate) takes effect for the next connection without a
     restart, while connections already up keep theirs.
 
@@ -126,30 +157,25 @@ class CurrentCertificate:
     one of those names by SNI (RFC 6066) gets its certificate; any other
     client, the default one.
 
-    @ivar options: the current default L{CertificateOptions}, or L{None}.
+    @ivar options: the current default C{ssl.SSLContext}, or L{None}.
     """
 
-    def __init__(self, options: CertificateOptions | None = None) -> None:
+    def __init__(self, options: ssl.SSLContext | None = None) -> None:
         self._options = options
-        # Host name (lower case; "*.example.org" for a wildcard) -> options.
-        self._byName: dict[str, CertificateOptions] = {}
-        # The options whose context has the servername callback, and the
-        # last ones a connection was made with (OpenSSL contexts cannot
-        # change once used).
-        self._choosing: CertificateOptions | None = None
-        self._used: CertificateOptions | None = None
+        # Host name (lower case; "*.example.org" for a wildcard) -> context.
+        self._byName: dict[str, ssl.SSLContext] = {}
         self._install()
 
     @property
-    def options(self) -> CertificateOptions | None:
+    def options(self) -> ssl.SSLContext | None:
         return self._options
 
     @options.setter
-    def options(self, options: CertificateOptions | None) -> None:
+    def options(self, options: ssl.SSLContext | None) -> None:
         self._options = options
         self._install()
 
-    def setNamed(self, hostname: str, options: CertificateOptions) -> None:
+    def setNamed(self, hostname: str, options: ssl.SSLContext) -> None:
         """
         Serve C{options} to clients asking for C{hostname} (a lower-case
         name, or C{"*.example.org"} for any one label under it).
@@ -157,42 +183,33 @@ class CurrentCertificate:
         self._byName[hostname] = options
         self._install()
 
-    @property
-    def choosesByName(self) -> bool:
-        """
-        Whether every certificate set for a name is served: false when a
-        name was added after the default context served a connection, which
-        then needs fresh default options (L{Server.setCertificate} does it).
-        """
-        return not self._byName or self._choosing is self._options
-
     def _install(self) -> None:
         # The choice by name happens in OpenSSL's servername callback, set
-        # on the default context once and only when there are names (no
-        # cost per handshake otherwise): it moves a connection to the named
-        # certificate's context.
+        # on the default context only when there are names (no cost per
+        # handshake otherwise): it moves a connection to the named
+        # certificate's context.  (The standard library's contexts take a
+        # callback at any time, even once they have served connections.)
         options = self._options
-        if options is None or not self._byName or self._choosing is options or self._used is options:
-            return
-        options.getContext().set_tlsext_servername_callback(self._chooseByName)
-        self._choosing = options
+        if options is not None and self._byName:
+            options.sni_callback = self._chooseByName
 
-    def _chooseByName(self, connection: SSL.Connection) -> None:
-        asked = connection.get_servername()
+    def _chooseByName(self, connection: ssl.SSLObject, asked: str | None, context: ssl.SSLContext) -> None:
         if not asked:
             return
-        name = asked.decode("ascii", "replace").lower().rstrip(".")
+        # An A-label already (the standard library hands IDNs that way).
+        name = asked.lower().rstrip(".")
         options = self._byName.get(name)
         if options is None and "." in name:
             options = self._byName.get("*." + name.split(".", 1)[1])
         if options is not None:
-            connection.set_context(options.getContext())
+            connection.context = options
 
-    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        # What Twisted does for a context factory, through public calls:
-        # a connection on the current options' context.
+    def serverSide(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
+        """
+        The server's side of a new TLS connection, on the current context,
+        reading records from C{incoming} and writing them to C{outgoing}.
+        """
         options = self._options
         if options is None:
             raise SMTPTLSError("no certificate set")
-        self._used = options
-        return SSL.Connection(options.getContext(), None)
+        return options.wrap_bio(incoming, outgoing, server_side=True)

@@ -48,6 +48,9 @@ class MemoryTransport(StringTransport):
     """
 
     aborted = False
+    #: L{ServerProtocol} asks this transport to start TLS (C{startTLS},
+    #: recorded in L{tlsStarted}) rather than starting its own over it.
+    simulatesTLS = True
 
     def __init__(self, peer: tuple[str, int] = DEFAULT_PEER) -> None:
         host, port = peer
