@@ -70,6 +70,8 @@ MAILDIR = "infsmtp/_daemon/maildir.py"
 LIMITS = "infsmtp/_server/limits.py"
 RECORDING = "infsmtp/testing/_recording.py"
 POLICY = "infsmtp/_server/policy.py"
+TLSLAYER = "infsmtp/_server/tlslayer.py"
+SERVERTLS = "infsmtp/_server/tls.py"
 
 MUTANTS = [
     # Maildir: the 250 means the message is on disk (issue 16, items 1, 4).
@@ -1092,6 +1094,62 @@ MUTANTS = [
         "            if type(value) is bool or (value is None and name in _MAY_ABSTAIN):",
         "            if True:",
         ("tests/test_policy.py",),
+    ),
+    Mutant(
+        "tls-close-notify-drops-replies",
+        "a client's close_notify still gets the replies to what it sent before it",
+        TLSLAYER,
+        "                    self._deliverAll(chunks)\n                    self._flush()",
+        "                    self._deliverAll(chunks)\n                    pass",
+        ("tests/test_tlslayer.py",),
+    ),
+    Mutant(
+        "tls-close-notify-ignored",
+        "a client's close_notify ends the connection",
+        TLSLAYER,
+        "                if not chunk:",
+        "                if False:",
+        ("tests/test_tlslayer.py",),
+    ),
+    Mutant(
+        "tls-quit-without-close-notify",
+        "the server ends TLS with close_notify",
+        TLSLAYER,
+        "            self._tls.unwrap()",
+        "            pass",
+        ("tests/test_tlslayer.py",),
+    ),
+    Mutant(
+        "tls-old-versions-unusable",
+        "TLS 1.0/1.1 work when minProtocol asks for them",
+        SERVERTLS,
+        '        context.set_ciphers("DEFAULT:@SECLEVEL=0")',
+        "        pass",
+        ("tests/test_tlslayer.py",),
+    ),
+    Mutant(
+        "tls-session-cycle-kept",
+        "a TLS session lets go of its protocol when the connection goes",
+        TLSLAYER,
+        "        self._deliver = self._onHandshake = self._flush = _nothing",
+        "        pass",
+        ("tests/test_tlslayer.py",),
+    ),
+    Mutant(
+        "tls-greeting-before-handshake",
+        "over implicit TLS nothing is written before the handshake is done",
+        TLSLAYER,
+        "        if self._handshaking:\n            self._held.append(data)\n            return",
+        "        if False:\n            self._held.append(data)\n            return",
+        ("tests/test_tls.py", "tests/test_tlslayer.py"),
+    ),
+    Mutant(
+        "tls-no-resumption",
+        "clients offering their last session resume it",
+        SERVERTLS,
+        "    context.num_tickets = 1",
+        "    context.num_tickets = 0",
+        ("tests/test_tls.py",),
     ),
 ]
 

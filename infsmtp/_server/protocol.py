@@ -790,7 +790,7 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
         place of this protocol's L{dataReceived} (on this instance only)
         and hands it the plaintext.
         """
-        tls = ServerTLS(self.transport, contexts, self.dataReceived, self.handshakeCompleted)
+        tls = ServerTLS(self.transport, contexts, self.dataReceived, self.handshakeCompleted, self.flushNow)
         self.transport = tls
         self.dataReceived = tls.dataReceived  # type: ignore[method-assign]
 

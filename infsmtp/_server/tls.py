@@ -10,6 +10,7 @@ import os
 import re
 import ssl
 import tempfile
+import warnings
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -110,8 +111,11 @@ def serverTLSOptions(
         verifyChain(chain, roots or None, certFile)
     extra = chain[1:] + [r for r in roots if r != chain[0] and r not in chain]
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = _STDLIB_VERSION[minProtocol]
-    context.maximum_version = _STDLIB_VERSION[maxProtocol]
+    with warnings.catch_warnings():
+        # TLS 1.0 and 1.1 are deprecated; whoever sets them asked for them.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = _STDLIB_VERSION[minProtocol]
+        context.maximum_version = _STDLIB_VERSION[maxProtocol]
     if minProtocol < TLSVersion.tls1_2:
         # Asked for explicitly: OpenSSL's default security level refuses
         # TLS 1.0 and 1.1 (their SHA-1 signatures) whatever the versions

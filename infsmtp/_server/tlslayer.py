@@ -49,13 +49,27 @@ class ServerTLS:
     @ivar raw: the transport the records travel on.
     """
 
-    def __init__(self, raw: Any, contexts: CurrentCertificate, deliver: Callable[[bytes], None], onHandshake: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        raw: Any,
+        contexts: CurrentCertificate,
+        deliver: Callable[[bytes], None],
+        onHandshake: Callable[[], None],
+        flush: Callable[[], None],
+    ) -> None:
+        """
+        @param deliver: gives the protocol plaintext.
+        @param onHandshake: tells it the handshake is done.
+        @param flush: makes it write the replies it holds (before a close
+            that the client asked for).
+        """
         self.raw = raw
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = contexts.serverSide(self._incoming, self._outgoing)
         self._deliver = deliver
         self._onHandshake = onHandshake
+        self._flush = flush
         self._handshaking = True
         # Plaintext written, and a close asked for, before the handshake
         # was done.
@@ -148,18 +162,22 @@ class ServerTLS:
             return
         try:
             while True:
-                chunks.append(tls.read(_RECORD))
+                chunk = tls.read(_RECORD)
+                if not chunk:
+                    # The client's close_notify (the standard library
+                    # reads it as the end, b""): it sends nothing more.
+                    # What came before it is still the client's, and so
+                    # are the replies to it; then the connection ends.
+                    self._deliverAll(chunks)
+                    self._flush()
+                    self._shutDown()
+                    return
+                chunks.append(chunk)
                 if not incoming.pending and not tls.pending():
                     break
         except ssl.SSLWantReadError:
             # The rest of a record is still on its way.
             pass
-        except ssl.SSLZeroReturnError:
-            # The client's close_notify: it sends nothing more.  What came
-            # before it is still the client's; then the connection ends.
-            self._deliverAll(chunks)
-            self._shutDown()
-            return
         except ssl.SSLError as e:
             self._failed(e)
             return
@@ -203,7 +221,7 @@ class ServerTLS:
         otherwise keep it and this layer in a cycle) and read nothing more.
         """
         self._closed = self.disconnecting = True
-        self._deliver = self._onHandshake = _nothing
+        self._deliver = self._onHandshake = self._flush = _nothing
         self._held = []
 
     def _send(self) -> None:
