@@ -129,8 +129,8 @@ def test_namedCertificatesNeedTheDefault(names):
 
 @pytest_twisted.ensureDeferred
 async def test_aFirstNameOnARunningServerThatServedAlready(names, certificateAuthority):
-    # No name at the start: the default context served a connection, and
-    # OpenSSL contexts cannot change once used.
+    # No name at the start: the default context served a connection before
+    # the choice by name was put on it.
     server = Server(ssl=True, port=0, interface="127.0.0.1", hostname="localhost", implicitTls=True)
     server.setCertificate(names["default"].certFile, names["default"].keyFile)
     await server.startListening().addTimeout(WAIT, reactor)
