@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .._wire import cachedReply, defaultEnhancedCode, formatReply
 from .._writenow import closesAtOnce, writeNow
+from .tlslayer import ServerTLS
 
 #: Seconds a closing connection may take to flush and, over TLS, to finish
 #: the close_notify exchange before it is cut off.
@@ -104,6 +105,9 @@ class ReplyOutput:
 
     def _close(self) -> None:
         self._closing = True
+        if type(self.transport) is ServerTLS:
+            # The last replies and close_notify in one write.
+            self.transport.cork()
         self.flushNow()
         if self.transport is None or not closesAtOnce(self.transport):
             # loseConnection waits until the replies are sent and, over TLS,
