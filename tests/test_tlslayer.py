@@ -313,3 +313,45 @@ def deferLaterTick():
     d = defer.Deferred()
     reactor.callLater(0.01, d.callback, None)
     return d
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_tls_behind_a_proxy_header(certificateAuthority, implicit):
+    """
+    Behind HAProxy (a PROXY header first), STARTTLS and implicit TLS both
+    work, and the session has the proxied client's address.
+    """
+    server = Server(
+        endpoint="haproxy:tcp:0:interface=127.0.0.1", ssl=True, hostname="localhost", implicitTls=implicit
+    )
+    server.setCertificate(certificateAuthority.localhost.certFile, certificateAuthority.localhost.keyFile)
+    seen = []
+    server.onReceive = lambda s: seen.append((s.ip, s.secure, s.tlsVersion))
+    await server.startListening().addTimeout(WAIT, reactor)
+
+    def run():
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        raw.sendall(b"PROXY TCP4 192.0.2.9 192.0.2.1 40000 25\r\n")
+        if not implicit:
+            reader = raw.makefile("rb")
+            readReply(reader)
+            raw.sendall(b"EHLO client.test\r\n")
+            readReply(reader)
+            raw.sendall(b"STARTTLS\r\n")
+            assert readReply(reader)[0].startswith(b"220 ")
+        with clientContext(certificateAuthority).wrap_socket(raw, server_hostname="localhost") as tls:
+            reader = tls.makefile("rb")
+            if implicit:
+                readReply(reader)
+            tls.sendall(
+                b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
+                b"Subject: t\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+            )
+            return [readReply(reader)[-1][:3] for _ in range(6)]
+
+    try:
+        assert await deferToThread(run).addTimeout(WAIT, reactor) == [b"250", b"250", b"250", b"354", b"250", b"221"]
+        assert seen == [("192.0.2.9", True, "TLSv1.3")]
+    finally:
+        await server.stopListening().addTimeout(WAIT, reactor)

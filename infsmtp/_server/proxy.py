@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IAddress, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from zope.interface import directlyProvides, implementer, providedBy
+from zope.interface import directlyProvides, providedBy
 
 log = Logger(namespace="infsmtp.proxy")
 
@@ -276,7 +276,6 @@ class ProxyHeaderParser:
         return header, bytes(buffer[fixed + length :])
 
 
-@implementer(IHandshakeListener)
 class ProxyProtocolWrapper(ProtocolWrapper):
     """
     Reads the PROXY header, then connects the wrapped protocol with the
@@ -350,11 +349,6 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         if self._header is not None and self._header.destination is not None:
             return self._header.destination
         return self.transport.getHost()
-
-    def handshakeCompleted(self) -> None:
-        # STARTTLS puts TLS under this wrapper; pass its news on.
-        if IHandshakeListener.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.handshakeCompleted()
 
 
 class ProxyProtocolFactory(WrappingFactory):
