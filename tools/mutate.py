@@ -824,8 +824,8 @@ MUTANTS = [
         "kit-plugin-imports-twisted",
         "loading the pytest plugin imports no Twisted (installs no reactor)",
         "infsmtp/testing/__init__.py",
-        "import importlib\n",
-        "import importlib, twisted.internet.reactor  # noqa\n",
+        "from .._lazy import lazyNames\n",
+        "from .._lazy import lazyNames; import twisted.internet.reactor  # noqa\n",
         ("tests/test_testing_plugin.py",),
     ),
     Mutant(
