@@ -325,6 +325,28 @@ class DataFramer:
         if self.fault is None:
             self.fault = fault
 
+    def _linesFit(self, chunk: bytes, limit: int) -> bool:
+        """
+        Whether every line of C{chunk} (complete lines, the first one
+        continuing the C{_partialLength} bytes passed on before) is at
+        most C{limit} bytes, its line ending included.
+        """
+        first = chunk.find(b"\n")
+        if self._partialLength + first + 1 > limit:
+            return False
+        # From each line's start, the last LF within limit bytes ends the
+        # lines that fit; none there means a line too long.  A jump is
+        # nearly limit bytes, so a MiB takes a few hundred finds, not one
+        # step per line.
+        start = first + 1
+        end = len(chunk)
+        while end - start > limit:
+            last = chunk.rfind(b"\n", start, start + limit)
+            if last < 0:
+                return False
+            start = last + 1
+        return True
+
     def _emit(self, chunk: bytes, endsLine: bool) -> None:
         """
         Check C{chunk} (complete lines when C{endsLine}, else a piece of a
@@ -339,17 +361,13 @@ class DataFramer:
             if limit is not None and self._partialLength > limit:
                 self._fail(LINE_TOO_LONG_IN_DATA)
         elif self.fault is None:
-            # One split gives the line lengths, and the lines joined again
-            # hold a CR or LF only where one was bare (found with memchr):
-            # cheaper than counting CR, LF and CRLF, which CPython does a
-            # byte at a time.
-            lines = chunk.split(CRLF)
-            joined = b"".join(lines)
+            # The lines joined again hold a CR or LF only where one was
+            # bare (found with memchr): cheaper than counting CR, LF and
+            # CRLF, which CPython does a byte at a time.
+            joined = b"".join(chunk.split(CRLF))
             if b"\r" in joined or b"\n" in joined:
                 self._fail(BARE_NEWLINE)
-            if limit is not None and (
-                self._partialLength + len(lines[0]) + 2 > limit or max(map(len, lines)) + 2 > limit
-            ):
+            if limit is not None and not self._linesFit(chunk, limit):
                 self._fail(LINE_TOO_LONG_IN_DATA)
             self._partialLength = 0
         else:

@@ -5,6 +5,7 @@ and parsers.
 
 import re
 
+import hypothesis
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -136,6 +137,55 @@ class TestDataFramer:
         framer, _, rest = frame(stream, splitAt(stream, cuts))
         assert framer.fault == BARE_NEWLINE
         assert rest == b"QUIT\r\n"
+
+    @settings(max_examples=400)
+    @given(
+        st.lists(st.sampled_from([b"a", b"\r", b"\n", b".", b"\r\n", b"xyz"]), max_size=60),
+        st.lists(st.integers(min_value=0), max_size=8),
+    )
+    def test_bare_newline_found_wherever_it_is(self, parts, cuts):
+        """
+        A CR not followed by LF, or an LF not after a CR, anywhere in the
+        message and however the stream is cut, marks it faulty; a message
+        of CRLF lines only is not.
+        """
+        content = b"".join(parts)
+        stream = content + b"\r\n.\r\n"
+        hypothesis.assume(stream.find(b"\r\n.\r\n") == len(content) and not stream.startswith(b".\r\n"))
+        body = content + b"\r\n"
+        bare = re.search(rb"\r(?!\n)|(?<!\r)\n", body) is not None
+        framer, _, rest = frame(stream + b"NOOP\r\n", splitAt(stream + b"NOOP\r\n", cuts))
+        assert framer.done and rest == b"NOOP\r\n"
+        assert (framer.fault == BARE_NEWLINE) == bare
+
+    @pytest.mark.parametrize("partial", [0, 15, 16, 30])
+    def test_first_line_counts_what_came_before_it(self, partial):
+        """
+        A line read in two pieces is measured whole: its first piece (a
+        partial line passed on) plus the rest, line ending included.
+        """
+        limit = 20
+        framer = DataFramer(SpoolSink(None), maxLineLength=limit)
+        framer._partialLength = partial
+        framer._emit(b"abc\r\n" + b"y" * 10 + b"\r\n", True)
+        # partial + len("abc") + 2 against the limit.
+        assert (framer.fault == LINE_TOO_LONG_IN_DATA) == (partial + 5 > limit)
+
+    @pytest.mark.parametrize("where", [0, 1, 5, 40])
+    def test_a_long_line_among_many_short_ones(self, where):
+        """
+        One line over the limit anywhere among many short lines, read in
+        one piece, is found; the same lines without it pass.
+        """
+        limit = 20
+        short = [b"a" * 10] * 50
+        lines = short[:where] + [b"b" * 30] + short[where:]
+        stream = b"".join(line + b"\r\n" for line in lines) + b".\r\n"
+        framer, _, _ = frame(stream, maxLineLength=limit)
+        assert framer.fault == LINE_TOO_LONG_IN_DATA
+        fits = b"".join(line + b"\r\n" for line in short + [b"c" * 18]) + b".\r\n"
+        framer, _, _ = frame(fits, maxLineLength=limit)
+        assert framer.fault is None
 
     def test_too_big_reads_to_end_and_keeps_nothing(self):
         chunk = b"x" * 70 + b"\r\n"

@@ -1142,6 +1142,22 @@ MUTANTS = [
         "    context.num_tickets = 0",
         ("tests/test_tls.py",),
     ),
+    Mutant(
+        "data-long-line-skipped",
+        "every line of a long DATA chunk is held to maxDataLineLength",
+        WIRE,
+        "            start = last + 1",
+        "            start = last + limit",
+        ("tests/test_wire.py",),
+    ),
+    Mutant(
+        "data-first-line-partial-forgotten",
+        "a line read in pieces is measured whole",
+        WIRE,
+        "        if self._partialLength + first + 1 > limit:",
+        "        if first + 1 > limit:",
+        ("tests/test_wire.py",),
+    ),
 ]
 
 
