@@ -13,7 +13,10 @@ starts from the same directory sizes.
     python bench/durable.py --servers postfix,infsmtp-base,infsmtp --baseline /tmp/base
 
 (C{infsmtp-base}: the same server from another checkout, e.g. a
-C{git archive} of the commit before a change.)  The infsmtp measured is
+C{git archive} of the commit before a change.  C{infsmtp-w2} and
+C{infsmtp-w2r}: C{--workers 2}, with the shared socket and with
+C{--workers-sockets reuseport}: a process per core, as Postfix runs an
+smtpd per session and a cleanup beside them.)  The infsmtp measured is
 the one of this checkout, whatever the Python running it has installed.
 
 Needs root (Postfix's master drops privileges), Debian's postfix and
@@ -144,6 +147,8 @@ def makePeers(names: list[str], workdir: str, baseline: str | None) -> list[Peer
         command = {
             "infsmtp": twistdMaildir(twistd, port, maildir),
             "infsmtp-base": twistdMaildir(twistd, port, maildir),
+            "infsmtp-w2": twistdMaildir(twistd, port, maildir) + ["--workers", "2"],
+            "infsmtp-w2r": twistdMaildir(twistd, port, maildir) + ["--workers", "2", "--workers-sockets", "reuseport"],
             "aiosmtpd": [python, "sinks/aiosmtpd_maildir.py", "--port", str(port), "--maildir", maildir],
         }[name]
         result.append(MaildirPeer(name, command, port, maildir, root))
@@ -207,19 +212,23 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     names = [p.name for p in running]
     print(f"\nmedians of {options.rounds} interleaved rounds, {os.cpu_count()} cores, {sys.version.split()[0]}")
-    others = [n for n in names if n != "infsmtp"] if "infsmtp" in names else []
-    print(f"{'case':12}" + "".join(f"{n:>12}" for n in names) + "".join(f"{'inf/' + n:>14}" for n in others))
+    # Every infsmtp variant (infsmtp-w2: --workers 2, ...) over every peer.
+    ours = [n for n in names if n.startswith("infsmtp")]
+    peers = [n for n in names if not n.startswith("infsmtp")]
+    pairs = [(o, p) for o in ours for p in peers]
+    width = max([14] + [len(f"{o}/{p}") + 2 for o, p in pairs])
+    print(f"{'case':12}" + "".join(f"{n:>13}" for n in names) + "".join(f"{o + '/' + p:>{width}}" for o, p in pairs))
     for key, case in cases.items():
         medians = {n: statistics.median(rates[(key, n)]) for n in names}
         unit, label = 1.0, key
         if case.length >= 1024 * 1024:
             unit, label = case.length / 1e6, key + " MB/s"
-        row = f"{label:12}" + "".join(f"{medians[n] * unit:12.0f}" for n in names)
-        row += "".join(f"{medians['infsmtp'] / medians[n]:14.2f}" for n in others)
+        row = f"{label:12}" + "".join(f"{medians[n] * unit:13.0f}" for n in names)
+        row += "".join(f"{medians[o] / medians[p]:{width}.2f}" for o, p in pairs)
         print(row)
     print("\nserver CPU per message (us, median)")
     for key in cases:
-        print(f"{key:12}" + "".join(f"{statistics.median(cpus[(key, n)]):12.0f}" for n in names))
+        print(f"{key:12}" + "".join(f"{statistics.median(cpus[(key, n)]):13.0f}" for n in names))
 
 
 if __name__ == "__main__":
