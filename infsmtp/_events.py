@@ -135,7 +135,8 @@ def formatLine(event: dict[str, Any]) -> str:
         tls = " tls=implicit" if event.get("tls") else ""
         return f"{head} connect from {client} to {event.get('listener')}{tls}"
     if name == TLS:
-        return f"{head} tls {event.get('version')} from {client}"
+        resumed = " resumed" if event.get("resumed") else ""
+        return f"{head} tls {event.get('version')}{resumed} from {client}"
     if name == DISCONNECT:
         return (
             f"{head} disconnect from {client} commands={event['commands']} messages={event['messages']} "
@@ -204,8 +205,8 @@ class SessionEvents:
     def connected(self, protocol: Any, listener: str, tls: bool) -> None:
         self._emit(LogLevel.info, CONNECT, protocol, {"listener": listener, "tls": tls})
 
-    def tlsStarted(self, protocol: Any, version: str) -> None:
-        self._emit(LogLevel.info, TLS, protocol, {"version": version})
+    def tlsStarted(self, protocol: Any, version: str, resumed: bool = False) -> None:
+        self._emit(LogLevel.info, TLS, protocol, {"version": version, "resumed": resumed})
 
     def rejected(
         self,

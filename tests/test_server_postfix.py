@@ -51,11 +51,13 @@ def relayingPostfix(port: int, **settings: str) -> PostfixServer:
     held, nothing deferred on purpose).
     """
     return PostfixServer(
-        smtpd_end_of_data_restrictions="",
-        defer_transports="",
-        smtp_tls_security_level="none",
-        smtp_dns_support_level="disabled",
-        **settings,
+        **{
+            "smtpd_end_of_data_restrictions": "",
+            "defer_transports": "",
+            "smtp_tls_security_level": "none",
+            "smtp_dns_support_level": "disabled",
+            **settings,
+        }
     )
 
 
@@ -148,4 +150,40 @@ async def test_ourClientSendsBdatToOurServer(logEvents):
         assert chunks[0].endswith(" LAST") and len(chunks) >= 4 and chunks[-1].endswith(" LAST"), chunks
         assert not any(line.startswith("DATA") for line in lines)
     finally:
+        await server.stopListening().addTimeout(WAIT, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_postfixResumesItsTlsSession(certificateAuthority, logEvents):
+    """
+    Issue 15: Postfix's smtp client, with its TLS session cache, resumes
+    on its next connection the session it had with us (a ticket), and the
+    session log says so.
+    """
+    server = Server(
+        port=0, interface="127.0.0.1", hostname="localhost", receivedHeader=False, ssl=True, sessionLog=True
+    )
+    server.setCertificate(certificateAuthority.localhost.certFile, certificateAuthority.localhost.keyFile)
+    received = []
+    server.onReceive = lambda session: received.append(session.tlsVersion)
+    await server.startListening().addTimeout(WAIT, reactor)
+    postfix = relayingPostfix(
+        server.port,
+        relayhost=f"[127.0.0.1]:{server.port}",
+        smtp_tls_security_level="encrypt",
+        smtp_tls_session_cache_database="btree:${data_directory}/smtp_scache",
+        # A connection per message: the second one must resume, not reuse.
+        smtp_connection_cache_on_demand="no",
+    )
+    try:
+        for n in (1, 2, 3):
+            recipient = f"bob{n}@example.net"
+            await deferToThread(submit, postfix.port, "ann@example.org", [recipient], MESSAGE)
+            status = await deferToThread(postfixStatus, postfix, recipient)
+            assert status.startswith("sent: 250 2.0.0 OK queued as"), status
+        tls = [e for e in logEvents if e.get("event") == "tls" and e.get("log_namespace") == "infsmtp.session"]
+        assert [e["resumed"] for e in tls] == [False, True, True], tls
+        assert received == ["TLSv1.3"] * 3
+    finally:
+        postfix.stop()
         await server.stopListening().addTimeout(WAIT, reactor)

@@ -1143,6 +1143,14 @@ MUTANTS = [
         ("tests/test_tls.py",),
     ),
     Mutant(
+        "tls-resumed-not-logged",
+        "the session log says when a client resumed its TLS session",
+        PROTOCOL,
+        '            self._events.tlsStarted(self, version, bool(getattr(self.transport, "tlsResumed", False)))',
+        "            self._events.tlsStarted(self, version, False)",
+        ("tests/test_server_postfix.py",),
+    ),
+    Mutant(
         "data-long-line-skipped",
         "every line of a long DATA chunk is held to maxDataLineLength",
         WIRE,

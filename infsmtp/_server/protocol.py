@@ -315,7 +315,7 @@ class ServerProtocol(ReplyOutput, HandlerDecisions, MailTransaction, SASLExchang
                 version = "TLS"
         self.session.tlsVersion = version
         if self._verbose:
-            self._events.tlsStarted(self, self.session.tlsVersion)
+            self._events.tlsStarted(self, version, bool(getattr(self.transport, "tlsResumed", False)))
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:
         self._open = False

@@ -89,6 +89,14 @@ class ServerTLS:
         """
         return self._tls.version()
 
+    @property
+    def tlsResumed(self) -> bool:
+        """
+        Whether the client resumed an earlier session (an abbreviated
+        handshake).
+        """
+        return self._tls.session_reused
+
     def write(self, data: bytes) -> None:
         if self._closed:
             return
