@@ -355,3 +355,47 @@ async def test_tls_behind_a_proxy_header(certificateAuthority, implicit):
         assert seen == [("192.0.2.9", True, "TLSv1.3")]
     finally:
         await server.stopListening().addTimeout(WAIT, reactor)
+
+
+@pytest.mark.parametrize("maximum", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_the_server_keeps_no_session_per_client(certificateAuthority, maximum):
+    """
+    Resumption is by ticket only: however many clients came, the context
+    holds no session of theirs (memory stays flat), and a client offering
+    its ticket still resumes.
+    """
+    from infsmtp._server.tls import serverTLSOptions
+
+    leaf = certificateAuthority.localhost
+    server = serverTLSOptions(leaf.certFile, leaf.keyFile, None, False, TLSVersion.tls1_2, TLSVersion.tls1_3)
+    client = clientContext(certificateAuthority)
+    client.maximum_version = maximum
+
+    def handshake(session=None):
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        ours = client.wrap_bio(incoming, outgoing, server_hostname="localhost", session=session)
+        serverIn, serverOut = ssl.MemoryBIO(), ssl.MemoryBIO()
+        theirs = server.wrap_bio(serverIn, serverOut, server_side=True)
+        done = set()
+        for _ in range(10):
+            for name, side, source, sink in (("c", ours, outgoing, serverIn), ("s", theirs, serverOut, incoming)):
+                try:
+                    side.do_handshake()
+                    done.add(name)
+                except ssl.SSLWantReadError:
+                    pass
+                sink.write(source.read())
+            if done == {"c", "s"}:
+                break
+        # TLS 1.3's ticket comes after the handshake, with the next read.
+        try:
+            ours.read(1)
+        except ssl.SSLWantReadError:
+            pass
+        return ours
+
+    last = None
+    for _ in range(200):
+        last = handshake()
+    assert server.session_stats()["number"] == 0
+    assert handshake(last.session).session_reused

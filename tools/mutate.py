@@ -1166,6 +1166,14 @@ MUTANTS = [
         "        if first + 1 > limit:",
         ("tests/test_wire.py",),
     ),
+    Mutant(
+        "tls-stateful-session-cache",
+        "resumption is by ticket: the server keeps no session per client",
+        SERVERTLS,
+        "    context.options |= ssl.OP_NO_RENEGOTIATION",
+        "    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET",
+        ("tests/test_tlslayer.py",),
+    ),
 ]
 
 
