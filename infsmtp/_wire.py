@@ -226,6 +226,29 @@ LINE_TOO_LONG_IN_DATA = "line-too-long"
 TOO_BIG = "too-big"
 
 
+def _scanDots(data: bytes | bytearray, start: int) -> tuple[int, int]:
+    """
+    One pass over C{data} from C{start} for every C{CRLF .}: the end of
+    data is one of them (C{CRLF . CRLF}), and the others are the
+    dot-stuffed lines to undo, so finding both costs one search (CPython
+    searches for a short needle a few bytes at a time, so each pass over a
+    message counts).
+
+    @return: the index of the end's CRLF (or -1), and of the first other
+        C{CRLF .} before it (or -1; one cut short at the end of C{data},
+        which may yet be the end, counts as one).
+    """
+    dot = -1
+    found = data.find(b"\r\n.", start)
+    while found >= 0:
+        if data[found + 3 : found + 5] == CRLF:
+            return found, dot
+        if dot < 0:
+            dot = found
+        found = data.find(b"\r\n.", found + 3)
+    return -1, dot
+
+
 class DataFramer:
     """
     Read one DATA stream: find its end, undo dot-stuffing, check it.
@@ -237,8 +260,10 @@ class DataFramer:
     hole (CVE-2023-51764 and kin) without guessing what the client meant.
 
     The framer works on whole buffers: it passes every complete line it has
-    to the sink at once, with one C{replace} to undo dot-stuffing and three
-    C{count}s to spot bare CR/LF; only a partial last line stays buffered,
+    to the sink at once, with one search for C{CRLF .} (the end of data and
+    the dot-stuffed lines alike), one C{replace} to undo dot-stuffing when
+    there is any, and a split to spot bare CR/LF; only a partial last line
+    stays buffered,
     and not more than C{maxLineLength} of it.  Once the message is faulty
     (too big, a line too long, a bare newline) nothing more is kept; the
     stream is read to its end all the same, so the session stays in step.
@@ -285,20 +310,25 @@ class DataFramer:
             if self._atLineStart and data[:3] == b".\r\n":
                 self.done = True
                 return data[3:]
-            end = data.find(b"\r\n.\r\n")
+            end, dot = _scanDots(data, 0)
             if end >= 0:
-                self._emit(data[: end + 2], True)
+                self._emit(data[: end + 2], True, 0 <= dot < end)
                 self.done = True
                 return data[end + 5 :]
-        buf += data
-        if self._atLineStart and buf[:3] == b".\r\n":
-            return self._finish(0, 3)
-        end = buf.find(b"\r\n.\r\n", max(self._searched - 4, 0))
-        if end >= 0:
-            return self._finish(end + 2, end + 5)
+            # No end in it: buffered, already scanned.
+            buf += data
+        else:
+            buf += data
+            if self._atLineStart and buf[:3] == b".\r\n":
+                return self._finish(0, 3, False)
+            # What was held back holds no CRLF (every complete line was
+            # passed on), so a CRLF . can only begin in its last bytes.
+            end, dot = _scanDots(buf, max(self._searched - 4, 0))
+            if end >= 0:
+                return self._finish(end + 2, end + 5, 0 <= dot < end)
         last = buf.rfind(CRLF)
         if last >= 0:
-            self._emit(bytes(memoryview(buf)[: last + 2]), True)
+            self._emit(bytes(memoryview(buf)[: last + 2]), True, 0 <= dot < last)
             del buf[: last + 2]
             self._atLineStart = True
         limit = self.maxLineLength or 65536
@@ -306,16 +336,16 @@ class DataFramer:
             # A long partial line: pass it on, but keep a trailing CR, which
             # may begin the CRLF that ends it.
             keep = 1 if buf.endswith(b"\r") else 0
-            self._emit(bytes(memoryview(buf)[: len(buf) - keep]), False)
+            self._emit(bytes(memoryview(buf)[: len(buf) - keep]), False, False)
             del buf[: len(buf) - keep]
             self._atLineStart = False
         self._searched = len(buf)
         return None
 
-    def _finish(self, contentEnd: int, terminatorEnd: int) -> bytes:
+    def _finish(self, contentEnd: int, terminatorEnd: int, dots: bool) -> bytes:
         buf = self._buffer
         if contentEnd:
-            self._emit(bytes(memoryview(buf)[:contentEnd]), True)
+            self._emit(bytes(memoryview(buf)[:contentEnd]), True, dots)
         rest = bytes(memoryview(buf)[terminatorEnd:])
         del buf[:]
         self.done = True
@@ -347,10 +377,12 @@ class DataFramer:
             start = last + 1
         return True
 
-    def _emit(self, chunk: bytes, endsLine: bool) -> None:
+    def _emit(self, chunk: bytes, endsLine: bool, dots: bool) -> None:
         """
         Check C{chunk} (complete lines when C{endsLine}, else a piece of a
-        line) and pass it, unstuffed, to the sink.
+        line) and pass it, unstuffed, to the sink.  C{dots}: whether a line
+        after the first may begin with a dot (L{_scanDots} found a
+        C{CRLF .} in it); when not, the chunk is not searched again.
         """
         limit = self.maxLineLength
         if not endsLine:
@@ -376,7 +408,7 @@ class DataFramer:
             return
         if self._atLineStart and chunk[:1] == b".":
             chunk = chunk[1:]
-        if b"\r\n." in chunk:
+        if dots:
             chunk = chunk.replace(b"\r\n.", CRLF)
         self.size += len(chunk)
         if self.maxSize is not None and self.size > self.maxSize:

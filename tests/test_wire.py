@@ -167,7 +167,7 @@ class TestDataFramer:
         limit = 20
         framer = DataFramer(SpoolSink(None), maxLineLength=limit)
         framer._partialLength = partial
-        framer._emit(b"abc\r\n" + b"y" * 10 + b"\r\n", True)
+        framer._emit(b"abc\r\n" + b"y" * 10 + b"\r\n", True, False)
         # partial + len("abc") + 2 against the limit.
         assert (framer.fault == LINE_TOO_LONG_IN_DATA) == (partial + 5 > limit)
 

@@ -1174,6 +1174,30 @@ MUTANTS = [
         "    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET",
         ("tests/test_tlslayer.py",),
     ),
+    Mutant(
+        "data-stuffed-dot-kept",
+        "a dot-stuffed line is unstuffed wherever it is in a read",
+        WIRE,
+        "            self._emit(bytes(memoryview(buf)[: last + 2]), True, 0 <= dot < last)",
+        "            self._emit(bytes(memoryview(buf)[: last + 2]), True, False)",
+        ("tests/test_wire.py",),
+    ),
+    Mutant(
+        "data-first-stuffed-dot-missed",
+        "the scan for CRLF-dot reports the first dot-stuffed line",
+        WIRE,
+        "        if dot < 0:\n            dot = found",
+        "        if dot < 0:\n            pass",
+        ("tests/test_wire.py",),
+    ),
+    Mutant(
+        "data-end-across-reads-missed",
+        "the end of data is found however the reads cut it",
+        WIRE,
+        "            end, dot = _scanDots(buf, max(self._searched - 4, 0))",
+        "            end, dot = _scanDots(buf, self._searched)",
+        ("tests/test_wire.py",),
+    ),
 ]
 
 
