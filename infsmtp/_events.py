@@ -205,7 +205,7 @@ class SessionEvents:
     def connected(self, protocol: Any, listener: str, tls: bool) -> None:
         self._emit(LogLevel.info, CONNECT, protocol, {"listener": listener, "tls": tls})
 
-    def tlsStarted(self, protocol: Any, version: str, resumed: bool = False) -> None:
+    def tlsStarted(self, protocol: Any, version: str, resumed: bool) -> None:
         self._emit(LogLevel.info, TLS, protocol, {"version": version, "resumed": resumed})
 
     def rejected(

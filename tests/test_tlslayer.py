@@ -15,7 +15,8 @@ import weakref
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
@@ -293,26 +294,18 @@ async def test_a_tls_session_is_freed_without_the_collector(certificateAuthority
             readReply(reader)
             readReply(reader)
 
+    gc.collect()
     gc.disable()
     try:
         await deferToThread(run).addTimeout(WAIT, reactor)
-        for _ in range(100):
-            if not factory.sessions:
-                break
-            await deferLaterTick()
-        assert not factory.sessions
-        # Let Twisted drop the transport's references (one more turn).
-        await deferLaterTick()
+        await factory.whenAllGone().addTimeout(WAIT, reactor)
+        # The last release happens inside connectionLost: one more turn lets
+        # Twisted drop the transport's own references.
+        await deferLater(reactor, 0, lambda: None)
         assert refs and all(ref() is None for ref in refs)
     finally:
         gc.enable()
         await server.stopListening().addTimeout(WAIT, reactor)
-
-
-def deferLaterTick():
-    d = defer.Deferred()
-    reactor.callLater(0.01, d.callback, None)
-    return d
 
 
 @pytest.mark.parametrize("implicit", [False, True])

@@ -151,14 +151,6 @@ class ServerTLS:
     def resumeProducing(self) -> None:
         self.raw.resumeProducing()
 
-    def stopProducing(self) -> None:
-        self.raw.stopProducing()
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        setNoDelay = getattr(self.raw, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            setNoDelay(enabled)
-
     # The records -----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
