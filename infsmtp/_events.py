@@ -29,6 +29,8 @@ Nothing here touches a transport: the protocol passes what it knows.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 from functools import partial
 from typing import IO, Any, Callable
@@ -293,6 +295,18 @@ _JSON_SIMPLE = (str, int, float, bool, type(None))
 
 def _timestamp(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when)) + time.strftime("%z", time.localtime(when))
+
+
+def isRotatable(path: str | None) -> bool:
+    """
+    Whether a log file at C{path} may be rotated (renamed, and created
+    anew): a regular file or a path not there yet, not a device (such as
+    C{/dev/null}), a FIFO or a socket.
+    """
+    try:
+        return stat.S_ISREG(os.stat(path or "twistd.log").st_mode)
+    except FileNotFoundError:
+        return True
 
 
 @implementer(ILogObserver)

@@ -746,6 +746,22 @@ MUTANTS = [
         "        pass",
         ("tests/test_workers.py",),
     ),
+    Mutant(
+        "log-device-rotated",
+        "a --logfile that is not a regular file (/dev/null, a FIFO) is never rotated away",
+        "infsmtp/_daemon/twistd.py",
+        "    elif not isRotatable(name):",
+        "    elif False:",
+        ("tests/test_logfile.py",),
+    ),
+    Mutant(
+        "workers-log-device-suffixed",
+        "workers share a parent log that is not a regular file, never LOG.workerN beside a device",
+        "infsmtp/_daemon/workers.py",
+        "        elif isRotatable(self.logfile):",
+        "        elif True:",
+        ("tests/test_logfile.py",),
+    ),
     # The testing kit (issue 13): what the smtpd fixture records and the
     # faults it injects, the plugin's behaviour, the development sink.
     Mutant(

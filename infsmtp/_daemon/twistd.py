@@ -360,11 +360,16 @@ def buildLogObserver(options: Options, twistdOptions: Any) -> Any:
         return None
     from twisted.python import logfile
 
-    from .._events import LogFileObserver
+    from .._events import LogFileObserver, isRotatable
 
     name = twistdOptions.get("logfile")
     if name == "-" or (not name and twistdOptions.get("nodaemon")):
         out: Any = sys.stdout
+    elif not isRotatable(name):
+        # /dev/null, a FIFO, a terminal: rotating renames the path and
+        # creates a regular file in its place, so that a root process
+        # logging to /dev/null would replace the device after 1 MB.
+        out = open(name, "a", buffering=1, encoding="utf-8")
     else:
         out = logfile.LogFile.fromFullPath(name or "twistd.log")
         if hasattr(signal, "SIGUSR1") and not signal.getsignal(signal.SIGUSR1):

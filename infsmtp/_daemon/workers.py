@@ -29,6 +29,8 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.logger import Logger
 
+from .._events import isRotatable
+
 log = Logger(namespace="infsmtp.workers")
 
 
@@ -147,7 +149,8 @@ class WorkerPool(service.Service):
         is added for each listener).
     @param logfile: the parent's log file; worker I{n} logs to
         C{LOGFILE.worker}I{n} (twistd's log files rotate, so they are not
-        shared), or to standard output when L{None}.
+        shared), to the same path when it is not a regular file (such as
+        C{/dev/null}, never rotated), or to standard output when L{None}.
     @param reusePort: one C{SO_REUSEPORT} socket per worker and listener,
         instead of one socket all workers share (see the module docstring).
     """
@@ -223,7 +226,14 @@ class WorkerPool(service.Service):
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
-        logfile = f"{self.logfile}.worker{index}" if self.logfile else "-"
+        if not self.logfile:
+            logfile = "-"
+        elif isRotatable(self.logfile):
+            logfile = f"{self.logfile}.worker{index}"
+        else:
+            # /dev/null or a FIFO: never rotated, so it can be shared (and
+            # "/dev/null.worker0" would be a regular file growing in /dev).
+            logfile = self.logfile
         # twistd's own entry point (python -m twisted would run "twist").
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
         argv += ["--nodaemon", "--pidfile=", "--logfile", logfile, "infsmtp", *self.pluginArgs]
