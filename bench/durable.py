@@ -157,7 +157,7 @@ def makePeers(names: list[str], workdir: str, baseline: str | None) -> list[Peer
 
 def twistdMaildir(twistd: str, port: int, maildir: str) -> list[str]:
     return [
-                twistd, "-n", "--pidfile=", "--logfile", os.devnull, "infsmtp",
+                twistd, "-n", "--pidfile=", "--logfile=-", "infsmtp",
                 "--listen", f"tcp:{port}:interface=127.0.0.1", "--maildir", maildir,
                 "--max-connections", "5000",
                 "--max-connections-per-client", "1000000", "--max-connection-rate", "1000000000",

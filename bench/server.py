@@ -113,7 +113,7 @@ class Peer:
 def twistdInfsmtp(port: int, workers: int, sockets: str = "shared") -> list[str]:
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     return [
-        twistd, "-n", "--pidfile=", "--logfile", os.devnull, "infsmtp",
+        twistd, "-n", "--pidfile=", "--logfile=-", "infsmtp",
         "--listen", f"tcp:{port}:interface=127.0.0.1", "--handlers", "sinks/accept.py",
         "--max-connections", "5000", "--workers", str(workers), "--workers-sockets", sockets,
         # On, but never reached by smtp-source (one client), as in sinks/.
