@@ -13,8 +13,11 @@ import errno
 import io
 import mailbox
 import os
+import signal
 import smtplib
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 
@@ -31,6 +34,8 @@ from infsmtp import Server, Session, SMTPError
 from infsmtp._daemon import maildir as _maildir
 from infsmtp._daemon.maildir import MaildirDelivery, localLineEndings, prepareMaildir
 
+_O_TMPFILE = getattr(os, "O_TMPFILE", -1)
+
 WAIT = 20.0
 
 MESSAGE = (
@@ -42,6 +47,40 @@ MESSAGE = (
     b".A line that starts with a dot.\r\n"
     b"Last line.\r\n"
 )
+
+
+@pytest.fixture(scope="session")
+def unnamedFiles(tmp_path_factory) -> bool:
+    """
+    Whether files with no name (O_TMPFILE) work where the tests write,
+    found out here, not by the code under test.
+    """
+    folder = tmp_path_factory.mktemp("probe")
+    try:
+        fd = os.open(folder, os.O_WRONLY | os.O_TMPFILE)
+    except (AttributeError, OSError):
+        return False
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.link(f"/proc/self/fd/{fd}", "named", dst_dir_fd=directory)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.close(directory)
+    return os.path.isfile(folder / "named")
+
+
+@pytest.fixture(params=["unnamed", "tmp"])
+def naming(request, monkeypatch, unnamedFiles) -> str:
+    """
+    Each of the two ways a message gets its name in new/: written as a file
+    with no name and named there (O_TMPFILE), or written in tmp/ and linked.
+    """
+    if request.param == "unnamed" and not unnamedFiles:
+        pytest.skip("no O_TMPFILE here")
+    monkeypatch.setattr(MaildirDelivery, "_tryUnnamed", lambda self: request.param == "unnamed")
+    return request.param
 
 
 def inThread(fn, *args, **kwargs) -> defer.Deferred:
@@ -103,7 +142,7 @@ def test_pathThatIsAFile(tmp_path):
         MaildirDelivery(str(tmp_path / "M2"))
 
 
-def test_deliverFollowsMaildirRules(tmp_path):
+def test_deliverFollowsMaildirRules(tmp_path, naming):
     """
     deliver() leaves the message in new/ under its key, nothing in tmp/,
     and mailbox.Maildir reads it back byte for byte.
@@ -204,26 +243,28 @@ def obstruct(folder) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_writeFailureAnswers451(tmp_path, serveMaildir):
+async def test_writeFailureAnswers451(tmp_path, serveMaildir, naming):
     """
-    When tmp/ cannot be written the client gets 451 (so it keeps the
+    When the folder the message is written in (tmp/, or new/ for a file
+    with no name) cannot be written the client gets 451 (so it keeps the
     message); once the Maildir is repaired the retry is stored.
     """
     maildir = tmp_path / "Maildir"
     server = await serveMaildir(MaildirDelivery(str(maildir)))
-    obstruct(maildir / "tmp")
+    folder = maildir / ("tmp" if naming == "tmp" else "new")
+    obstruct(folder)
     code, _ = await inThread(sendExpectingError, server.port)
     assert code == 451
-    assert os.listdir(maildir / "new") == []
+    assert os.path.isfile(folder) and os.listdir(maildir / ("new" if naming == "tmp" else "tmp")) == []
 
-    os.unlink(maildir / "tmp")
-    os.mkdir(maildir / "tmp")
+    os.unlink(folder)
+    os.mkdir(folder)
     assert await inThread(send, server.port) == {}
     assert len(os.listdir(maildir / "new")) == 1
 
 
 @pytest_twisted.ensureDeferred
-async def test_failedLinkLeavesNothingBehind(tmp_path, serveMaildir):
+async def test_failedLinkLeavesNothingBehind(tmp_path, serveMaildir, naming):
     """
     When the message cannot get into new/, the client gets 451 and the
     half-delivered file in tmp/ is removed.
@@ -241,19 +282,27 @@ class DiskJournal:
     A recorded fake of the file-system calls that make a delivery durable:
     C{os.open}, C{os.fsync}, C{os.link} and C{os.rename} still do their
     work, and each one on a path in the Maildir is written down in order,
-    as C{(call, path relative to the Maildir)}.  C{os.link} can be made
-    to fail as on a file system without hard links.
+    as C{(call, path relative to the Maildir)}; the files with no name
+    opened in C{new/} are C{new/#1}, C{new/#2}... C{os.link} can be made to fail
+    as on a file system without hard links.
     """
 
     def __init__(self, monkeypatch, maildir, noHardLinks: bool = False) -> None:
         self.root = str(maildir) + os.sep
         self.calls: list[tuple[str, ...]] = []
         self._paths: dict[int, str] = {}
+        #: Files with no name opened so far, per folder.
+        self.unnamed: dict[str, int] = {}
         realOpen, realFsync, realLink, realRename = os.open, os.fsync, os.link, os.rename
 
         def open_(path, flags, *args, **kwargs):
             fd = realOpen(path, flags, *args, **kwargs)
-            if str(path).startswith(self.root):
+            folder = kwargs.get("dir_fd")
+            if folder in self._paths and flags & _O_TMPFILE == _O_TMPFILE:
+                where = self._paths[folder]
+                self.unnamed[where] = self.unnamed.get(where, 0) + 1
+                self._paths[fd] = f"{where}/#{self.unnamed[where]}"
+            elif str(path).startswith(self.root):
                 self._paths[fd] = self.relative(path)
             return fd
 
@@ -266,6 +315,11 @@ class DiskJournal:
             if noHardLinks:
                 raise OSError(errno.EPERM, os.strerror(errno.EPERM))
             realLink(source, target, *args, **kwargs)
+            folder = kwargs.get("dst_dir_fd")
+            if folder is not None:
+                # A file with no name, named through /proc/self/fd/N.
+                source = self._paths[int(str(source).rsplit("/", 1)[1])]
+                target = f"{self._paths[folder]}/{target}"
             self.calls.append(("link", self.relative(source), self.relative(target)))
 
         def rename(source, target, *args, **kwargs):
@@ -278,31 +332,45 @@ class DiskJournal:
         monkeypatch.setattr(os, "rename", rename)
 
     def relative(self, path) -> str:
-        return str(path)[len(self.root) :]
+        path = str(path)
+        return path[len(self.root) :] if path.startswith(self.root) else path
+
+    def written(self, key: str) -> str:
+        """
+        What became C{new/key}: C{tmp/key}, or C{new/#n}, the n-th file
+        with no name.
+        """
+        [source] = [call[1] for call in self.calls if call[0] in ("link", "rename") and call[2] == f"new/{key}"]
+        return source
 
 
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("noHardLinks", [False, True], ids=["link", "rename"])
-async def test_durableBeforeTheAnswer(tmp_path, monkeypatch, noHardLinks):
+@pytest.mark.parametrize("how", ["unnamed", "link", "rename"])
+async def test_durableBeforeTheAnswer(tmp_path, monkeypatch, how, unnamedFiles):
     """
     The 250 means the message is on disk: the handler answers only after
-    the message file is flushed, then linked (or renamed) into new/, then
-    new/ itself flushed, in that order.
+    the message file is flushed, then named in new/ (a file with no name
+    given its name; or linked, or renamed, from tmp/), then new/ itself
+    flushed, in that order.
     """
     maildir = tmp_path / "Maildir"
     delivery = MaildirDelivery(str(maildir))
-    journal = DiskJournal(monkeypatch, maildir, noHardLinks)
+    delivery._unnamed = how == "unnamed"
+    if how == "unnamed" and not unnamedFiles:
+        pytest.skip("no O_TMPFILE here")
+    journal = DiskJournal(monkeypatch, maildir, noHardLinks=how == "rename")
     answer = delivery(storingSession())
     answer.addCallback(lambda result: journal.calls.append(("answered", result)))
     await answer.addTimeout(WAIT, reactor)
     [key] = os.listdir(maildir / "new")
-    move = ("rename",) if noHardLinks else ("link",)
+    written = "new/#1" if how == "unnamed" else f"tmp/{key}"
     assert journal.calls == [
-        ("fsync", f"tmp/{key}"),
-        move + (f"tmp/{key}", f"new/{key}"),
+        ("fsync", written),
+        ("rename" if how == "rename" else "link", written, f"new/{key}"),
         ("fsync", "new"),
         ("answered", True),
     ]
+    assert os.listdir(maildir / "tmp") == []
 
 
 class HeldFirstFlush:
@@ -368,7 +436,7 @@ class HeldFirstFlush:
         return results
 
 
-def test_concurrentDeliveriesShareTheFlushOfNew(tmp_path, monkeypatch):
+def test_concurrentDeliveriesShareTheFlushOfNew(tmp_path, monkeypatch, naming):
     """
     Deliveries that link while a flush of new/ runs share the next one
     (group commit: 6 messages, 2 flushes of new/), and each still returns
@@ -385,14 +453,15 @@ def test_concurrentDeliveriesShareTheFlushOfNew(tmp_path, monkeypatch):
     begins = [i for i, call in enumerate(calls) if call == ("flush new begins",)]
     ends = [i for i, call in enumerate(calls) if call == ("fsync", "new")]
     for key in keys:
-        fileFlushed = calls.index(("fsync", f"tmp/{key}"))
-        linked = calls.index(("link", f"tmp/{key}", f"new/{key}"))
+        written = held.journal.written(key)
+        fileFlushed = calls.index(("fsync", written))
+        linked = calls.index(("link", written, f"new/{key}"))
         answered = calls.index(("answered", key))
         assert fileFlushed < linked < answered
         assert any(linked < begin and end < answered for begin, end in zip(begins, ends, strict=True)), (key, calls)
 
 
-def test_failedSharedFlushFailsItsWholeRound(tmp_path, monkeypatch):
+def test_failedSharedFlushFailsItsWholeRound(tmp_path, monkeypatch, naming):
     """
     When a shared flush of new/ fails, every delivery of that round gets
     the OSError (its client a 451) and its file is taken out of new/ again;
@@ -499,7 +568,7 @@ async def test_handler_set_message_stored_exactly(tmp_path):
     assert session._crlfOnly
 
 
-def test_short_writes_resumed(tmp_path, monkeypatch):
+def test_short_writes_resumed(tmp_path, monkeypatch, naming):
     """
     A kernel that takes a few bytes per writev (a signal, a pipe, a
     nearly full disk) still gets every byte, in order.
@@ -595,7 +664,7 @@ class FullDisk:
 
         def open_(path, flags, *args, **kwargs):
             fd = realOpen(path, flags, *args, **kwargs)
-            if str(path).startswith(self.tmp):
+            if str(path).startswith(self.tmp) or flags & _O_TMPFILE == _O_TMPFILE:
                 self.fds.add(fd)
                 self.partial.append(str(path))
             return fd
@@ -626,7 +695,7 @@ def problems(events: list[dict]) -> list[dict]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_fullDiskOneLinePerMessage(tmp_path, serveMaildir, logEvents, monkeypatch):
+async def test_fullDiskOneLinePerMessage(tmp_path, serveMaildir, logEvents, monkeypatch, naming):
     """
     A disk that fills up mid-message: each failed message is answered 451
     4.3.0 and logged once, in one line naming the session, the queue id and
@@ -672,7 +741,7 @@ async def test_fullDiskOneLinePerMessage(tmp_path, serveMaildir, logEvents, monk
 
 
 @pytest.mark.parametrize("where", ["fsync", "link"])
-def test_diskFailureLeavesNothingBehind(tmp_path, monkeypatch, where):
+def test_diskFailureLeavesNothingBehind(tmp_path, monkeypatch, where, naming):
     """
     Wherever the disk fails (the file's fsync, the link into new/) the
     OSError comes out of deliver() and neither tmp/ nor new/ keeps a copy.
@@ -689,7 +758,7 @@ def test_diskFailureLeavesNothingBehind(tmp_path, monkeypatch, where):
     assert os.listdir(tmp_path / "Maildir" / "new") == []
 
 
-def test_nameCollisionKeepsTheOtherMessage(tmp_path, monkeypatch):
+def test_nameCollisionKeepsTheOtherMessage(tmp_path, monkeypatch, naming):
     """
     Should a name already be in new/, the link fails and the message there
     stays as it was: only our own tmp/ file is removed.
@@ -703,7 +772,7 @@ def test_nameCollisionKeepsTheOtherMessage(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "Maildir" / "tmp") == []
 
 
-def test_unsyncedNewEntryRemoved(tmp_path, monkeypatch):
+def test_unsyncedNewEntryRemoved(tmp_path, monkeypatch, naming):
     """
     When the new/ directory cannot be flushed, the client will be told to
     retry, so the message is taken out of new/ again: no duplicate.
@@ -718,6 +787,111 @@ def test_unsyncedNewEntryRemoved(tmp_path, monkeypatch):
         delivery.deliver(b"Subject: hi\n\nbody\n")
     assert os.listdir(tmp_path / "Maildir" / "tmp") == []
     assert os.listdir(tmp_path / "Maildir" / "new") == []
+
+
+# Files with no name (O_TMPFILE) -------------------------------------------
+
+
+def test_unnamedFileWhereTheSystemHasThem(tmp_path, monkeypatch, unnamedFiles):
+    """
+    Where O_TMPFILE works (as on the disk the tests write to) the message
+    is written as a file with no name in new/, given its name there once
+    flushed, and tmp/ is never used: trying it out left nothing there.
+    """
+    if not unnamedFiles:
+        pytest.skip("no O_TMPFILE here")
+    maildir = tmp_path / "Maildir"
+    delivery = MaildirDelivery(str(maildir))
+    journal = DiskJournal(monkeypatch, maildir)
+    keys = [delivery.deliver(b"Subject: hi\n\nbody\n") for _ in range(2)]
+    assert [journal.written(key) for key in keys] == ["new/#1", "new/#2"]
+    assert [call for call in journal.calls if call[0] != "link" and "tmp" in "".join(call)] == []
+    assert os.listdir(maildir / "tmp") == []
+    assert sorted(os.listdir(maildir / "new")) == sorted(keys)
+
+
+def refusingUnnamed(monkeypatch, code: int) -> list[int]:
+    """
+    Make opening a file with no name fail with C{code}; the list counts
+    the attempts.
+    """
+    attempts: list[int] = []
+    realOpen = os.open
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & _O_TMPFILE == _O_TMPFILE:
+            attempts.append(flags)
+            raise OSError(code, os.strerror(code))
+        return realOpen(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    return attempts
+
+
+def test_tmpNamesWhereTheSystemHasNoUnnamedFiles(tmp_path, monkeypatch):
+    """
+    Where files with no name are refused (a file system without them, an
+    older kernel) the message goes through tmp/ as the Maildir rules
+    have it, and the first delivery alone finds that out.
+    """
+    maildir = tmp_path / "Maildir"
+    delivery = MaildirDelivery(str(maildir))
+    attempts = refusingUnnamed(monkeypatch, errno.EOPNOTSUPP)
+    journal = DiskJournal(monkeypatch, maildir)
+    keys = [delivery.deliver(b"Subject: hi\n\nbody\n") for _ in range(3)]
+    assert [journal.written(key) for key in keys] == [f"tmp/{key}" for key in keys]
+    assert len(attempts) <= 1
+    assert os.listdir(maildir / "tmp") == []
+    assert sorted(os.listdir(maildir / "new")) == sorted(keys)
+
+
+def test_diskRefusingTheTrialFailsThatDelivery(tmp_path, monkeypatch, unnamedFiles):
+    """
+    A full disk while finding out whether files with no name work is the
+    delivery's failure (451, the client retries), not a verdict on the
+    file system: the next delivery asks again.
+    """
+    if not unnamedFiles:
+        pytest.skip("no O_TMPFILE here")
+    maildir = tmp_path / "Maildir"
+    delivery = MaildirDelivery(str(maildir))
+    with monkeypatch.context() as patch:
+        refusingUnnamed(patch, errno.ENOSPC)
+        with pytest.raises(OSError, match="No space left"):
+            delivery.deliver(b"Subject: hi\n\nbody\n")
+    assert os.listdir(maildir / "tmp") == [] and os.listdir(maildir / "new") == []
+    journal = DiskJournal(monkeypatch, maildir)
+    key = delivery.deliver(b"Subject: hi\n\nbody\n")
+    assert journal.written(key) == "new/#1"
+
+
+_CRASH = """
+import os, signal, sys
+sys.path[:0] = [sys.argv[3]]
+from infsmtp._daemon.maildir import MaildirDelivery
+delivery = MaildirDelivery(sys.argv[1])
+delivery._unnamed = sys.argv[2] == "unnamed"
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+delivery.deliver(b"Subject: half\\n\\n" + b"x" * 100000)
+"""
+
+
+@pytest.mark.parametrize("how", ["unnamed", "tmp"])
+def test_crashWhileWriting(tmp_path, how, unnamedFiles):
+    """
+    A process killed in the middle of a delivery leaves nothing in new/;
+    a file with no name leaves nothing at all (the kernel frees it), a
+    tmp/ file stays for the removal of stale files.
+    """
+    if how == "unnamed" and not unnamedFiles:
+        pytest.skip("no O_TMPFILE here")
+    maildir = str(tmp_path / "Maildir")
+    prepareMaildir(maildir)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(_maildir.__file__)))
+    child = subprocess.run([sys.executable, "-c", _CRASH, maildir, how, root], timeout=60, capture_output=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert os.listdir(os.path.join(maildir, "new")) == []
+    assert len(os.listdir(os.path.join(maildir, "tmp"))) == (0 if how == "unnamed" else 1)
 
 
 def test_tmpNameLeftOnceStoredIsNoFailure(tmp_path, monkeypatch):

@@ -8,6 +8,14 @@ hard-linked into C{new/} (renamed where the file system has no hard links),
 and the C{tmp/} name removed.  A reader never sees a partial file in
 C{new/}, and C{mailbox.Maildir} (or any MUA) reads the result.
 
+Where the system allows (Linux's C{O_TMPFILE} on ext4, XFS, btrfs or
+tmpfs, with C{/proc}), the same is done without the C{tmp/} name: the
+message is written into a file with no name in C{new/}, flushed, then
+given its name there.  A reader still never sees it partial; a failure,
+or a crash, leaves nothing at all (the kernel frees a file that never got
+a name); and each message costs two changes of folders fewer, about a
+tenth of the server's CPU per durable message.
+
 The handler answers only once the file and the C{new/} directory entry
 are on disk (C{fsync}), so the C{250} the client gets means the message
 survives a crash.  When the disk refuses (full, read-only, gone: any
@@ -16,13 +24,14 @@ retries; nothing is left in C{tmp/} or C{new/}, and one line is logged,
 not a traceback: a full disk fails every message the same way.  Any
 other exception is a bug, and the server logs it with its traceback.
 
-A crash between the write and the link leaves a file in C{tmp/}; as the
-Maildir rules say, such files are removed once they are 36 hours old,
-here when the delivery is created (that is, at startup).
+Without C{O_TMPFILE}, a crash between the write and the link leaves a
+file in C{tmp/}; as the Maildir rules say, such files are removed once
+they are 36 hours old, here when the delivery is created (that is, at
+startup).
 
 Messages delivered at the same time share the flush of C{new/}
 (L{GroupFlush}, a group commit): each delivery still flushes its own file
-before linking it, and answers only after a flush of C{new/} that began
+before naming it in C{new/}, and answers only after a flush of C{new/} that began
 after its own link, so every C{250} still means "on disk"; but twenty
 concurrent sessions cost a handful of directory flushes instead of twenty.
 """
@@ -239,6 +248,46 @@ def _writeAll(fd: int, pieces: list[bytes]) -> None:
 _WRITE_BATCH = 4 << 20
 
 
+def _writeDurably(fd: int, content: bytes | Iterable[bytes]) -> None:
+    """
+    Write C{content} (bytes, or an iterable of byte pieces) to C{fd} and
+    flush it to disk.
+    """
+    # Gathered into few writev calls: each system call lets go of the GIL,
+    # and getting it back costs a hand-over.
+    pending: list[bytes] = []
+    gathered = 0
+    for piece in [content] if isinstance(content, bytes) else content:
+        pending.append(piece)
+        gathered += len(piece)
+        if gathered >= _WRITE_BATCH:
+            _writeAll(fd, pending)
+            pending, gathered = [], 0
+    _writeAll(fd, pending)
+    os.fsync(fd)
+
+
+#: Linux's flag for a file with no name in a folder (0 elsewhere).
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+#: What trying a file with no name raises where the system cannot: a
+#: file system without O_TMPFILE (NFS, most FUSE), a kernel before 3.11,
+#: no /proc (a chroot), a link refused.  Then C{tmp/} names are used.
+_NO_UNNAMED_FILES = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.EXDEV, errno.EPERM, errno.EACCES}
+)
+
+
+def _nameDescriptor(fd: int, name: str, folder: int) -> None:
+    """
+    Give the file with no name open as C{fd} the name C{name} in the
+    folder open as C{folder}.
+    """
+    # linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc link, the way
+    # open(2) documents without CAP_DAC_READ_SEARCH; os.link calls linkat,
+    # following the link, when it is given a folder's descriptor.
+    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder)
+
+
 class MaildirDelivery:
     """
     Store each received message in a Maildir; use it as a server's
@@ -279,6 +328,9 @@ class MaildirDelivery:
         # next() on a count is atomic under the GIL: no two deliveries of
         # this process share a sequence number, whichever thread runs them.
         self._sequence = itertools.count(1)
+        #: Whether messages are written as files with no name in C{new/}
+        #: (L{None}: not found out yet).
+        self._unnamed: bool | None = None
         newFolder = os.path.join(self.path, "new")
         # The module's function looked up at each call: tests replace it.
         self._flushNew = GroupFlush(lambda: _fsyncDirectory(newFolder))
@@ -422,57 +474,92 @@ class MaildirDelivery:
             C{tmp/} or C{new/} then.
         """
         name = self.uniqueName()
-        tmpPath = os.path.join(self.path, "tmp", name)
         newPath = os.path.join(self.path, "new", name)
-        fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmpPath = None if self._canNameDescriptors() else os.path.join(self.path, "tmp", name)
         linked = False
         try:
-            try:
-                # Gathered into few writev calls: each system call lets go
-                # of the GIL, and getting it back costs a hand-over.
-                pending: list[bytes] = []
-                gathered = 0
-                for piece in [content] if isinstance(content, bytes) else content:
-                    pending.append(piece)
-                    gathered += len(piece)
-                    if gathered >= _WRITE_BATCH:
-                        _writeAll(fd, pending)
-                        pending, gathered = [], 0
-                _writeAll(fd, pending)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmpPath, newPath)
-            except FileExistsError:
-                raise
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            if tmpPath is None:
+                folder = os.open(os.path.join(self.path, "new"), os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    fd = os.open(".", os.O_WRONLY | _O_TMPFILE, 0o600, dir_fd=folder)
+                    try:
+                        _writeDurably(fd, content)
+                        _nameDescriptor(fd, name, folder)
+                        linked = True
+                    finally:
+                        os.close(fd)
+                finally:
+                    os.close(folder)
+            else:
+                fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    _writeDurably(fd, content)
+                finally:
+                    os.close(fd)
+                try:
+                    os.link(tmpPath, newPath)
+                except FileExistsError:
                     raise
-                # No hard links here (some network and FUSE file systems):
-                # rename is atomic too, it just cannot refuse to overwrite.
-                os.rename(tmpPath, newPath)
-            linked = True
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                        raise
+                    # No hard links here (some network and FUSE file
+                    # systems): rename is atomic too, it just cannot refuse
+                    # to overwrite.
+                    os.rename(tmpPath, newPath)
+                linked = True
             # Shared with the deliveries linked at the same time, but begun
             # after our link: the entry is on disk when this returns.
             self._flushNew.flush()
         except BaseException:
             # The client is told to retry: a copy left in new/ (its entry
             # not known to be on disk) would be delivered twice.
-            for leftover in (tmpPath, newPath) if linked else (tmpPath,):
+            for leftover in ((newPath,) if linked else ()) + ((tmpPath,) if tmpPath else ()):
                 try:
                     os.unlink(leftover)
                 except OSError:
                     pass
             raise
-        try:
-            os.unlink(tmpPath)
-        except OSError:
-            # Renamed; or the message is safely in new/ and the client must
-            # not be told to send it again: the removal of stale tmp/
-            # files takes the name away later.
-            pass
+        if tmpPath is not None:
+            try:
+                os.unlink(tmpPath)
+            except OSError:
+                # Renamed; or the message is safely in new/ and the client
+                # must not be told to send it again: the removal of stale
+                # tmp/ files takes the name away later.
+                pass
         return name
+
+    def _canNameDescriptors(self) -> bool:
+        """
+        Whether this Maildir takes files with no name (C{O_TMPFILE}), named
+        afterwards through C{/proc/self/fd}; found out once, by trying it
+        in C{tmp/}, in the thread and as the user that deliver.
+        """
+        if self._unnamed is None:
+            self._unnamed = self._tryUnnamed()
+        return self._unnamed
+
+    def _tryUnnamed(self) -> bool:
+        if not _O_TMPFILE:
+            return False
+        name = self.uniqueName()
+        try:
+            folder = os.open(os.path.join(self.path, "tmp"), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fd = os.open(".", os.O_WRONLY | _O_TMPFILE, 0o600, dir_fd=folder)
+                try:
+                    _nameDescriptor(fd, name, folder)
+                finally:
+                    os.close(fd)
+                os.unlink(name, dir_fd=folder)
+            finally:
+                os.close(folder)
+        except OSError as e:
+            if e.errno in _NO_UNNAMED_FILES:
+                return False
+            raise  # the disk refusing (full, read-only): ask again next time
+        return True
 
     def __repr__(self) -> str:
         return f"<MaildirDelivery {self.path}>"
