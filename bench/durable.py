@@ -16,7 +16,9 @@ starts from the same directory sizes.
 C{git archive} of the commit before a change.  C{infsmtp-w2} and
 C{infsmtp-w2r}: C{--workers 2}, with the shared socket and with
 C{--workers-sockets reuseport}: a process per core, as Postfix runs an
-smtpd per session and a cleanup beside them.)  The infsmtp measured is
+smtpd per session and a cleanup beside them.  C{infsmtp-nosync}: not a
+durable server but a ceiling, a file per message written with no fsync
+and no thread pool, C{sinks/maildir_nosync.py}.)  The infsmtp measured is
 the one of this checkout, whatever the Python running it has installed.
 
 Needs root (Postfix's master drops privileges), Debian's postfix and
@@ -59,7 +61,7 @@ class MaildirPeer(Peer):
 
     def start(self) -> None:
         # The infsmtp of the checkout measured, whatever the venv has.
-        env = dict(os.environ, PYTHONPATH=self.root)
+        env = dict(os.environ, PYTHONPATH=self.root, INFSMTP_BENCH_MAILDIR=self.maildir)
         self.process = subprocess.Popen(
             self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE, env=env
         )
@@ -149,16 +151,18 @@ def makePeers(names: list[str], workdir: str, baseline: str | None) -> list[Peer
             "infsmtp-base": twistdMaildir(twistd, port, maildir),
             "infsmtp-w2": twistdMaildir(twistd, port, maildir) + ["--workers", "2"],
             "infsmtp-w2r": twistdMaildir(twistd, port, maildir) + ["--workers", "2", "--workers-sockets", "reuseport"],
+            # The ceiling of a file per message: no fsync, no thread pool.
+            "infsmtp-nosync": twistdMaildir(twistd, port, None) + ["--handlers", "sinks/maildir_nosync.py"],
             "aiosmtpd": [python, "sinks/aiosmtpd_maildir.py", "--port", str(port), "--maildir", maildir],
         }[name]
         result.append(MaildirPeer(name, command, port, maildir, root))
     return result
 
 
-def twistdMaildir(twistd: str, port: int, maildir: str) -> list[str]:
+def twistdMaildir(twistd: str, port: int, maildir: str | None) -> list[str]:
     return [
                 twistd, "-n", "--pidfile=", "--logfile=-", "infsmtp",
-                "--listen", f"tcp:{port}:interface=127.0.0.1", "--maildir", maildir,
+                "--listen", f"tcp:{port}:interface=127.0.0.1", *(["--maildir", maildir] if maildir else []),
                 "--max-connections", "5000",
                 "--max-connections-per-client", "1000000", "--max-connection-rate", "1000000000",
             ]
