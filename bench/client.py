@@ -167,11 +167,15 @@ CHUNKING_CONTENDERS = {
     "Client": runClient,
     "Client DATA": lambda *a: runClient(*a, chunking=False),
     "smtplib": runSmtplib,
+    # BDAT from the reactor's own thread: Client without its thread hop,
+    # the ceiling of a blocking facade over AsyncClient.
+    "AsyncClient BDAT x1": lambda *a: runAsyncClient(*a, connections=1),
 }
 CHUNKING_CASES = {
     "one connection, BDAT": ("Client", "smtplib"),
     "one connection, DATA": ("Client DATA", "smtplib"),
     "BDAT against DATA": ("Client", "Client DATA"),
+    "one connection, BDAT, no thread hop": ("AsyncClient BDAT x1", "smtplib"),
 }
 ALL_CONTENDERS = {**CONTENDERS, **CHUNKING_CONTENDERS}
 
