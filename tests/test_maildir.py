@@ -490,10 +490,10 @@ class SlowDisk(MaildirDelivery):
         self.entered = threading.Event()
         self.proceed = threading.Event()
 
-    def deliver(self, content: bytes) -> str:
+    def _store(self, content):
         self.entered.set()
         assert self.proceed.wait(WAIT), "the test never released the disk"
-        return super().deliver(content)
+        return super()._store(content)
 
 
 @pytest_twisted.ensureDeferred
@@ -519,6 +519,146 @@ async def test_slowDiskDoesNotStallOtherSessions(tmp_path, serveMaildir):
     delivery.proceed.set()
     assert await first == {}
     assert len(os.listdir(tmp_path / "Maildir" / "new")) == 1
+
+
+# Writers: a few threads, each storing what waited for it -------------------
+
+
+class HeldStores(MaildirDelivery):
+    """
+    A Maildir whose writers stop before each message until the test lets
+    them go on; it counts the writers storing at once, and a message whose
+    body is C{fail} meets a full disk.
+    """
+
+    def __init__(self, path: str, writers: int) -> None:
+        super().__init__(path, writers=writers)
+        self.gate = threading.Semaphore(0)
+        self.lock = threading.Lock()
+        self.busy = self.mostBusy = 0
+        self.entered = threading.Condition()
+        self.stores = 0
+
+    def _store(self, content):
+        content = b"".join(content)
+        with self.lock:
+            self.busy += 1
+            self.mostBusy = max(self.mostBusy, self.busy)
+        with self.entered:
+            self.stores += 1
+            self.entered.notify_all()
+        try:
+            assert self.gate.acquire(timeout=WAIT), "the test never let the writers go on"
+            if content.endswith(b"fail\n"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super()._store(content)
+        finally:
+            with self.lock:
+                self.busy -= 1
+
+    def waitStores(self, count: int) -> None:
+        with self.entered:
+            assert self.entered.wait_for(lambda: self.stores >= count, WAIT), f"fewer than {count} stores began"
+
+
+def sessionWith(body: bytes) -> Session:
+    session = storingSession()
+    session._setMessage(b"Subject: hi\r\n\r\n" + body + b"\r\n")
+    return session
+
+
+@pytest_twisted.ensureDeferred
+async def test_messagesWaitingForAWriterAreStoredTogether(tmp_path):
+    """
+    Messages that arrive while the one writer stores a message wait, then
+    are stored by it in one go: one flush of new/ for them all, and each
+    answered with its own key.
+    """
+    delivery = HeldStores(str(tmp_path / "Maildir"), writers=1)
+    first = delivery(sessionWith(b"0"))
+    await inThread(delivery.waitStores, 1)
+    rest = [delivery(sessionWith(str(n).encode())) for n in range(1, 5)]
+    for _ in range(5):
+        delivery.gate.release()
+    results = await defer.gatherResults([first, *rest]).addTimeout(WAIT, reactor)
+    assert results == [True] * 5
+    assert delivery.mostBusy == 1
+    assert delivery._flushNew.flushes == 2
+    box = mailbox.Maildir(str(tmp_path / "Maildir"), factory=None, create=False)
+    assert sorted(box.get_bytes(key).rsplit(b"\n", 2)[-2] for key in box.keys()) == [b"0", b"1", b"2", b"3", b"4"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_atMostWritersThreadsWrite(tmp_path):
+    """
+    A message that arrives while C{writers} threads are busy storing does
+    not start another: it waits for the first of them to be free.
+    """
+    delivery = HeldStores(str(tmp_path / "Maildir"), writers=2)
+    started = []
+    write = delivery._write
+    delivery._write = lambda: (started.append(1), write())[1]
+    answers = [delivery(sessionWith(b"0"))]
+    await inThread(delivery.waitStores, 1)
+    answers.append(delivery(sessionWith(b"1")))
+    await inThread(delivery.waitStores, 2)
+    answers.append(delivery(sessionWith(b"2")))
+    for _ in range(3):
+        delivery.gate.release()
+    assert await defer.gatherResults(answers).addTimeout(WAIT, reactor) == [True] * 3
+    assert (len(started), delivery.mostBusy) == (2, 2)
+    assert len(os.listdir(tmp_path / "Maildir" / "new")) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_oneFailedMessageOfABatchFailsAlone(tmp_path):
+    """
+    A message the disk refuses in the middle of a writer's batch is
+    answered 451; the messages before and after it are stored.
+    """
+    delivery = HeldStores(str(tmp_path / "Maildir"), writers=1)
+    first = delivery(sessionWith(b"0"))
+    await inThread(delivery.waitStores, 1)
+    rest = [delivery(sessionWith(body)) for body in (b"1", b"fail", b"3")]
+    for _ in range(4):
+        delivery.gate.release()
+    outcomes = await defer.DeferredList([first, *rest], consumeErrors=True).addTimeout(WAIT, reactor)
+    assert [ok for ok, _ in outcomes] == [True, True, False, True]
+    assert outcomes[2][1].value.code == 451
+    assert len(os.listdir(tmp_path / "Maildir" / "new")) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_failedFlushFailsTheWholeBatch(tmp_path, monkeypatch):
+    """
+    When the flush of new/ shared by a writer's batch fails, every message
+    of the batch is answered 451 and taken out of new/ again; the message
+    stored before, whose flush worked, stays.
+    """
+    delivery = HeldStores(str(tmp_path / "Maildir"), writers=1)
+    flushes = []
+
+    def flush(path):
+        flushes.append(path)
+        if len(flushes) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(_maildir, "_fsyncDirectory", flush)
+    first = delivery(sessionWith(b"0"))
+    await inThread(delivery.waitStores, 1)
+    rest = [delivery(sessionWith(str(n).encode())) for n in range(1, 4)]
+    for _ in range(4):
+        delivery.gate.release()
+    outcomes = await defer.DeferredList([first, *rest], consumeErrors=True).addTimeout(WAIT, reactor)
+    assert [ok for ok, _ in outcomes] == [True, False, False, False]
+    assert all(result.value.code == 451 for _, result in outcomes[1:])
+    assert len(os.listdir(tmp_path / "Maildir" / "new")) == 1
+
+
+@pytest.mark.parametrize("writers", [0, -1, 1.5, True, "2"])
+def test_writersMustBeAPositiveWholeNumber(tmp_path, writers):
+    with pytest.raises(ValueError, match="writers must be a whole number of threads, at least 1"):
+        MaildirDelivery(str(tmp_path / "Maildir"), writers=writers)
 
 
 # Large messages stream from the spool file ---------------------------------
@@ -931,7 +1071,7 @@ async def test_handlerTurnsOSErrorInto451(tmp_path, monkeypatch, logEvents):
     def noRoom(content):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(delivery, "deliver", noRoom)
+    monkeypatch.setattr(delivery, "_store", noRoom)
     del logEvents[:]
     with pytest.raises(SMTPError) as caught:
         await delivery(storingSession()).addTimeout(WAIT, reactor)
@@ -941,7 +1081,7 @@ async def test_handlerTurnsOSErrorInto451(tmp_path, monkeypatch, logEvents):
     def bug(content):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(delivery, "deliver", bug)
+    monkeypatch.setattr(delivery, "_store", bug)
     del logEvents[:]
     with pytest.raises(ZeroDivisionError):
         await delivery(storingSession()).addTimeout(WAIT, reactor)

@@ -29,11 +29,16 @@ file in C{tmp/}; as the Maildir rules say, such files are removed once
 they are 36 hours old, here when the delivery is created (that is, at
 startup).
 
-Messages delivered at the same time share the flush of C{new/}
-(L{GroupFlush}, a group commit): each delivery still flushes its own file
-before naming it in C{new/}, and answers only after a flush of C{new/} that began
-after its own link, so every C{250} still means "on disk"; but twenty
-concurrent sessions cost a handful of directory flushes instead of twenty.
+Messages delivered at the same time share the flush of C{new/} (a group
+commit): each delivery still flushes its own file before naming it in
+C{new/}, and answers only after a flush of C{new/} that began after its
+own link, so every C{250} still means "on disk"; but twenty concurrent
+sessions cost a handful of directory flushes instead of twenty.  Two
+threads write (C{writers}): each takes every message waiting when it is
+free, stores them one after the other, flushes C{new/} once for them (or
+shares a flush with the other writer, L{GroupFlush}) and answers them
+together.  A thread per message, as before, spent more CPU handing the
+GIL and the reactor back and forth than the disk took.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -246,6 +251,8 @@ def _writeAll(fd: int, pieces: list[bytes]) -> None:
 
 #: Bytes of message gathered before one C{writev}.
 _WRITE_BATCH = 4 << 20
+#: How many threads of the pool a delivery writes with, at most.
+WRITERS = 2
 
 
 def _writeDurably(fd: int, content: bytes | Iterable[bytes]) -> None:
@@ -301,7 +308,9 @@ class MaildirDelivery:
     One line is logged per message through L{twisted.logger}.
 
     The blocking file work runs in a thread pool (the reactor's unless one
-    is given) so that a slow disk does not hold up other sessions.
+    is given) so that a slow disk does not hold up other sessions; at most
+    C{writers} of its threads at once, each storing the messages that
+    waited for it in one go.
 
     Creating it removes what crashed deliveries left in C{tmp/} (see
     L{removeStaleFiles}).
@@ -311,19 +320,40 @@ class MaildirDelivery:
     @param create: C{False} only checks C{path} now and leaves creating it
         to L{open}.
     @param threadPool: the pool the writes run in (default: the reactor's).
+    @param writers: how many of its threads may write at once.  Each
+        takes all the messages waiting when it starts, stores them one
+        after the other, flushes C{new/} once for them all and answers
+        them together: under load a few threads store many messages each,
+        where a thread per message would spend more on handing the GIL
+        and the reactor back and forth than on the disk.
     @param reactor: the reactor (default: the global one); its
         C{seconds()} is the clock that dates C{tmp/} files.
     @raise SMTPError: when C{path} cannot be a Maildir (e.g. it is a file).
     """
 
     def __init__(
-        self, path: str, *, threadPool: ThreadPool | None = None, reactor: Any = None, create: bool = True
+        self,
+        path: str,
+        *,
+        threadPool: ThreadPool | None = None,
+        reactor: Any = None,
+        create: bool = True,
+        writers: int = WRITERS,
     ) -> None:
+        if not isinstance(writers, int) or isinstance(writers, bool) or writers < 1:
+            raise ValueError(f"writers must be a whole number of threads, at least 1, not {writers!r}")
         self.path = prepareMaildir(path) if create else checkMaildirPath(path)
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
         self._threadPool = threadPool
+        self._maxWriters = writers
+        # The messages waiting for a writer, and how many writers run:
+        # both changed by the reactor's thread and the writers', under the
+        # lock.
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[Iterable[bytes], Deferred]] = []
+        self._writers = 0
         self._hostname = _safeHostname(socket.gethostname())
         # next() on a count is atomic under the GIL: no two deliveries of
         # this process share a sequence number, whichever thread runs them.
@@ -419,8 +449,14 @@ class MaildirDelivery:
         )
         facts = session.deliveryFacts()
         queueId = session.queueId
-        pool = self._threadPool or self._reactor.getThreadPool()
-        d = deferToThreadPool(self._reactor, pool, self.deliver, content)
+        d: Deferred = Deferred()
+        with self._lock:
+            self._waiting.append((content, d))
+            start = self._writers < self._maxWriters
+            if start:
+                self._writers += 1
+        if start:
+            (self._threadPool or self._reactor.getThreadPool()).callInThread(self._write)
 
         def delivered(key: str) -> bool:
             log.info(
@@ -473,62 +509,127 @@ class MaildirDelivery:
         @raise OSError: when it could not be stored; nothing is left in
             C{tmp/} or C{new/} then.
         """
-        name = self.uniqueName()
-        newPath = os.path.join(self.path, "new", name)
-        tmpPath = None if self._canNameDescriptors() else os.path.join(self.path, "tmp", name)
-        linked = False
-        try:
-            if tmpPath is None:
-                folder = os.open(os.path.join(self.path, "new"), os.O_RDONLY | os.O_DIRECTORY)
+        name, tmpPath = self._store(content)
+        self._flushed([(name, tmpPath)])
+        return name
+
+    def _write(self) -> None:
+        """
+        A writer, in a pool thread: store the messages waiting, flush
+        C{new/} once for them, answer them in the reactor's thread; again
+        until none waits.
+        """
+        while True:
+            with self._lock:
+                batch, self._waiting = self._waiting, []
+                if not batch:
+                    self._writers -= 1
+                    return
+            outcomes: list[Any] = []
+            stored: list[tuple[str, str | None]] = []
+            for content, _ in batch:
                 try:
-                    fd = os.open(".", os.O_WRONLY | _O_TMPFILE, 0o600, dir_fd=folder)
-                    try:
-                        _writeDurably(fd, content)
-                        _nameDescriptor(fd, name, folder)
-                        linked = True
-                    finally:
-                        os.close(fd)
-                finally:
-                    os.close(folder)
+                    stored.append(self._store(content))
+                except BaseException:
+                    outcomes.append(Failure())
+                else:
+                    outcomes.append(None)
+            if stored:
+                try:
+                    self._flushed(stored)
+                except BaseException:
+                    failure = Failure()
+                    outcomes = [failure if outcome is None else outcome for outcome in outcomes]
+            names = iter(stored)
+            results = [next(names)[0] if outcome is None else outcome for outcome in outcomes]
+            self._reactor.callFromThread(self._answer, [d for _, d in batch], results)
+
+    @staticmethod
+    def _answer(deferreds: list[Deferred], results: list[Any]) -> None:
+        # In the reactor's thread: a Failure errs back, a key calls back.
+        for d, result in zip(deferreds, results):
+            if isinstance(result, Failure):
+                d.errback(result)
             else:
-                fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    _writeDurably(fd, content)
-                finally:
-                    os.close(fd)
-                try:
-                    os.link(tmpPath, newPath)
-                except FileExistsError:
-                    raise
-                except OSError as e:
-                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
-                        raise
-                    # No hard links here (some network and FUSE file
-                    # systems): rename is atomic too, it just cannot refuse
-                    # to overwrite.
-                    os.rename(tmpPath, newPath)
-                linked = True
-            # Shared with the deliveries linked at the same time, but begun
-            # after our link: the entry is on disk when this returns.
+                d.callback(result)
+
+    def _flushed(self, stored: list[tuple[str, str | None]]) -> None:
+        """
+        Flush C{new/} for the messages C{stored} there (their names, and
+        the C{tmp/} path each leaves behind), then remove those C{tmp/}
+        names.  When the flush fails, the messages are taken out of
+        C{new/} again (their entries are not known to be on disk, and the
+        clients are told to retry: a copy would be delivered twice).
+        """
+        try:
+            # Shared with the deliveries named at the same time, but begun
+            # after our names: the entries are on disk when this returns.
             self._flushNew.flush()
         except BaseException:
-            # The client is told to retry: a copy left in new/ (its entry
-            # not known to be on disk) would be delivered twice.
-            for leftover in ((newPath,) if linked else ()) + ((tmpPath,) if tmpPath else ()):
-                try:
-                    os.unlink(leftover)
-                except OSError:
-                    pass
+            for name, tmpPath in stored:
+                for leftover in (os.path.join(self.path, "new", name), tmpPath):
+                    if leftover is not None:
+                        try:
+                            os.unlink(leftover)
+                        except OSError:
+                            pass
             raise
-        if tmpPath is not None:
+        for _, tmpPath in stored:
+            if tmpPath is not None:
+                try:
+                    os.unlink(tmpPath)
+                except OSError:
+                    # Renamed; or the message is safely in new/ and the
+                    # client must not be told to send it again: the removal
+                    # of stale tmp/ files takes the name away later.
+                    pass
+
+    def _store(self, content: bytes | Iterable[bytes]) -> tuple[str, str | None]:
+        """
+        Write C{content} and name it in C{new/}, flushed but for the entry
+        in C{new/} (see L{_flushed}); blocking.
+
+        @return: its name, and the C{tmp/} path to remove once C{new/} is
+            flushed (L{None} for a file written with no name).
+        @raise OSError: nothing is left in C{tmp/} or C{new/} then.
+        """
+        name = self.uniqueName()
+        if self._canNameDescriptors():
+            folder = os.open(os.path.join(self.path, "new"), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fd = os.open(".", os.O_WRONLY | _O_TMPFILE, 0o600, dir_fd=folder)
+                try:
+                    _writeDurably(fd, content)
+                    _nameDescriptor(fd, name, folder)
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(folder)
+            return name, None
+        tmpPath = os.path.join(self.path, "tmp", name)
+        fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                _writeDurably(fd, content)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmpPath, os.path.join(self.path, "new", name))
+            except FileExistsError:
+                raise
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                # No hard links here (some network and FUSE file systems):
+                # rename is atomic too, it just cannot refuse to overwrite.
+                os.rename(tmpPath, os.path.join(self.path, "new", name))
+        except BaseException:
             try:
                 os.unlink(tmpPath)
             except OSError:
-                # Renamed; or the message is safely in new/ and the client
-                # must not be told to send it again: the removal of stale
-                # tmp/ files takes the name away later.
                 pass
-        return name
+            raise
+        return name, tmpPath
 
     def _canNameDescriptors(self) -> bool:
         """
