@@ -655,6 +655,27 @@ async def test_failedFlushFailsTheWholeBatch(tmp_path, monkeypatch):
     assert len(os.listdir(tmp_path / "Maildir" / "new")) == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_aWriterOutlivesABugOfOurs(tmp_path, monkeypatch):
+    """
+    Should storing raise something unforeseen, the batch gets that
+    failure (the server answers 4xx and logs it) and the writer goes on:
+    the next message is stored.
+    """
+    delivery = MaildirDelivery(str(tmp_path / "Maildir"), writers=1)
+    storeAll = delivery._storeAll
+
+    def bugOnce(contents):
+        monkeypatch.setattr(delivery, "_storeAll", storeAll)
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(delivery, "_storeAll", bugOnce)
+    with pytest.raises(ZeroDivisionError):
+        await delivery(storingSession()).addTimeout(WAIT, reactor)
+    assert await delivery(storingSession()).addTimeout(WAIT, reactor) is True
+    assert len(os.listdir(tmp_path / "Maildir" / "new")) == 1
+
+
 @pytest.mark.parametrize("writers", [0, -1, 1.5, True, "2"])
 def test_writersMustBeAPositiveWholeNumber(tmp_path, writers):
     with pytest.raises(ValueError, match="writers must be a whole number of threads, at least 1"):

@@ -515,9 +515,8 @@ class MaildirDelivery:
 
     def _write(self) -> None:
         """
-        A writer, in a pool thread: store the messages waiting, flush
-        C{new/} once for them, answer them in the reactor's thread; again
-        until none waits.
+        A writer, in a pool thread: store the messages waiting, answer
+        them in the reactor's thread; again until none waits.
         """
         while True:
             with self._lock:
@@ -525,24 +524,39 @@ class MaildirDelivery:
                 if not batch:
                     self._writers -= 1
                     return
-            outcomes: list[Any] = []
-            stored: list[tuple[str, str | None]] = []
-            for content, _ in batch:
-                try:
-                    stored.append(self._store(content))
-                except BaseException:
-                    outcomes.append(Failure())
-                else:
-                    outcomes.append(None)
-            if stored:
-                try:
-                    self._flushed(stored)
-                except BaseException:
-                    failure = Failure()
-                    outcomes = [failure if outcome is None else outcome for outcome in outcomes]
-            names = iter(stored)
-            results = [next(names)[0] if outcome is None else outcome for outcome in outcomes]
+            try:
+                results = self._storeAll([content for content, _ in batch])
+            except BaseException:
+                # A bug of ours: the batch is answered (the server logs it,
+                # the clients retry), and this writer goes on.
+                failure = Failure()
+                results = [failure] * len(batch)
             self._reactor.callFromThread(self._answer, [d for _, d in batch], results)
+
+    def _storeAll(self, contents: list[Iterable[bytes]]) -> list[Any]:
+        """
+        Store C{contents} one after the other and flush C{new/} once for
+        them; blocking.
+
+        @return: for each, its key or the L{Failure} that stopped it.
+        """
+        outcomes: list[Any] = []
+        stored: list[tuple[str, str | None]] = []
+        for content in contents:
+            try:
+                stored.append(self._store(content))
+            except BaseException:
+                outcomes.append(Failure())
+            else:
+                outcomes.append(None)
+        if stored:
+            try:
+                self._flushed(stored)
+            except BaseException:
+                failure = Failure()
+                outcomes = [failure if outcome is None else outcome for outcome in outcomes]
+        names = iter(stored)
+        return [next(names)[0] if outcome is None else outcome for outcome in outcomes]
 
     @staticmethod
     def _answer(deferreds: list[Deferred], results: list[Any]) -> None:
