@@ -55,8 +55,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from .._errors import SMTPError
@@ -284,15 +284,27 @@ _NO_UNNAMED_FILES = frozenset(
 )
 
 
-def _nameDescriptor(fd: int, name: str, folder: int) -> None:
+def _writeUnnamed(path: str, name: str, content: bytes | Iterable[bytes] | None) -> None:
     """
-    Give the file with no name open as C{fd} the name C{name} in the
-    folder open as C{folder}.
+    Write C{content} into a file with no name in the folder C{path}, flush
+    it, then give it the name C{name} there (C{content} L{None}: an empty
+    file, not flushed).  Nothing is left when this fails.
     """
-    # linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc link, the way
-    # open(2) documents without CAP_DAC_READ_SEARCH; os.link calls linkat,
-    # following the link, when it is given a folder's descriptor.
-    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder)
+    folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(".", os.O_WRONLY | _O_TMPFILE, 0o600, dir_fd=folder)
+        try:
+            if content is not None:
+                _writeDurably(fd, content)
+            # linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc link, the
+            # way open(2) documents without CAP_DAC_READ_SEARCH; os.link
+            # calls linkat, following the link, when given a folder's
+            # descriptor.
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(folder)
 
 
 class MaildirDelivery:
@@ -608,17 +620,9 @@ class MaildirDelivery:
         @raise OSError: nothing is left in C{tmp/} or C{new/} then.
         """
         name = self.uniqueName()
+        newPath = os.path.join(self.path, "new", name)
         if self._canNameDescriptors():
-            folder = os.open(os.path.join(self.path, "new"), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                fd = os.open(".", os.O_WRONLY | _O_TMPFILE, 0o600, dir_fd=folder)
-                try:
-                    _writeDurably(fd, content)
-                    _nameDescriptor(fd, name, folder)
-                finally:
-                    os.close(fd)
-            finally:
-                os.close(folder)
+            _writeUnnamed(os.path.dirname(newPath), name, content)
             return name, None
         tmpPath = os.path.join(self.path, "tmp", name)
         fd = os.open(tmpPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -628,7 +632,7 @@ class MaildirDelivery:
             finally:
                 os.close(fd)
             try:
-                os.link(tmpPath, os.path.join(self.path, "new", name))
+                os.link(tmpPath, newPath)
             except FileExistsError:
                 raise
             except OSError as e:
@@ -636,7 +640,7 @@ class MaildirDelivery:
                     raise
                 # No hard links here (some network and FUSE file systems):
                 # rename is atomic too, it just cannot refuse to overwrite.
-                os.rename(tmpPath, os.path.join(self.path, "new", name))
+                os.rename(tmpPath, newPath)
         except BaseException:
             try:
                 os.unlink(tmpPath)
@@ -649,7 +653,7 @@ class MaildirDelivery:
         """
         Whether this Maildir takes files with no name (C{O_TMPFILE}), named
         afterwards through C{/proc/self/fd}; found out once, by trying it
-        in C{tmp/}, in the thread and as the user that deliver.
+        in C{tmp/}, in the thread and as the user that deliver messages.
         """
         if self._unnamed is None:
             self._unnamed = self._tryUnnamed()
@@ -658,22 +662,18 @@ class MaildirDelivery:
     def _tryUnnamed(self) -> bool:
         if not _O_TMPFILE:
             return False
+        tmp = os.path.join(self.path, "tmp")
         name = self.uniqueName()
         try:
-            folder = os.open(os.path.join(self.path, "tmp"), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                fd = os.open(".", os.O_WRONLY | _O_TMPFILE, 0o600, dir_fd=folder)
-                try:
-                    _nameDescriptor(fd, name, folder)
-                finally:
-                    os.close(fd)
-                os.unlink(name, dir_fd=folder)
-            finally:
-                os.close(folder)
+            _writeUnnamed(tmp, name, None)
         except OSError as e:
             if e.errno in _NO_UNNAMED_FILES:
                 return False
             raise  # the disk refusing (full, read-only): ask again next time
+        try:
+            os.unlink(os.path.join(tmp, name))
+        except OSError:
+            pass  # an empty file in tmp/: the removal of stale files takes it
         return True
 
     def __repr__(self) -> str:
